@@ -1,0 +1,44 @@
+"""Exceptions raised by personalize: one base class, each subclass named for what went wrong."""
+
+from __future__ import annotations
+
+
+class PersonalizeError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class UnknownUserError(PersonalizeError, KeyError):
+    def __init__(self, user_id: str) -> None:
+        self.user_id = user_id
+        super().__init__(
+            f"unknown user {user_id!r}: add the user first (personalize users add / Personalizer.add_items)"
+        )
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+class InvalidInputError(PersonalizeError, ValueError):
+    """A prompt, user id, item or file that cannot be used as given."""
+
+
+class EmptyPromptError(InvalidInputError):
+    def __init__(self) -> None:
+        super().__init__("the prompt is empty: pass some text to generate from")
+
+
+class MalformedFileError(InvalidInputError):
+    def __init__(self, path: object, where: str, why: str) -> None:
+        super().__init__(f"{path}: {where}: {why}; nothing from this file was stored")
+
+
+class StoreBusyError(PersonalizeError):
+    """Another process is writing the embedded Chroma folder."""
+
+
+class ModelLoadError(PersonalizeError):
+    """The configured model could not be found or loaded."""
+
+
+class DatabaseUnavailableError(PersonalizeError):
+    """The SQL database could not be reached."""
