@@ -22,12 +22,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PERSONALIZE_", env_file=".env", extra="ignore")
 
     home: Path = Field(Path(".personalize"), description="Folder for the embedded database, Chroma, models.")
-    database_url: str | None = Field(
-        None, description="SQLAlchemy URL; default is SQLite at {home}/personalize.db."
-    )
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default is SQLite at {home}/personalize.db.")
     chroma: str | None = Field(
-        None, description="A folder for embedded Chroma, or http://host:port of a Chroma server; "
-        "default {home}/chroma."
+        None, description="A folder for embedded Chroma, or http://host:port of a Chroma server; default {home}/chroma."
     )
     model: str = Field(BUNDLED_MODEL, description="Generative model: bundled, a Hugging Face id or a path.")
     embedding_model: str = Field(BUNDLED_EMBEDDER, description="Sentence-transformers model or path.")

@@ -154,7 +154,11 @@ class Store:
             n_items = s.scalar(select(func.count(Item.id)).where(Item.user_pk == user.id)) or 0
             tasks = s.scalars(select(Item.task).where(Item.user_pk == user.id).distinct()).all()
             return UserInfo(
-                user.external_id, n_items, user.data_version, user.created_at, user.updated_at,
+                user.external_id,
+                n_items,
+                user.data_version,
+                user.created_at,
+                user.updated_at,
                 sorted(t for t in tasks if t),
             )
 
@@ -164,9 +168,7 @@ class Store:
 
     def list_users(self, search: str | None = None, limit: int = 100, offset: int = 0) -> list[UserInfo]:
         with self.session() as s:
-            counts = (
-                select(Item.user_pk, func.count(Item.id).label("n")).group_by(Item.user_pk).subquery()
-            )
+            counts = select(Item.user_pk, func.count(Item.id).label("n")).group_by(Item.user_pk).subquery()
             query = (
                 select(User, func.coalesce(counts.c.n, 0))
                 .outerjoin(counts, counts.c.user_pk == User.id)
@@ -238,9 +240,16 @@ class Store:
                 if row is None:
                     s.add(
                         Item(
-                            user_pk=user.id, item_id=item.id, task=item.task, text=item.text,
-                            fields=item.fields, output=item.output, timestamp=item.timestamp,
-                            content_hash=digest, created_at=now, updated_at=now,
+                            user_pk=user.id,
+                            item_id=item.id,
+                            task=item.task,
+                            text=item.text,
+                            fields=item.fields,
+                            output=item.output,
+                            timestamp=item.timestamp,
+                            content_hash=digest,
+                            created_at=now,
+                            updated_at=now,
                         )
                     )
                     report.added += 1

