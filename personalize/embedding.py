@@ -65,3 +65,15 @@ class Embedder:
 
     def embed_one(self, text: str) -> np.ndarray:
         return self.embed([text])[0]
+
+
+_SHARED: dict[str, Embedder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def get_embedder(spec: str = BUNDLED_EMBEDDER) -> Embedder:
+    """The process-wide embedder for ``spec``: the model is loaded once and shared by every client."""
+    with _SHARED_LOCK:
+        if spec not in _SHARED:
+            _SHARED[spec] = Embedder(spec)
+        return _SHARED[spec]

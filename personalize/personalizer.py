@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from personalize.embedding import Embedder
+from personalize.embedding import get_embedder
 from personalize.errors import EmptyPromptError, InvalidInputError, UnknownUserError
 from personalize.items import ProfileItem, UserInfo, make_item
 from personalize.modeling import LoadedModel, get_model
@@ -58,7 +58,7 @@ class Personalizer:
         self.vectors = VectorStore(
             self.settings.chroma if self.settings.chroma_is_server else self.settings.chroma_path
         )
-        self.embedder = Embedder(self.settings.embedding_model)
+        self.embedder = get_embedder(self.settings.embedding_model)
         self._retrievers: dict[str, Retriever] = {}
         if self.settings.torch_threads:
             import torch
@@ -98,7 +98,7 @@ class Personalizer:
         texts = [self._doc_text(i) for i in items]
         vectors = self.embedder.embed(texts, show_progress=show_progress)
         metadatas = [{"ts": i.timestamp.isoformat() if i.timestamp else "", "task": i.task or ""} for i in items]
-        self.vectors.upsert(user_id, [i.id for i in items], vectors, texts, metadatas)
+        self.vectors.upsert(user_id, [i.id for i in items], vectors, metadatas)
 
     @staticmethod
     def _doc_text(item: ProfileItem) -> str:

