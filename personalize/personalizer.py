@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from personalize.embedding import get_embedder
 from personalize.errors import EmptyPromptError, InvalidInputError, UnknownUserError
 from personalize.items import ProfileItem, UserInfo, make_item
@@ -85,20 +87,28 @@ class Personalizer:
         return self.store.add_user(user_id)
 
     def add_items(self, user_id: str, items: Iterable[ItemLike], show_progress: bool = False) -> UpsertReport:
-        """Upsert items for a user (created if new) and index the changed ones; atomic per call."""
+        """Upsert items for a user (created if new) and index the changed ones; atomic per call.
+
+        Embeddings are computed before the SQL transaction opens, so a slow embedding never holds a write lock.
+        """
         validate_user_id(user_id)
         parsed = [_as_item(i) for i in items]
+        stored = self.store.item_hashes(user_id, [i.id for i in parsed])
+        todo = [i for i in parsed if stored.get(i.id) != i.content_hash()]
+        vectors = dict(zip([i.id for i in todo], self._embed(todo, show_progress), strict=True))
 
         def index(report: UpsertReport) -> None:
-            self._index(user_id, report.changed, show_progress)
+            missing = [i for i in report.changed if i.id not in vectors]  # changed by another writer meanwhile
+            vectors.update(zip([i.id for i in missing], self._embed(missing, False), strict=True))
+            changed = report.changed
+            metadatas = [{"ts": i.timestamp.isoformat() if i.timestamp else "", "task": i.task or ""} for i in changed]
+            matrix = np.stack([vectors[i.id] for i in changed])
+            self.vectors.upsert(user_id, [i.id for i in changed], matrix, metadatas)
 
         return self.store.upsert_items(user_id, parsed, before_commit=index)
 
-    def _index(self, user_id: str, items: Sequence[ProfileItem], show_progress: bool) -> None:
-        texts = [self._doc_text(i) for i in items]
-        vectors = self.embedder.embed(texts, show_progress=show_progress)
-        metadatas = [{"ts": i.timestamp.isoformat() if i.timestamp else "", "task": i.task or ""} for i in items]
-        self.vectors.upsert(user_id, [i.id for i in items], vectors, metadatas)
+    def _embed(self, items: Sequence[ProfileItem], show_progress: bool) -> np.ndarray:
+        return self.embedder.embed([self._doc_text(i) for i in items], show_progress=show_progress)
 
     @staticmethod
     def _doc_text(item: ProfileItem) -> str:

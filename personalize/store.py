@@ -6,6 +6,7 @@ The embedded SQLite database is created and migrated on first use; any other dat
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -78,11 +79,34 @@ def upgrade_database(url: str, revision: str = "head") -> None:
     from alembic import command
     from alembic.config import Config
 
+    path = url.split("///", 1)[-1]
+    if url.startswith("sqlite") and path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["skip_logging"] = True
     command.upgrade(cfg, revision)
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc or "").strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+@contextmanager
+def _migration_lock(url: str) -> Iterator[None]:
+    path = url.split("///", 1)[-1]
+    if not url.startswith("sqlite") or not path or path == ":memory:":
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.migrate.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class Store:
@@ -102,14 +126,15 @@ class Store:
             return
         try:
             if self._auto_migrate:
-                upgrade_database(self.url)
+                with _migration_lock(self.url):  # two processes creating one SQLite file must not race
+                    upgrade_database(self.url)
             elif not inspect(self.engine).has_table("users"):
                 raise DatabaseUnavailableError(
                     f"database {redact_url(self.url)} has no personalize schema: run `personalize db upgrade`"
                 )
         except OperationalError as exc:
             raise DatabaseUnavailableError(
-                f"cannot reach database {redact_url(self.url)}: {type(exc.orig).__name__}"
+                f"cannot reach database {redact_url(self.url)}: {type(exc.orig).__name__}: {_first_line(exc.orig)}"
             ) from None
         self._ready = True
 
@@ -267,6 +292,20 @@ class Store:
             if before_commit is not None and report.changed:
                 before_commit(report)
         return report
+
+    def item_hashes(self, user_id: str, ids: Sequence[str]) -> dict[str, str]:
+        """Content hashes of the given items that are stored (an unknown user has none)."""
+        out: dict[str, str] = {}
+        with self.session() as s:
+            user_pk = s.scalar(select(User.id).where(User.external_id == user_id))
+            if user_pk is None:
+                return out
+            for start in range(0, len(ids), 500):
+                query = select(Item.item_id, Item.content_hash).where(
+                    Item.user_pk == user_pk, Item.item_id.in_(list(ids[start : start + 500]))
+                )
+                out.update(dict(s.execute(query).tuples().all()))
+        return out
 
     def items(self, user_id: str, ids: Sequence[str] | None = None) -> list[ProfileItem]:
         """The user's items in time order (items without a timestamp last, then by insertion)."""

@@ -145,14 +145,15 @@ def task_names() -> list[str]:
 register(
     Task(
         name="generic",
-        description="Free-form items: retrieved items are quoted before the prompt.",
+        description="Free-form items: retrieved items are listed as context before the prompt.",
         item_fields=("text",),
         doc_fields=("text",),
-        rag_template='"{text}"',
+        rag_template="{text}",
         trunc_field="text",
-        rag_prefix="Here is what this user wrote before: ",
-        rag_join=", and ",
-        rag_suffix=". Keeping this user's style and preferences in mind: {input}",
+        # a plain list works best with small chat models (SmolLM2-135M ignores a quoted, joined sentence)
+        rag_prefix="Context about me:\n- ",
+        rag_join="\n- ",
+        rag_suffix="\n\n{input}",
         output_field="output",
     )
 )

@@ -58,12 +58,14 @@ def make_tiny_model_dir(path: Path, max_positions: int = 512, chat: bool = False
         num_key_value_heads=2,
         max_position_embeddings=max_positions,
         bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("[unused0]"),  # practically never emitted: predictable lengths
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
+    # eos is a token a random model practically never emits, so generation lengths are predictable in tests
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = config.eos_token_id
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -124,3 +126,47 @@ def movie_items(n: int, prefix: str = "") -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def chroma_server(tmp_path: Path):
+    """A real Chroma server (`chroma run`) on a free localhost port; yields its URL."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    exe = shutil.which("chroma") or str(Path(sys.executable).parent / "chroma")
+    port = free_port()
+    log = (tmp_path / "chroma.log").open("wb")
+    proc = subprocess.Popen(
+        [exe, "run", "--path", str(tmp_path / "chroma-server"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"chroma server did not start: {(tmp_path / 'chroma.log').read_text()[-2000:]}")
+            time.sleep(0.3)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

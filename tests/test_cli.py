@@ -1,0 +1,54 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from personalize.cli import app
+
+
+@pytest.fixture
+def run(home, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("PERSONALIZE_HOME", str(home))
+    monkeypatch.setenv("PERSONALIZE_MODEL", str(tiny_model_dir))
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(app, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def test_import_list_show_count_retrieve_forget(run, tmp_path):
+    path = tmp_path / "items.jsonl"
+    rows = [{"user_id": "cli user", "id": str(i), "text": f"note {i} about gardening tomatoes"} for i in range(3)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    result = run("users", "import", str(path))
+    assert result.exit_code == 0 and "3 item(s) added" in result.output
+    assert "0 item(s) added, 0 updated, 3 unchanged" in run("users", "import", str(path)).output
+    assert "cli user\t3 items" in run("users", "list").output
+    assert "1 users, 3 items" in run("users", "count").output
+    shown = json.loads(run("users", "show", "cli user", "--json").stdout)
+    assert shown["user"]["n_items"] == 3 and len(shown["items"]) == 3
+    assert "tomatoes" in run("retrieve", "cli user", "tomato garden", "--k", "2").output
+    generated = json.loads(run("generate", "cli user", "Any tips?", "--max-new-tokens", "3", "--json").stdout)
+    assert generated["method"] == "rag" and len(generated["retrieved"]) == 3
+    report = json.loads(run("users", "forget", "cli user").stdout)
+    assert report["items"] == 3 and report["collection"] is True
+    assert "0 users" in run("users", "count").output
+
+
+def test_errors_are_one_clear_line(run, tmp_path):
+    result = run("users", "show", "nobody")
+    assert result.exit_code == 2 and "error: unknown user 'nobody'" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user_id": "x", "id": "1"}\n')
+    result = run("users", "import", str(bad))
+    assert result.exit_code == 2 and "line 1" in result.output and "Traceback" not in result.output
+    run("users", "add", "someone")
+    result = run("generate", "someone", "")
+    assert result.exit_code == 2 and "prompt is empty" in result.output
+
+
+def test_db_upgrade_on_embedded_sqlite(run):
+    result = run("db", "upgrade")
+    assert result.exit_code == 0 and "latest schema" in result.output
