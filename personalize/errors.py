@@ -42,3 +42,11 @@ class ModelLoadError(PersonalizeError):
 
 class DatabaseUnavailableError(PersonalizeError):
     """The SQL database could not be reached."""
+
+
+class BrokerUnavailableError(PersonalizeError):
+    """The Celery broker could not be reached to queue a training job."""
+
+
+class TrainingFailedError(PersonalizeError):
+    """A training job ended without producing an adapter."""

@@ -5,17 +5,31 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from personalize.adapter_store import LocalAdapterStore
+from personalize.adapters import AdapterCache
+from personalize.adapters import generate_batch as batch_generate
 from personalize.embedding import get_embedder
-from personalize.errors import EmptyPromptError, InvalidInputError, UnknownUserError
+from personalize.errors import (
+    BrokerUnavailableError,
+    DatabaseUnavailableError,
+    EmptyPromptError,
+    InvalidInputError,
+    PersonalizeError,
+    TrainingFailedError,
+    UnknownUserError,
+)
 from personalize.items import ProfileItem, UserInfo, make_item
+from personalize.jobs import AdapterInfo, Claim, JobInfo, Jobs
 from personalize.modeling import LoadedModel, get_model
-from personalize.naming import user_dir, validate_user_id
-from personalize.prompting import build_prompt
+from personalize.naming import user_dir, user_key, validate_user_id
+from personalize.prompting import BuiltPrompt, build_prompt
+from personalize.queue import QUEUE, TRAIN_USER, describe_broker, make_celery
 from personalize.results import ForgetReport, GenerationResult, RetrievedRef, Timings
 from personalize.retrieval import (
     BM25Retriever,
@@ -28,10 +42,11 @@ from personalize.retrieval import (
 from personalize.settings import Settings
 from personalize.store import Store, UpsertReport
 from personalize.tasks import Task, get_task
+from personalize.training import TrainingCancelled, read_metadata, train_adapter, training_pairs
 from personalize.vectorstore import VectorStore
 
-Method = Literal["auto", "none", "rag"]
-METHODS = ("auto", "none", "rag")
+Method = Literal["auto", "none", "rag", "peft", "rag+peft"]
+METHODS = ("auto", "none", "rag", "peft", "rag+peft")
 ItemLike = ProfileItem | dict[str, Any]
 
 
@@ -62,6 +77,10 @@ class Personalizer:
         )
         self.embedder = get_embedder(self.settings.embedding_model)
         self._retrievers: dict[str, Retriever] = {}
+        self.jobs = Jobs(self.store, self.settings.job_stale_after_s, self.settings.job_max_attempts)
+        self.adapter_store = LocalAdapterStore(self.settings.resolved_adapters_dir)
+        self._adapter_cache: AdapterCache | None = None
+        self._celery = None
         if self.settings.torch_threads:
             import torch
 
@@ -105,7 +124,10 @@ class Personalizer:
             matrix = np.stack([vectors[i.id] for i in changed])
             self.vectors.upsert(user_id, [i.id for i in changed], matrix, metadatas)
 
-        return self.store.upsert_items(user_id, parsed, before_commit=index)
+        report = self.store.upsert_items(user_id, parsed, before_commit=index)
+        if report.changed and self.settings.auto_train:
+            report.training = self.maybe_queue_retrain(user_id)
+        return report
 
     def _embed(self, items: Sequence[ProfileItem], show_progress: bool) -> np.ndarray:
         return self.embedder.embed([self._doc_text(i) for i in items], show_progress=show_progress)
@@ -146,7 +168,10 @@ class Personalizer:
         bm25 = self._retrievers.get("bm25")
         if isinstance(bm25, BM25Retriever):
             bm25.forget(user_id)
-        folders = [user_dir(self.settings.users_dir, user_id), *map(Path, adapter_paths)]
+        if self._adapter_cache is not None:
+            self._adapter_cache.evict(adapter_name(user_id))
+        folders = [user_dir(self.settings.users_dir, user_id), self.adapter_store.user_root(user_id)]
+        folders += [Path(p) for p in adapter_paths if Path(p).exists()]
         for folder in folders:
             if folder.exists():
                 shutil.rmtree(folder)
@@ -202,16 +227,81 @@ class Personalizer:
             return get_task(task)
         return get_task(info.tasks[0]) if len(info.tasks) == 1 else get_task("generic")
 
-    def choose_method(self, info: UserInfo, method: str) -> tuple[str, list[str]]:
+    def choose_method(self, info: UserInfo, method: str, adapter: AdapterInfo | None) -> tuple[str, list[str]]:
         """Resolve ``auto`` and fall back when the requested method cannot run; say why in notes."""
         if method not in METHODS:
             raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        notes: list[str] = []
         if method == "auto":
-            chosen = "rag" if info.n_items else "none"
-            return chosen, [f"auto chose {chosen}: the user has {info.n_items} item(s)"]
+            method = "rag" if info.n_items else "none"
+            notes.append(f"auto chose {method}: the user has {info.n_items} item(s)")
+        if method in ("peft", "rag+peft") and adapter is None:
+            fallback = "rag" if method == "rag+peft" else "none"
+            notes.append(f"{method} fell back to {fallback}: the user has no adapter yet")
+            method = fallback
         if method == "rag" and info.n_items == 0:
-            return "none", ["rag fell back to none: the user has no items"]
-        return method, []
+            notes.append("rag fell back to none: the user has no items")
+            method = "none"
+        return method, notes
+
+    def _prepare(
+        self,
+        user_id: str,
+        prompt: str,
+        method: str,
+        k: int | None,
+        max_new_tokens: int,
+        retriever: str | None,
+        task: str | Task | None,
+    ) -> _Prepared:
+        """Everything before the forward passes: checks, method choice, retrieval and the prompt."""
+        start = time.perf_counter()
+        validate_user_id(user_id)
+        prompt = self._check_prompt(prompt)
+        info = self.store.get_user(user_id)
+        wants_adapter = method in ("peft", "rag+peft")
+        adapter = self.current_adapter(user_id) if wants_adapter else None
+        chosen, notes = self.choose_method(info, method, adapter)
+        if wants_adapter and adapter is None and self.settings.auto_train and info.n_items:
+            notes.append(self._queue_quietly(user_id))
+        if chosen not in ("peft", "rag+peft"):
+            adapter = None
+        the_task = self._task_for(info, task)
+        timings = Timings()
+        retrieved: list[RetrievedItem] = []
+        retriever_name = None
+        if chosen in ("rag", "rag+peft"):
+            retriever_name = check_retriever(retriever or self.settings.retriever)
+            t0 = time.perf_counter()
+            retrieved = self.retrieve(user_id, the_task.query_text(prompt), k, retriever_name)
+            timings.retrieval_s = time.perf_counter() - t0
+        loaded = self.model
+        t0 = time.perf_counter()
+        built = build_prompt(
+            loaded, the_task, prompt, retrieved, self.settings.token_budget, self.settings.input_share, max_new_tokens
+        )
+        timings.prompt_s = time.perf_counter() - t0
+        return _Prepared(user_id, method, chosen, notes, the_task, retriever_name, built, adapter, timings, start)
+
+    def _result(self, prep: _Prepared, text: str, n_new: int) -> GenerationResult:
+        prep.timings.total_s = time.perf_counter() - prep.start
+        if prep.adapter is not None:
+            prep.timings.extra["adapter_version"] = prep.adapter.version
+        return GenerationResult(
+            user_id=prep.user_id,
+            text=text,
+            method=prep.chosen,
+            requested_method=prep.requested,
+            task=prep.task.name,
+            retriever=prep.retriever,
+            retrieved=[RetrievedRef(h.id, h.score) for h in prep.built.used],
+            prompt=prep.built.text,
+            prompt_tokens=len(prep.built.input_ids),
+            new_tokens=n_new,
+            timings=prep.timings,
+            notes=prep.notes + prep.built.notes,
+            truncated=prep.built.truncated,
+        )
 
     def generate(
         self,
@@ -223,59 +313,299 @@ class Personalizer:
         retriever: str | None = None,
         task: str | Task | None = None,
     ) -> GenerationResult:
-        """Answer ``prompt`` for ``user_id`` with no personalization (``none``) or with retrieval (``rag``)."""
-        start = time.perf_counter()
-        validate_user_id(user_id)
-        prompt = self._check_prompt(prompt)
+        """Answer ``prompt`` for ``user_id`` with the base model (``none``), retrieval (``rag``), the user's adapter
+        (``peft``) or both (``rag+peft``); ``auto`` picks by the user's data."""
         max_new_tokens = max_new_tokens or self.settings.max_new_tokens
-        info = self.store.get_user(user_id)
-        chosen, notes = self.choose_method(info, method)
-        the_task = self._task_for(info, task)
-        timings = Timings()
-
-        retrieved: list[RetrievedItem] = []
-        retriever_name = None
-        if chosen == "rag":
-            retriever_name = check_retriever(retriever or self.settings.retriever)
-            t0 = time.perf_counter()
-            retrieved = self.retrieve(user_id, the_task.query_text(prompt), k, retriever_name)
-            timings.retrieval_s = time.perf_counter() - t0
-
+        prep = self._prepare(user_id, prompt, method, k, max_new_tokens, retriever, task)
         loaded = self.model
         t0 = time.perf_counter()
-        built = build_prompt(
-            loaded, the_task, prompt, retrieved, self.settings.token_budget, self.settings.input_share, max_new_tokens
+        if prep.adapter is None:
+            text, n_new = generate_text(loaded, prep.built.input_ids, max_new_tokens)
+        else:
+            cache = self.adapter_cache
+            with cache.lock:
+                hit = cache.activate(adapter_name(prep.user_id), Path(prep.adapter.path))
+                prep.timings.extra["adapter_cache_hit"] = hit
+                prep.timings.extra["adapter_load_s"] = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                text, n_new = generate_text(loaded, prep.built.input_ids, max_new_tokens, model=cache.model)
+                prep.timings.generation_s = time.perf_counter() - t1
+        if prep.adapter is None:
+            prep.timings.generation_s = time.perf_counter() - t0
+        return self._result(prep, text, n_new)
+
+    def generate_batch(
+        self,
+        requests: Sequence[tuple[str, str]],
+        method: Method | str = "auto",
+        k: int | None = None,
+        max_new_tokens: int | None = None,
+        retriever: str | None = None,
+        task: str | Task | None = None,
+    ) -> list[GenerationResult]:
+        """Serve many (user_id, prompt) requests in batched forward passes, each row with its own user's adapter
+        (peft's mixed-adapter batching); greedy results equal one-at-a-time ``generate``."""
+        max_new_tokens = max_new_tokens or self.settings.max_new_tokens
+        preps = [self._prepare(u, p, method, k, max_new_tokens, retriever, task) for u, p in requests]
+        results: list[GenerationResult | None] = [None] * len(preps)
+        cache = self.adapter_cache
+        order = list(range(len(preps)))
+        while order:  # one batch holds at most as many distinct adapters as the cache can keep loaded
+            chunk, names = [], set()
+            for i in list(order):
+                name = adapter_name(preps[i].user_id) if preps[i].adapter else None
+                if name is not None and name not in names and len(names) >= cache.capacity:
+                    continue
+                if name is not None:
+                    names.add(name)
+                chunk.append(i)
+                order.remove(i)
+            t0 = time.perf_counter()
+            with cache.lock:
+                for i in chunk:
+                    if preps[i].adapter is not None:
+                        cache.ensure_loaded(adapter_name(preps[i].user_id), Path(preps[i].adapter.path))
+                outputs = batch_generate(
+                    cache,
+                    [preps[i].built.input_ids for i in chunk],
+                    [adapter_name(preps[i].user_id) if preps[i].adapter else None for i in chunk],
+                    max_new_tokens,
+                )
+            elapsed = time.perf_counter() - t0
+            for i, (text, n_new) in zip(chunk, outputs, strict=True):
+                preps[i].timings.generation_s = elapsed
+                preps[i].timings.extra["batch_size"] = len(chunk)
+                results[i] = self._result(preps[i], text, n_new)
+        return [r for r in results if r is not None]
+
+    # -- adapters and training ---------------------------------------------------------------------------------
+
+    @property
+    def adapter_cache(self) -> AdapterCache:
+        if self._adapter_cache is None:
+            self._adapter_cache = AdapterCache(self.model, capacity=self.settings.adapter_cache_size)
+        return self._adapter_cache
+
+    def current_adapter(self, user_id: str) -> AdapterInfo | None:
+        """The user's newest complete adapter for the configured model, or None."""
+        adapter = self.jobs.current_adapter(user_id, base_model=self.settings.model)
+        if adapter is None or read_metadata(Path(adapter.path)) is None:
+            return None
+        return adapter
+
+    def adapters(self, user_id: str) -> list[AdapterInfo]:
+        return self.jobs.adapters(user_id)
+
+    def training_jobs(self, user_id: str | None = None, limit: int = 100) -> list[JobInfo]:
+        return self.jobs.list(user_id, limit=limit)
+
+    @property
+    def celery(self):  # noqa: ANN201 - celery is imported lazily
+        if self._celery is None:
+            self._celery = make_celery(self.settings, main="personalize-client")
+        return self._celery
+
+    def enqueue_training(self, user_id: str, force: bool = False) -> EnqueueResult:
+        """Queue training of the user's adapter for the workers; a no-op (that says so) when nothing changed."""
+        info = self.store.get_user(user_id)
+        current = self.current_adapter(user_id)
+        if not force and current is not None and current.data_version == info.data_version:
+            return EnqueueResult(
+                user_id,
+                None,
+                False,
+                f"up to date: adapter v{current.version} was trained on the current data (version {info.data_version})",
+            )
+        active = self.jobs.active_job(user_id)
+        if active is not None and (active.state == "queued" or active.data_version == info.data_version):
+            return EnqueueResult(user_id, active.id, False, f"already {active.state}: job {active.id}")
+        if info.n_items == 0:
+            raise InvalidInputError(f"user {user_id!r} has no items to train an adapter on")
+        job = self.jobs.create(user_id)
+        self._send(job.id)
+        return EnqueueResult(user_id, job.id, True, f"queued: job {job.id}")
+
+    def enqueue_all(self) -> list[EnqueueResult]:
+        """Queue every user whose data changed since their adapter and who has at least ``train_min_items``."""
+        users = self.jobs.users_needing_training(self.settings.train_min_items, self.settings.model)
+        return [self.enqueue_training(u) for u in users]
+
+    def _send(self, job_id: int) -> None:
+        try:
+            sent = self.celery.send_task(
+                TRAIN_USER,
+                args=[job_id],
+                queue=QUEUE,
+                retry=True,
+                retry_policy={"max_retries": 3, "interval_start": 0.2},
+            )
+        except Exception as exc:
+            raise BrokerUnavailableError(
+                f"cannot reach the broker {describe_broker(self.settings)} ({type(exc).__name__}); job {job_id} "
+                "stays queued and is sent again when a worker starts (or run `personalize train --all`)"
+            ) from None
+        self.jobs.set_task_id(job_id, sent.id)
+
+    def _queue_quietly(self, user_id: str) -> str:
+        try:
+            return f"training {self.enqueue_training(user_id).message}"
+        except PersonalizeError as exc:
+            return f"could not queue training: {exc}"
+
+    def maybe_queue_retrain(self, user_id: str) -> str | None:
+        """Queue (re)training when the user's items passed ``train_min_items`` (no adapter yet), or grew by
+        ``retrain_min_new_items`` or by ``retrain_growth`` since the current adapter."""
+        n_items = self.store.count_items(user_id)
+        current = self.current_adapter(user_id)
+        if current is None:
+            due = n_items >= self.settings.train_min_items
+        else:
+            grown = n_items - current.n_items
+            due = grown >= self.settings.retrain_min_new_items or (
+                grown > 0 and n_items >= current.n_items * (1 + self.settings.retrain_growth)
+            )
+        return self._queue_quietly(user_id) if due else None
+
+    def recover_jobs(self) -> list[int]:
+        """Requeue jobs of lost workers and resend queued jobs whose message may be lost; duplicates are harmless
+        because a job is claimed in SQL before it runs."""
+        requeued = set(self.jobs.recover_stale())
+        requeued.update(j.id for j in self.jobs.list(states=("queued",), limit=10_000))
+        for job_id in sorted(requeued):
+            self._send(job_id)
+        return sorted(requeued)
+
+    def train(self, user_id: str, progress: bool = False) -> AdapterInfo:
+        """Train the user's adapter in this process (no worker needed); returns the new adapter."""
+        info = self.store.get_user(user_id)
+        if info.n_items == 0:
+            raise InvalidInputError(f"user {user_id!r} has no items to train an adapter on")
+        job = self.jobs.create(user_id)
+        outcome = self.run_training_job(job.id, progress=progress)
+        final = self.jobs.get(job.id)
+        if outcome != "done" or final is None or final.adapter_id is None:
+            raise TrainingFailedError(f"training {user_id!r} ended {outcome}: {final.error if final else 'job gone'}")
+        adapter = self.current_adapter(user_id)
+        assert adapter is not None
+        return adapter
+
+    def run_training_job(self, job_id: int, progress: bool = False) -> str:
+        """Claim and run one training job; what a worker's task calls. Returns the outcome: done, failed,
+        cancelled, discarded (the user was forgotten meanwhile), or a claim result (busy, duplicate, gone)."""
+        claim, job = self.jobs.claim(job_id)
+        if claim is not Claim.CLAIMED or job is None:
+            return claim.value
+        user_id = job.user_id
+        out: Path | None = None
+        beat = _Heartbeat(self.jobs, job_id, progress)
+        try:
+            items = self.store.items(user_id)
+            pairs = training_pairs(items, None, max_items=self.settings.lora.max_items)
+            version = self.jobs.next_version(user_id)
+            out = self.adapter_store.path_for(user_id, version)
+            self.adapter_store.discard_incomplete(out)  # left by a crash between the rename and the SQL insert
+            result = train_adapter(
+                self.model, pairs, self.settings.lora, out, progress=beat.progress, should_stop=beat.should_stop
+            )
+        except TrainingCancelled as exc:
+            self.jobs.fail(job_id, str(exc), state="cancelled")
+            return "cancelled"
+        except (DatabaseUnavailableError, UnknownUserError) as exc:
+            if isinstance(exc, UnknownUserError):  # forgotten while starting
+                return "discarded"
+            self.jobs.release(job_id, str(exc))
+            raise
+        except Exception as exc:
+            self.jobs.fail(job_id, f"{type(exc).__name__}: {exc}")
+            return "failed"
+        finally:
+            beat.close()
+        adapter_id = self.jobs.finish(
+            job_id,
+            {
+                "version": version,
+                "path": str(result.path),
+                "base_model": self.settings.model,
+                "n_items": len(items),
+                "train_seconds": result.train_seconds,
+                "final_loss": result.final_loss,
+                "size_bytes": result.size_bytes,
+                "config": {**result.config, "n_pairs": result.n_pairs},
+            },
         )
-        timings.prompt_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        text, n_new = generate_text(loaded, built.input_ids, max_new_tokens)
-        timings.generation_s = time.perf_counter() - t0
-        timings.total_s = time.perf_counter() - start
-        return GenerationResult(
-            user_id=user_id,
-            text=text,
-            method=chosen,
-            requested_method=method,
-            task=the_task.name,
-            retriever=retriever_name,
-            retrieved=[RetrievedRef(h.id, h.score) for h in built.used],
-            prompt=built.text,
-            prompt_tokens=len(built.input_ids),
-            new_tokens=n_new,
-            timings=timings,
-            notes=notes + built.notes,
-            truncated=built.truncated,
-        )
+        if adapter_id is None:  # the user was forgotten, or the job reclaimed: never write an adapter back
+            shutil.rmtree(result.path, ignore_errors=True)
+            if not self.jobs.user_exists(user_id):
+                self.adapter_store.delete_user(user_id)
+            return "discarded"
+        return "done"
 
 
-def generate_text(loaded: LoadedModel, input_ids: list[int], max_new_tokens: int) -> tuple[str, int]:
+class _Heartbeat:
+    """Progress from the training loop to the job row (at most once a second) and a tqdm bar if asked."""
+
+    def __init__(self, jobs: Jobs, job_id: int, show_bar: bool) -> None:
+        self.jobs, self.job_id = jobs, job_id
+        self._last = 0.0
+        self._mine = True
+        self._bar = None
+        if show_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=100, unit="%", desc=f"training job {job_id}")
+
+    def progress(self, fraction: float, loss: float | None) -> None:
+        if self._bar is not None:
+            self._bar.n = round(fraction * 100)
+            self._bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-")
+        now = time.monotonic()
+        if now - self._last >= 1.0 or fraction >= 1.0:
+            self._last = now
+            self._mine = self.jobs.heartbeat(self.job_id, fraction, loss)
+
+    def should_stop(self) -> bool:
+        return not self._mine or (time.monotonic() - self._last >= 1.0 and not self.jobs.still_mine(self.job_id))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+@dataclass
+class _Prepared:
+    user_id: str
+    requested: str
+    chosen: str
+    notes: list[str]
+    task: Task
+    retriever: str | None
+    built: BuiltPrompt
+    adapter: AdapterInfo | None
+    timings: Timings
+    start: float
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    user_id: str
+    job_id: int | None
+    queued: bool
+    message: str
+
+
+def adapter_name(user_id: str) -> str:
+    """The adapter's name inside the shared PeftModel: the user's hash-derived key."""
+    return user_key(user_id)
+
+
+def generate_text(loaded: LoadedModel, input_ids: list[int], max_new_tokens: int, model: Any = None) -> tuple[str, int]:
     """Greedy decoding; returns the new text and how many tokens were generated."""
     import torch
 
     tok = loaded.tokenizer
     ids = torch.tensor([input_ids], dtype=torch.long)
     with torch.inference_mode():
-        out = loaded.model.generate(
+        out = (model or loaded.model).generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
@@ -290,4 +620,4 @@ def generate_text(loaded: LoadedModel, input_ids: list[int], max_new_tokens: int
     return tok.decode(new, skip_special_tokens=True).strip(), int(new.shape[0])
 
 
-__all__ = ["Personalizer", "generate_text"]
+__all__ = ["EnqueueResult", "Personalizer", "generate_text"]

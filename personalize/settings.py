@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
@@ -16,10 +16,47 @@ BUNDLED_EMBEDDER = "bundled:all-minilm-l6-v2"
 RetrieverName = Literal["dense", "bm25", "recency"]
 
 
+class LoraSettings(BaseModel):
+    """How one per-user LoRA adapter is trained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r: the width of the low-rank update.")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description=(
+            "Modules that get a LoRA update: the attention projections of Llama-family models such as SmolLM2 "
+            "(attention-only LoRA, as in the LoRA paper, keeps an adapter small: 0.92 M parameters, 3.7 MB in fp32 "
+            "at rank 8 on SmolLM2-135M, ~0.7% of the model); use ['q', 'k', 'v', 'o'] for T5/FlanT5."
+        ),
+    )
+    epochs: int = Field(2, ge=1, description="Passes over the user's training pairs.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: no cap).")
+    learning_rate: float = Field(
+        1e-3,
+        gt=0,
+        description=(
+            "AdamW learning rate. 1e-3 suits a few epochs of rank-8 LoRA on a small model on a CPU; LaMP's paper "
+            "used 5e-5 for 30 epochs on FlanT5-XXL."
+        ),
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights.")
+    batch_size: int = Field(8, ge=1, description="Pairs per optimizer step.")
+    max_length: int = Field(256, ge=16, description="Tokens per pair (prompt and output); longer prompts are cut.")
+    seed: int = Field(0, description="Seeds the LoRA initialisation, dropout and shuffling: same seed, same adapter.")
+    max_items: int | None = Field(
+        None, ge=1, description="Train on the most recent N items only (None: all); pass it to training_pairs."
+    )
+
+
 class Settings(BaseSettings):
     """Where data lives, which models to load, and the retrieval defaults."""
 
-    model_config = SettingsConfigDict(env_prefix="PERSONALIZE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PERSONALIZE_", env_file=".env", extra="ignore", env_nested_delimiter="__"
+    )
 
     home: Path = Field(Path(".personalize"), description="Folder for the embedded database, Chroma, models.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default is SQLite at {home}/personalize.db.")
@@ -37,6 +74,28 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Default number of tokens to generate.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Prompts longer than this are refused.")
     torch_threads: int | None = Field(None, description="torch.set_num_threads; default: torch's own.")
+
+    # -- adapters and training workers --
+    adapters_dir: Path | None = Field(
+        None,
+        description="Adapter store: a local folder, or a shared mount for several machines; default {home}/adapters.",
+    )
+    adapter_cache_size: int = Field(8, ge=1, description="Adapters kept loaded in memory (least recently used out).")
+    broker_url: str | None = Field(
+        None, description="Celery broker: redis://... or amqp://...; default an embedded SQLite broker in {home}."
+    )
+    auto_train: bool = Field(True, description="Queue (re)training when a user's data grows past the thresholds.")
+    train_min_items: int = Field(20, ge=1, description="A user without an adapter is queued for training at this size.")
+    retrain_min_new_items: int = Field(50, ge=1, description="Retrain after this many new or changed items...")
+    retrain_growth: float = Field(0.2, gt=0, description="...or when the item count grew by this fraction.")
+    job_stale_after_s: float = Field(
+        120.0, gt=0, description="A running job without a heartbeat for this long belongs to a dead worker."
+    )
+    job_max_attempts: int = Field(3, ge=1, description="Attempts before a training job is marked failed.")
+    train_time_limit_s: int = Field(3600, ge=10, description="Hard time limit of one training task.")
+    lora: LoraSettings = Field(
+        default_factory=LoraSettings, description="LoRA training settings (PERSONALIZE_LORA__RANK=16)."
+    )
 
     @property
     def resolved_home(self) -> Path:
@@ -65,3 +124,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.resolved_home / "models"
+
+    @property
+    def resolved_adapters_dir(self) -> Path:
+        return (self.adapters_dir.expanduser().resolve()) if self.adapters_dir else self.resolved_home / "adapters"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.resolved_home / 'broker.sqlite'}"

@@ -34,6 +34,7 @@ class UpsertReport:
     unchanged: int = 0
     data_version: int = 0
     changed: list[ProfileItem] = field(default_factory=list)
+    training: str | None = None  # what the upsert did about (re)training the user's adapter, if anything
 
 
 @dataclass

@@ -23,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.items import ProfileItem
 from personalize.modeling import LoadedModel
 from personalize.prompting import encode
+from personalize.settings import LoraSettings
 from personalize.tasks import Task, get_task
 
 ADAPTER_METADATA = "personalize.json"  # written last: a folder holding it is a complete adapter
@@ -49,41 +48,6 @@ class AdapterExistsError(PersonalizeError, FileExistsError):
     def __init__(self, path: Path) -> None:
         self.path = path
         super().__init__(f"{path} already exists: adapters are never overwritten; train into a new folder")
-
-
-class LoraSettings(BaseModel):
-    """How one per-user LoRA adapter is trained."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(8, ge=1, le=256, description="LoRA rank r: the width of the low-rank update.")
-    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description=(
-            "Modules that get a LoRA update: the attention projections of Llama-family models such as SmolLM2 "
-            "(attention-only LoRA, as in the LoRA paper, keeps an adapter small: 0.92 M parameters, 3.7 MB in fp32 "
-            "at rank 8 on SmolLM2-135M, ~0.7% of the model); use ['q', 'k', 'v', 'o'] for T5/FlanT5."
-        ),
-    )
-    epochs: int = Field(2, ge=1, description="Passes over the user's training pairs.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: no cap).")
-    learning_rate: float = Field(
-        1e-3,
-        gt=0,
-        description=(
-            "AdamW learning rate. 1e-3 suits a few epochs of rank-8 LoRA on a small model on a CPU; LaMP's paper "
-            "used 5e-5 for 30 epochs on FlanT5-XXL."
-        ),
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the LoRA weights.")
-    batch_size: int = Field(8, ge=1, description="Pairs per optimizer step.")
-    max_length: int = Field(256, ge=16, description="Tokens per pair (prompt and output); longer prompts are cut.")
-    seed: int = Field(0, description="Seeds the LoRA initialisation, dropout and shuffling: same seed, same adapter.")
-    max_items: int | None = Field(
-        None, ge=1, description="Train on the most recent N items only (None: all); pass it to training_pairs."
-    )
 
 
 @dataclass

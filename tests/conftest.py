@@ -17,6 +17,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from personalize import Personalizer, Settings  # noqa: E402
+from personalize.settings import LoraSettings  # noqa: E402
+
+FAST_LORA = LoraSettings(epochs=1, batch_size=4, max_length=64, learning_rate=5e-3)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 POSTGRES_ADMIN_URL = os.environ.get("PERSONALIZE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -88,7 +91,7 @@ def home(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def settings(home: Path, tiny_model_dir: Path) -> Settings:
-    return Settings(home=home, model=str(tiny_model_dir), _env_file=None)
+    return Settings(home=home, model=str(tiny_model_dir), auto_train=False, lora=FAST_LORA, _env_file=None)
 
 
 @pytest.fixture
@@ -160,7 +163,9 @@ def chroma_server(tmp_path: Path):
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"chroma server did not start: {(tmp_path / 'chroma.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"chroma server did not start: {(tmp_path / 'chroma.log').read_text()[-2000:]}"
+                ) from None
             time.sleep(0.3)
     try:
         yield url
