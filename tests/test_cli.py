@@ -52,3 +52,21 @@ def test_errors_are_one_clear_line(run, tmp_path):
 def test_db_upgrade_on_embedded_sqlite(run):
     result = run("db", "upgrade")
     assert result.exit_code == 0 and "latest schema" in result.output
+
+
+def test_train_jobs_and_adapters_commands(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("PERSONALIZE_LORA__EPOCHS", "1")
+    monkeypatch.setenv("PERSONALIZE_LORA__MAX_LENGTH", "64")
+    monkeypatch.setenv("PERSONALIZE_AUTO_TRAIN", "false")
+    path = tmp_path / "items.jsonl"
+    rows = [{"user_id": "t", "id": str(i), "text": f"Film {i} (Drama)", "output": str(i % 5 + 1)} for i in range(6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    run("users", "import", str(path))
+    result = run("train", "t")
+    assert result.exit_code == 0 and "t: adapter v1 on 6 items" in result.stdout
+    assert "up to date" in run("train", "t", "--queue").stdout
+    assert "\tt\tdone\t100%" in run("jobs").stdout
+    adapters = json.loads(run("adapters", "t", "--json").stdout)
+    assert [a["version"] for a in adapters] == [1]
+    report = json.loads(run("users", "forget", "t").stdout)
+    assert report["adapters"] == 1 and any("adapters" in f for f in report["files"])
