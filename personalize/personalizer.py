@@ -39,6 +39,8 @@ from personalize.retrieval import (
     Retriever,
     check_retriever,
 )
+from personalize.router import Router
+from personalize.scoring import candidate_log_likelihoods
 from personalize.settings import Settings
 from personalize.store import Store, UpsertReport
 from personalize.tasks import Task, get_task
@@ -77,6 +79,7 @@ class Personalizer:
         )
         self.embedder = get_embedder(self.settings.embedding_model)
         self._retrievers: dict[str, Retriever] = {}
+        self.router = Router(self.store, self.settings.router)
         self.jobs = Jobs(self.store, self.settings.job_stale_after_s, self.settings.job_max_attempts)
         self.adapter_store = LocalAdapterStore(self.settings.resolved_adapters_dir)
         self._adapter_cache: AdapterCache | None = None
@@ -233,8 +236,9 @@ class Personalizer:
             raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         notes: list[str] = []
         if method == "auto":
-            method = "rag" if info.n_items else "none"
-            notes.append(f"auto chose {method}: the user has {info.n_items} item(s)")
+            decision = self.router.choose(self._task_for(info, None).name, info.n_items, adapter is not None)
+            method = decision.method
+            notes.append(f"auto chose {method}: {decision.reason}")
         if method in ("peft", "rag+peft") and adapter is None:
             fallback = "rag" if method == "rag+peft" else "none"
             notes.append(f"{method} fell back to {fallback}: the user has no adapter yet")
@@ -259,10 +263,10 @@ class Personalizer:
         validate_user_id(user_id)
         prompt = self._check_prompt(prompt)
         info = self.store.get_user(user_id)
-        wants_adapter = method in ("peft", "rag+peft")
+        wants_adapter = method in ("peft", "rag+peft", "auto")
         adapter = self.current_adapter(user_id) if wants_adapter else None
         chosen, notes = self.choose_method(info, method, adapter)
-        if wants_adapter and adapter is None and self.settings.auto_train and info.n_items:
+        if method in ("peft", "rag+peft") and adapter is None and self.settings.auto_train and info.n_items:
             notes.append(self._queue_quietly(user_id))
         if chosen not in ("peft", "rag+peft"):
             adapter = None
@@ -377,6 +381,35 @@ class Personalizer:
                 preps[i].timings.extra["batch_size"] = len(chunk)
                 results[i] = self._result(preps[i], text, n_new)
         return [r for r in results if r is not None]
+
+    def score_labels(
+        self,
+        user_id: str,
+        prompt: str,
+        labels: Sequence[str],
+        method: Method | str = "auto",
+        k: int | None = None,
+        retriever: str | None = None,
+        task: str | Task | None = None,
+    ) -> GenerationResult:
+        """Pick the most likely of ``labels`` as the answer (one batched forward pass); ``timings.extra`` holds
+        every label's log-likelihood. Same methods, retrieval and fallbacks as ``generate``."""
+        if not labels:
+            raise InvalidInputError("score_labels needs at least one label")
+        prep = self._prepare(user_id, prompt, method, k, 1, retriever, task)
+        loaded = self.model
+        t0 = time.perf_counter()
+        if prep.adapter is None:
+            scores = candidate_log_likelihoods(loaded, prep.built.input_ids, labels)
+        else:
+            cache = self.adapter_cache
+            with cache.lock:
+                cache.activate(adapter_name(prep.user_id), Path(prep.adapter.path))
+                scores = candidate_log_likelihoods(loaded, prep.built.input_ids, labels, model=cache.model)
+        prep.timings.generation_s = time.perf_counter() - t0
+        prep.timings.extra["label_log_likelihoods"] = dict(zip(labels, scores, strict=True))
+        best = max(range(len(labels)), key=lambda i: scores[i])
+        return self._result(prep, labels[best], 0)
 
     # -- adapters and training ---------------------------------------------------------------------------------
 

@@ -51,6 +51,17 @@ class LoraSettings(BaseModel):
     )
 
 
+class RouterSettings(BaseModel):
+    """Defaults of the uncalibrated router."""
+
+    rag_peft_min_items: int = Field(
+        100, ge=1, description="Profile size from which RAG+PEFT is used (when an adapter exists); RAG below it."
+    )
+    tolerance: float = Field(
+        0.01, ge=0, description="Calibration: a cheaper method within this relative distance of the best wins."
+    )
+
+
 class Settings(BaseSettings):
     """Where data lives, which models to load, and the retrieval defaults."""
 
@@ -93,6 +104,9 @@ class Settings(BaseSettings):
     )
     job_max_attempts: int = Field(3, ge=1, description="Attempts before a training job is marked failed.")
     train_time_limit_s: int = Field(3600, ge=10, description="Hard time limit of one training task.")
+    router: RouterSettings = Field(
+        default_factory=RouterSettings, description="Defaults of the uncalibrated router (PERSONALIZE_ROUTER__...)."
+    )
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA training settings (PERSONALIZE_LORA__RANK=16)."
     )

@@ -45,7 +45,7 @@ def test_auto_uses_rag_when_user_has_items_and_none_otherwise(client):
     client.add_user("empty")
     assert client.generate("alice", PROMPT, max_new_tokens=2).method == "rag"
     result = client.generate("empty", PROMPT, max_new_tokens=2)
-    assert result.method == "none" and "0 item" in result.notes[0]
+    assert result.method == "none" and "no items" in result.notes[0]
 
 
 def test_rag_without_items_falls_back_to_none(client):
