@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from personalize.errors import PersonalizeError
+from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.ingest import read_jsonl, read_lamp_questions
 from personalize.personalizer import Personalizer
 from personalize.settings import Settings
@@ -24,8 +24,14 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The SQL database.", no_args_is_help=True)
 users_app = typer.Typer(help="Users and their items.", no_args_is_help=True)
+eval_app = typer.Typer(help="The LaMP-style comparison: run, resume, report.", no_args_is_help=True)
+router_app = typer.Typer(help="The router that picks none / rag / peft / rag+peft per user.", no_args_is_help=True)
+data_app = typer.Typer(help="Build or import LaMP-format task files.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
+app.add_typer(eval_app, name="eval")
+app.add_typer(router_app, name="router")
+app.add_typer(data_app, name="data")
 
 SAMPLE_FILE = "sample_users.jsonl"
 SAMPLE_USER = "sci-fi fan"
@@ -274,6 +280,203 @@ def demo(
             typer.echo(f"--- {method} ---")
             _print_result(p.generate(user_id, prompt, method, max_new_tokens=max_new_tokens))
             typer.echo("")
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+
+@data_app.command("build")
+@clear_errors
+def data_build(
+    task: str,
+    source: Path = typer.Argument(..., help="MovieLens folder (ratings.csv, movies.csv) or Reuters C50 folder"),
+    out: Path = typer.Option(Path("data-build"), help="Folder for {split}_questions.json and {split}_outputs.json"),
+    split: list[str] = typer.Option(["dev", "test"], help="Splits to build"),
+) -> None:
+    """Write LaMP-format files for movielens-rating, reuters-lead or reuters-authorship (deterministic)."""
+    from personalize.datasets import BUILDERS, write_lamp
+
+    if task not in BUILDERS:
+        raise InvalidInputError(f"no builder for {task!r}; builders: {', '.join(sorted(BUILDERS))}")
+    for name in split:
+        dataset = BUILDERS[task](source, name)
+        questions, outputs = write_lamp(dataset, out / task)
+        typer.echo(f"{task} {name}: {len(dataset.queries)} queries -> {questions}, {outputs}")
+
+
+@data_app.command("synthetic")
+@clear_errors
+def data_synthetic(
+    out: Path = typer.Option(Path("data-build"), help="Output folder"),
+    users: int = 20,
+    seed: int = 0,
+    split: str = "test",
+) -> None:
+    """Write a SYNTHETIC movielens-rating-style task with planted per-user signals (for tests and demos)."""
+    from personalize.datasets import synthetic_dataset, write_lamp
+
+    dataset = synthetic_dataset(n_users=users, seed=seed, split=split)
+    questions, outputs = write_lamp(dataset, out / "synthetic")
+    typer.echo(f"SYNTHETIC {dataset.task} {split}: {len(dataset.queries)} queries -> {questions}, {outputs}")
+
+
+@data_app.command("import-lamp")
+@clear_errors
+def data_import_lamp(
+    task: str = typer.Argument(..., help="lamp-1 .. lamp-7 (or one of our tasks)"),
+    questions: Path = typer.Argument(..., help="{split}_questions.json"),
+    outputs: Path | None = typer.Argument(None, help="{split}_outputs.json (golds), optional"),
+) -> None:
+    """Import the users' profiles of an official LaMP questions file (user-based or time-based)."""
+    from personalize.datasets import read_lamp
+
+    dataset = read_lamp(questions, outputs, task)
+    with _client() as p:
+        for user_id, raw in _progress(dataset.users().items(), "users"):
+            from personalize.ingest import lamp_item
+
+            p.add_items(user_id, [lamp_item(task, r) for r in raw])
+    typer.echo(f"imported {len(dataset.users())} users of {task} ({len(dataset.queries)} queries)")
+
+
+# -- evaluation ----------------------------------------------------------------------------------------------------
+
+
+def _load_dataset(task: str, split: str, data: Path | None, synthetic_users: int | None):  # noqa: ANN202
+    from personalize.datasets import BUILDERS, read_lamp, synthetic_dataset
+
+    if synthetic_users:
+        return synthetic_dataset(n_users=synthetic_users, split=split), "SYNTHETIC"
+    if data is None:
+        raise InvalidInputError("give --data: a MovieLens/Reuters folder, or a folder with LaMP json files")
+    questions = data / f"{split}_questions.json"
+    if questions.is_file():
+        outputs = data / f"{split}_outputs.json"
+        return read_lamp(questions, outputs if outputs.is_file() else None, task), str(data)
+    if task in BUILDERS:
+        return BUILDERS[task](data, split), str(data)
+    raise InvalidInputError(f"{data} holds no {split}_questions.json and {task!r} has no builder")
+
+
+@eval_app.command("run")
+@clear_errors
+def eval_run(
+    task: str = typer.Option(..., "--task"),
+    split: str = typer.Option("test", "--split"),
+    data: Path | None = typer.Option(None, "--data", help="Source folder (raw data with a builder, or LaMP files)"),
+    users: int | None = typer.Option(None, "--users", help="First N users"),
+    methods: str = typer.Option("none,rag,peft,rag+peft", "--methods"),
+    retriever: str = typer.Option("bm25", "--retriever"),
+    k: int = typer.Option(4, "--k"),
+    scoring: str = typer.Option("auto", "--scoring", help="auto|likelihood|generate (label tasks)"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    train_via: str = typer.Option("workers", "--train-via", help="workers (Celery) or inline"),
+    workers: int = typer.Option(1, "--workers", help="Local workers to start for training (0: use running ones)"),
+    synthetic_users: int | None = typer.Option(None, "--synthetic", help="Use N SYNTHETIC users instead of data"),
+    resume: str | None = typer.Option(None, "--resume", help="Continue this interrupted run id"),
+) -> None:
+    """Ingest, train (workers), answer every query with every method, and store it all under a run id."""
+    from personalize.evaluation import EvalConfig, EvaluationRunner, code_version
+    from personalize.reports import build_report, format_report
+
+    with _client() as p:
+        runner = EvaluationRunner(p)
+        if resume:
+            config = runner.config_of(resume)
+            dataset, _ = _load_dataset(
+                config.task,
+                config.split,
+                Path(config.source) if not config.synthetic else None,
+                config.users if config.synthetic else None,
+            )
+        else:
+            dataset, source = _load_dataset(task, split, data, synthetic_users)
+            config = EvalConfig(
+                task=task,
+                split=split,
+                source=source,
+                synthetic=dataset.synthetic,
+                users=None if synthetic_users else users,
+                methods=[m.strip() for m in methods.split(",") if m.strip()],
+                retriever=retriever,
+                k=k,
+                scoring=scoring,
+                max_new_tokens=max_new_tokens,
+                train_via=train_via,
+                model=p.settings.model,
+                lora=p.settings.lora.model_dump(),
+                code_version=code_version(),
+            )
+        run_id = runner.run(dataset, config, run_id=resume, start_workers=workers)
+        typer.echo(format_report(build_report(p.store, run_id)))
+        typer.echo(f"\nrun id: {run_id}")
+
+
+@eval_app.command("report")
+@clear_errors
+def eval_report(
+    run_id: str,
+    buckets: int = 4,
+    csv_out: Path | None = typer.Option(None, "--csv"),
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """The paper-style table, the by-profile-size buckets, the correlation and the cost of a run."""
+    from personalize.reports import build_report, export, format_report
+
+    with _client() as p:
+        report = build_report(p.store, run_id, buckets)
+    typer.echo(format_report(report))
+    for path in (csv_out, json_out):
+        if path is not None:
+            typer.echo(f"wrote {export(report, path)}")
+
+
+@eval_app.command("list")
+@clear_errors
+def eval_list() -> None:
+    """Evaluation runs, newest first."""
+    from personalize.reports import list_runs
+
+    with _client() as p:
+        for r in list_runs(p.store):
+            synthetic = " SYNTHETIC" if r["synthetic"] else ""
+            typer.echo(
+                f"{r['run_id']}\t{r['task']}/{r['split']}\t{r['state']} {r['progress']:.0%}\t"
+                f"{r['results']} answers{synthetic}"
+            )
+
+
+# -- router --------------------------------------------------------------------------------------------------------
+
+
+@router_app.command("calibrate")
+@clear_errors
+def router_calibrate(run_id: str, tolerance: float | None = None) -> None:
+    """Set a task's thresholds from a run: per bucket, the cheapest method within the tolerance of the best."""
+    from personalize.router import calibrate_from_run
+
+    with _client() as p:
+        policy = calibrate_from_run(p.store, run_id, tolerance)
+    _print_policy(policy)
+
+
+@router_app.command("show")
+@clear_errors
+def router_show(task: str | None = None, items: int | None = None) -> None:
+    """The current policy per task (or the default), and the method for a profile size."""
+    with _client() as p:
+        policies = [p.router.policy(task)] if task else (p.router.policies() or [p.router.policy(None)])
+        for policy in policies:
+            _print_policy(policy)
+            if items is not None:
+                typer.echo(f"  {items} items -> {policy.method_for(items).method} (with an adapter)")
+
+
+def _print_policy(policy) -> None:  # noqa: ANN001
+    origin = f"run {policy.source_run_id} at {policy.created_at}" if policy.source_run_id else "default (paper)"
+    typer.echo(f"task {policy.task}: {origin}" + (f", metric {policy.metric}" if policy.metric else ""))
+    for band in policy.bands:
+        typer.echo(f"  from {band.min_items} items: {band.method}")
 
 
 def main() -> None:  # pragma: no cover

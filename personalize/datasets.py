@@ -327,6 +327,7 @@ def build_movielens_rating(folder: str | Path, split: str = "test") -> Dataset:
             raise MalformedFileError(movies_path, f"line {line}", "a row needs movieId and title")
         movies[movie_id] = movie_text(row["title"], row["genres"] or "")
     per_user: dict[str, list[_Rating]] = {}
+    scores: dict[str, int] = {}
     for line, row in _read_csv(ratings_path, ("userId", "movieId", "rating", "timestamp")):
         try:
             user_id = (row["userId"] or "").strip()
@@ -336,7 +337,10 @@ def build_movielens_rating(folder: str | Path, split: str = "test") -> Dataset:
             if movie_id not in movies:
                 raise InvalidInputError(f"movie {movie_id} is not in movies.csv")
             timestamp = int((row["timestamp"] or "").strip())
-            score = rating_score(row["rating"] or "")
+            rating = row["rating"] or ""
+            score = scores.get(rating)
+            if score is None:
+                score = scores[rating] = rating_score(rating)
         except (InvalidInputError, ValueError) as exc:
             raise MalformedFileError(ratings_path, f"line {line}", str(exc)) from None
         per_user.setdefault(user_id, []).append(_Rating(movie_id, timestamp, movies[movie_id], score))
@@ -500,12 +504,12 @@ def synthetic_dataset(
 
     A catalogue of made-up movies has one or two genres each. Each user loves two genres and hates two others:
     a movie with a loved genre and no hated one scores 5, with a hated genre and no loved one 1, anything else 3;
-    then 10% of ratings move one step up or down (clipped to 1..5). Each user rates ``n + 6`` distinct movies on
+    then 10% of ratings move one step up or down (clipped to 1..5). Each user rates ``n + 3`` distinct movies on
     distinct, increasing days, with ``n`` drawn log-uniformly between ``min_items`` and ``max_items``; the split
     then follows ``build_movielens_rating`` (test: last 3, dev: the 3 before; profile: everything earlier), so the
-    profile size seen by the queries is ``n`` (test) or ``n - 3`` (dev). Query golds follow the same rule as the
-    user's profile. Only rating tasks with ``text``/``score`` items are supported: ``movielens-rating`` and
-    ``lamp-3``. Deterministic in all arguments.
+    profile size is ``n`` in ``test`` and ``n - 3`` in ``dev`` (users with ``n <= 3`` have no dev queries). Query
+    golds follow the same rule as the user's profile. Only rating tasks with ``text``/``score`` items are
+    supported: ``movielens-rating`` and ``lamp-3``. Deterministic in all arguments.
     """
     name = get_task(task).name
     if name not in ("movielens-rating", "lamp-3"):
@@ -529,7 +533,7 @@ def synthetic_dataset(
         loves, hates = set(shuffled[:2]), set(shuffled[2:4])
         n = round(math.exp(urng.uniform(math.log(min_items), math.log(max_items))))
         n = min(max_items, max(min_items, n))
-        picked = urng.sample(range(n_movies), n + 2 * QUERIES_PER_SPLIT)
+        picked = urng.sample(range(n_movies), n + QUERIES_PER_SPLIT)
         day = start_day + timedelta(days=urng.randrange(3000))
         ratings = []
         for index in picked:

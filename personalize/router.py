@@ -145,3 +145,18 @@ def calibrate_bands(buckets: list[dict[str, Any]], metric: str, lower_is_better:
     if not bands:
         raise InvalidInputError(f"the run has no per-bucket results for {metric}; nothing to calibrate from")
     return bands
+
+
+def calibrate_from_run(store: Store, run_id: str, tolerance: float | None = None) -> Policy:
+    """Set a task's bands from a run's per-bucket results on the task's primary metric, and store them."""
+    from personalize.metrics import LOWER_IS_BETTER
+    from personalize.reports import build_report, calibration_buckets
+
+    report = build_report(store, run_id)
+    router = Router(store)
+    tolerance = router.settings.tolerance if tolerance is None else tolerance
+    metric = report.metrics[0]
+    bands = calibrate_bands(calibration_buckets(report), metric, metric in LOWER_IS_BETTER, tolerance)
+    policy = Policy(report.task, bands, run_id, metric=metric, tolerance=tolerance)
+    router.save(policy)
+    return router.policy(report.task)

@@ -109,8 +109,14 @@ def _lamp1_compose(task: Task, prompt: str, rendered: list[str]) -> str:
 
 
 def _lamp1_query(prompt: str) -> str:
-    refs = re.findall(r"\[\d\]: \"(.*?)\"", prompt)
-    return " ".join(refs) if refs else prompt
+    """The two quoted choices of a ``[1]: "..." [2]: "..."`` input (quotes inside a choice are kept)."""
+    first, second = prompt.find('[1]: "'), prompt.find('" [2]: "')
+    if first < 0 or second < first:
+        return prompt
+    one = prompt[first + 6 : second]
+    two = prompt[second + 8 :]
+    two = two[: two.rfind('"')] if '"' in two else two
+    return f"{one} {two}"
 
 
 class _Lamp1Task(Task):

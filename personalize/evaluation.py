@@ -1,0 +1,301 @@
+"""The evaluation runner: every query of a task, with every method, for the same users, stored under a run id.
+
+Steps: ingest the users' profiles -> train their adapters (through the Celery workers, or in this process) ->
+answer every (query, method) -> store prediction and gold in SQL. Each answer is committed on its own, so a run
+interrupted anywhere continues with ``resume`` and, since decoding is greedy and training is seeded, gives the same
+result as an uninterrupted run. Reports are computed from the stored rows (``personalize.reports``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from personalize.datasets import Dataset, Query
+from personalize.errors import InvalidInputError, PersonalizeError
+from personalize.ingest import lamp_item
+from personalize.metrics import parse_prediction
+from personalize.personalizer import Personalizer
+from personalize.schema import EvalResult, EvalRun, utcnow
+from personalize.tasks import get_task
+
+EVAL_METHODS = ("none", "rag", "peft", "rag+peft")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class EvalConfig(BaseModel):
+    """Everything that determines a run's results; stored with the run."""
+
+    task: str
+    split: str
+    source: str = Field("", description="Where the data came from (a folder, LaMP files, or SYNTHETIC).")
+    synthetic: bool = False
+    users: int | None = Field(None, ge=1, description="The first N users of the split (None: all).")
+    methods: list[str] = Field(default_factory=lambda: list(EVAL_METHODS))
+    retriever: str = "bm25"
+    k: int = Field(4, ge=1)
+    scoring: Literal["auto", "generate", "likelihood"] = Field(
+        "auto", description="Label tasks: likelihood of each label (auto) or free generation; others generate."
+    )
+    max_new_tokens: int = 32
+    train_via: Literal["workers", "inline"] = "workers"
+    model: str = ""
+    lora: dict = Field(default_factory=dict)
+    seed: int = 0
+    code_version: str = ""
+
+    def used_scoring(self) -> str:
+        has_labels = get_task(self.task).labels is not None
+        if not has_labels:
+            return "generate"
+        return "generate" if self.scoring == "generate" else "likelihood"
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
+        version = out.stdout.strip() or "unknown"
+        return version + ("+dirty" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def eval_user_id(task: str, split: str, user: str) -> str:
+    """Evaluation users are namespaced: the dev and test profiles of one person differ (no leakage)."""
+    return f"eval/{task}/{split}/{user}"
+
+
+def _bar(iterable: Iterable, total: int, desc: str, show: bool):  # noqa: ANN202
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not show, dynamic_ncols=True)
+
+
+def select_queries(dataset: Dataset, users: int | None) -> list[Query]:
+    order: list[str] = []
+    for q in dataset.queries:
+        if q.user_id not in order:
+            order.append(q.user_id)
+    keep = set(order[:users] if users else order)
+    return [q for q in dataset.queries if q.user_id in keep]
+
+
+class EvaluationRunner:
+    def __init__(self, personalizer: Personalizer, show_progress: bool = True) -> None:
+        if personalizer.settings.auto_train:
+            personalizer.settings = personalizer.settings.model_copy(update={"auto_train": False})
+        self.p = personalizer
+        self.show = show_progress
+
+    # -- the run row -------------------------------------------------------------------------------------------
+
+    def start(self, config: EvalConfig, run_id: str | None = None) -> str:
+        run_id = run_id or f"{config.task}-{config.split}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        with self.p.store.session() as s:
+            s.add(EvalRun(id=run_id, task=config.task, split=config.split, config=config.model_dump(), state="running"))
+        return run_id
+
+    def config_of(self, run_id: str) -> EvalConfig:
+        with self.p.store.session() as s:
+            run = s.get(EvalRun, run_id)
+            if run is None:
+                raise InvalidInputError(f"no evaluation run {run_id!r}; list them with `personalize eval list`")
+            return EvalConfig(**run.config)
+
+    def _set_state(self, run_id: str, state: str, progress: float | None = None, error: str | None = None) -> None:
+        with self.p.store.session() as s:
+            run = s.get(EvalRun, run_id)
+            run.state = state
+            if progress is not None:
+                run.progress = progress
+            if error is not None:
+                run.error = error
+            if state in ("done", "failed"):
+                run.finished_at = utcnow()
+
+    def _progress(self, run_id: str, progress: float) -> None:
+        with self.p.store.session() as s:
+            s.get(EvalRun, run_id).progress = progress
+
+    # -- the steps ---------------------------------------------------------------------------------------------
+
+    def run(self, dataset: Dataset, config: EvalConfig, run_id: str | None = None, start_workers: int = 1) -> str:
+        """Run (or, given the id of an interrupted run, resume) an evaluation; returns the run id."""
+        bad = [m for m in config.methods if m not in EVAL_METHODS]
+        if bad:
+            raise InvalidInputError(f"unknown method(s) {bad}; choose from {', '.join(EVAL_METHODS)}")
+        if run_id is None:
+            run_id = self.start(config)
+        else:
+            self._set_state(run_id, "running")
+        try:
+            queries = select_queries(dataset, config.users)
+            users = self.ingest(dataset, queries, config)
+            if any(m in ("peft", "rag+peft") for m in config.methods):
+                self.train(users, config, start_workers)
+            self.answer(run_id, queries, config)
+        except BaseException as exc:
+            self._set_state(run_id, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", error=str(exc))
+            raise
+        self._set_state(run_id, "done", 1.0)
+        return run_id
+
+    def ingest(self, dataset: Dataset, queries: list[Query], config: EvalConfig) -> list[str]:
+        profiles: dict[str, dict[str, dict]] = {}
+        for q in queries:
+            profile = profiles.setdefault(q.user_id, {})
+            for raw in q.profile:
+                profile[str(raw.get("id"))] = raw
+        users = []
+        for user, raw_items in _bar(profiles.items(), len(profiles), "ingest", self.show):
+            uid = eval_user_id(config.task, config.split, user)
+            self.p.add_items(uid, [lamp_item(config.task, raw) for raw in raw_items.values()])
+            users.append(uid)
+        return users
+
+    def _needs_adapter(self, uid: str) -> bool:
+        adapter = self.p.current_adapter(uid)
+        return adapter is None or adapter.data_version != self.p.user(uid).data_version
+
+    def train(self, users: list[str], config: EvalConfig, start_workers: int) -> None:
+        todo = [u for u in users if self._needs_adapter(u)]
+        if not todo:
+            return
+        if config.train_via == "inline":
+            for uid in _bar(todo, len(todo), "train", self.show):
+                self.p.train(uid)
+            return
+        workers = [self._start_worker(i) for i in range(start_workers)]
+        try:
+            jobs = {uid: self.p.enqueue_training(uid).job_id for uid in todo}
+            self._wait_for_jobs(jobs)
+        finally:
+            for proc in workers:
+                _stop_process(proc)
+
+    def _start_worker(self, index: int) -> subprocess.Popen:
+        """A local `celery -A workers worker` with this run's settings (same home, database, broker, model)."""
+        s = self.p.settings
+        env = {
+            **os.environ,
+            "PERSONALIZE_HOME": str(s.resolved_home),
+            "PERSONALIZE_MODEL": s.model,
+            "PERSONALIZE_DATABASE_URL": s.resolved_database_url,
+            "PERSONALIZE_BROKER_URL": s.resolved_broker_url,
+        }
+        for key, value in s.lora.model_dump().items():
+            if value is not None:
+                env[f"PERSONALIZE_LORA__{key.upper()}"] = str(value).replace("'", '"')
+        log = (s.resolved_home / f"eval-worker-{index}.log").open("ab")
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers",
+                "worker",
+                "--pool=solo",
+                "-n",
+                f"eval{index}@%h",
+                "-Q",
+                "personalize-training",
+                "--loglevel=WARNING",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _wait_for_jobs(self, jobs: dict[str, int | None]) -> None:
+        pending = {uid: j for uid, j in jobs.items() if j is not None}
+        bar = _bar(None, len(jobs), "train (workers)", self.show)
+        bar.update(len(jobs) - len(pending))
+        failed: list[str] = []
+        while pending:
+            time.sleep(1.0)
+            for uid, job_id in list(pending.items()):
+                job = self.p.jobs.get(job_id)
+                if job is None or job.state in ("done", "failed", "cancelled"):
+                    if job is None or job.state != "done":
+                        failed.append(f"{uid}: {job.error if job else 'job vanished'}")
+                    del pending[uid]
+                    bar.update(1)
+        bar.close()
+        if failed:
+            raise PersonalizeError(f"{len(failed)} adapter(s) failed to train: " + "; ".join(failed[:5]))
+
+    def _done(self, run_id: str) -> set[tuple[str, str]]:
+        with self.p.store.session() as s:
+            rows = s.execute(select(EvalResult.query_id, EvalResult.method).where(EvalResult.run_id == run_id))
+            return {(q, m) for q, m in rows}
+
+    def answer(self, run_id: str, queries: list[Query], config: EvalConfig) -> None:
+        task = get_task(config.task)
+        done = self._done(run_id)
+        total = len(queries) * len(config.methods)
+        todo = [(q, m) for q in queries for m in config.methods if (q.id, m) not in done]
+        likelihood = config.used_scoring() == "likelihood"
+        finished = total - len(todo)
+        for n, (query, method) in enumerate(_bar(todo, len(todo), "answer", self.show)):
+            uid = eval_user_id(config.task, config.split, query.user_id)
+            if likelihood:
+                result = self.p.score_labels(uid, query.input, list(task.labels), method, config.k, config.retriever)
+                prediction = result.text
+            else:
+                result = self.p.generate(
+                    uid, query.input, method, config.k, config.max_new_tokens, config.retriever, config.task
+                )
+                prediction = parse_prediction(config.task, result.text)
+            timings = {
+                "retrieval_s": result.timings.retrieval_s,
+                "prompt_s": result.timings.prompt_s,
+                "generation_s": result.timings.generation_s,
+                "total_s": result.timings.total_s,
+                "prompt_tokens": result.prompt_tokens,
+                "method_used": result.method,
+                "raw": result.text[:2000],
+            }
+            with self.p.store.session() as s:
+                s.add(
+                    EvalResult(
+                        run_id=run_id,
+                        user_external_id=query.user_id,
+                        query_id=query.id,
+                        method=method,
+                        profile_size=self.p.store.count_items(uid),
+                        prediction=prediction,
+                        gold=query.gold or "",
+                        scores=None,
+                        timings=timings,
+                    )
+                )
+            if n % 10 == 0:
+                self._progress(run_id, (finished + n + 1) / max(total, 1))
+
+
+def _stop_process(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

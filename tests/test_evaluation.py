@@ -1,0 +1,139 @@
+"""The evaluation runner, reports and router calibration on SYNTHETIC data with a tiny model."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from personalize import Personalizer
+from personalize.cli import app
+from personalize.datasets import synthetic_dataset
+from personalize.evaluation import EvalConfig, EvaluationRunner
+from personalize.reports import build_report, export, format_report
+from personalize.router import Router, calibrate_from_run
+from personalize.schema import EvalResult
+
+
+def _config(**kw) -> EvalConfig:
+    base = dict(
+        task="movielens-rating",
+        split="test",
+        synthetic=True,
+        source="SYNTHETIC",
+        train_via="inline",
+        methods=["none", "rag", "peft", "rag+peft"],
+        retriever="bm25",
+        k=2,
+    )
+    return EvalConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return synthetic_dataset(n_users=6, seed=1, split="test", min_items=6, max_items=40)
+
+
+def _predictions(p: Personalizer, run_id: str) -> dict:
+    with p.store.session() as s:
+        rows = s.query(EvalResult).filter(EvalResult.run_id == run_id).all()
+        return {(r.query_id, r.method): r.prediction for r in rows}
+
+
+def test_run_report_and_calibrate(client, dataset, tmp_path):
+    run_id = EvaluationRunner(client, show_progress=False).run(dataset, _config())
+    preds = _predictions(client, run_id)
+    assert len(preds) == len(dataset.queries) * 4
+    assert set(preds.values()) <= {"1", "2", "3", "4", "5"}  # likelihood scoring always answers a label
+    report = build_report(client.store, run_id, n_buckets=3)
+    assert report.synthetic and report.scoring == "likelihood" and not report.partial
+    assert [r.method for r in report.table] == ["none", "rag", "peft", "rag+peft"]
+    assert report.table[0].gains == {"mae": 0.0, "rmse": 0.0}
+    assert sum(b.n_users for b in report.buckets) == 6
+    assert report.correlation["peft"]["n_users"] == 6
+    assert report.cost["training"]["adapters"] == 6 and report.cost["training"]["adapter_bytes_mean"] > 0
+    text = format_report(report)
+    assert "SYNTHETIC" in text and "bucket 1" in text and "gain mae" in text
+    data = json.loads(export(report, tmp_path / "r.json").read_text())
+    assert data["run_id"] == run_id
+    assert "rag+peft" in export(report, tmp_path / "r.csv").read_text()
+
+    policy = calibrate_from_run(client.store, run_id, tolerance=0.5)
+    assert policy.source_run_id == run_id and policy.bands[0].min_items == 1
+    decision = Router(client.store).choose("movielens-rating", 10, has_adapter=True)
+    assert f"calibrated from run {run_id}" in decision.reason
+    user = f"eval/movielens-rating/test/{dataset.queries[0].user_id}"
+    result = client.generate(user, dataset.queries[0].input, method="auto", max_new_tokens=2)
+    assert "calibrated from run" in result.notes[0]
+
+
+def test_interrupted_run_resumes_to_the_same_result(settings, dataset, tmp_path):
+    config = _config(methods=["none", "rag"])
+    with Personalizer(settings) as p:
+        runner = EvaluationRunner(p, show_progress=False)
+        run_id = runner.start(config)
+        calls = {"n": 0}
+        real = p.score_labels
+
+        def flaky(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+
+        p.score_labels = flaky
+        with pytest.raises(KeyboardInterrupt):
+            runner.run(dataset, config, run_id=run_id)
+        assert build_report(p.store, run_id).partial
+        p.score_labels = real
+        runner.run(dataset, config, run_id=run_id)
+        resumed = _predictions(p, run_id)
+    other = settings.model_copy(update={"home": tmp_path / "other-home"})
+    with Personalizer(other) as q:
+        fresh = _predictions(q, EvaluationRunner(q, show_progress=False).run(dataset, config))
+    assert resumed == fresh and len(fresh) == len(dataset.queries) * 2
+
+
+def test_default_router_follows_the_paper(client):
+    router = Router(client.store)
+    assert router.choose("x", 0, False).method == "none"
+    assert router.choose("x", 5, True).method == "rag"
+    assert router.choose("x", 500, True).method == "rag+peft"
+    decision = router.choose("x", 500, False)
+    assert decision.method == "rag" and "needs an adapter" in decision.reason
+
+
+@pytest.mark.slow
+def test_cli_eval_trains_through_a_worker_and_reports(home, tiny_model_dir, monkeypatch):
+    for key, value in {
+        "PERSONALIZE_HOME": str(home),
+        "PERSONALIZE_MODEL": str(tiny_model_dir),
+        "PERSONALIZE_LORA__EPOCHS": "1",
+        "PERSONALIZE_LORA__MAX_LENGTH": "64",
+    }.items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "run",
+            "--task",
+            "movielens-rating",
+            "--synthetic",
+            "3",
+            "--methods",
+            "none,peft",
+            "--train-via",
+            "workers",
+            "--workers",
+            "1",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert "SYNTHETIC" in result.stdout and "peft" in result.stdout
+    run_id = result.stdout.strip().splitlines()[-1].split()[-1]
+    listed = runner.invoke(app, ["eval", "list"]).stdout
+    assert run_id in listed and "done" in listed
+    shown = runner.invoke(app, ["router", "calibrate", run_id]).stdout
+    assert f"run {run_id}" in shown
