@@ -7,7 +7,6 @@ Templates follow ../shared/LAMP.md sections 3-5.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
