@@ -19,6 +19,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 demo: install
 	$(VENV)/bin/personalize demo
+	# the main job ends by opening the dashboard (Ctrl-C to stop it)
+	$(VENV)/bin/streamlit run dashboard/app.py --server.headless=true
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -48,8 +48,10 @@ def test_app_services_use_the_settings_the_code_reads(compose):
         env = compose["services"][name]["environment"]
         assert set(env) <= fields, set(env) - fields
         settings = Settings(
-            database_url=env["PERSONALIZE_DATABASE_URL"], chroma=env["PERSONALIZE_CHROMA"],
-            broker_url=env["PERSONALIZE_BROKER_URL"], _env_file=None,
+            database_url=env["PERSONALIZE_DATABASE_URL"],
+            chroma=env["PERSONALIZE_CHROMA"],
+            broker_url=env["PERSONALIZE_BROKER_URL"],
+            _env_file=None,
         )
         assert settings.resolved_database_url.startswith("postgresql+psycopg://")
         assert settings.chroma_is_server and settings.resolved_broker_url.startswith("redis://")
