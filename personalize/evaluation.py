@@ -225,18 +225,19 @@ class EvaluationRunner:
         )
 
     def _wait_for_jobs(self, jobs: dict[str, int | None]) -> None:
-        pending = {uid: j for uid, j in jobs.items() if j is not None}
+        pending = {j: uid for uid, j in jobs.items() if j is not None}
         bar = _bar(None, len(jobs), "train (workers)", self.show)
         bar.update(len(jobs) - len(pending))
         failed: list[str] = []
         while pending:
-            time.sleep(1.0)
-            for uid, job_id in list(pending.items()):
-                job = self.p.jobs.get(job_id)
-                if job is None or job.state in ("done", "failed", "cancelled"):
-                    if job is None or job.state != "done":
-                        failed.append(f"{uid}: {job.error if job else 'job vanished'}")
-                    del pending[uid]
+            time.sleep(2.0)
+            states = self.p.jobs.states(list(pending))  # one query per poll, not one per job
+            for job_id, uid in list(pending.items()):
+                state, error = states.get(job_id, ("gone", "job vanished"))
+                if state in ("done", "failed", "cancelled", "gone"):
+                    if state != "done":
+                        failed.append(f"{uid}: {error}")
+                    del pending[job_id]
                     bar.update(1)
         bar.close()
         if failed:

@@ -187,6 +187,21 @@ class Jobs:
                 query = query.where(TrainingJob.state.in_(states))
             return [_job_info(job, uid) for job, uid in s.execute(query).all()]
 
+    def states(self, job_ids: list[int]) -> dict[int, tuple[str, str | None]]:
+        """State and error of many jobs in one query (for pollers)."""
+        with self.store.session() as s:
+            rows = s.execute(
+                select(TrainingJob.id, TrainingJob.state, TrainingJob.error).where(TrainingJob.id.in_(job_ids))
+            )
+            return {job_id: (state, error) for job_id, state, error in rows}
+
+    def lost_queued(self) -> list[int]:
+        """Queued jobs older than ``stale_after``: their message may have been lost (e.g. a broker restart)."""
+        cutoff = utcnow() - self.stale_after
+        with self.store.session() as s:
+            query = select(TrainingJob.id).where(TrainingJob.state == "queued", TrainingJob.created_at < cutoff)
+            return list(s.scalars(query))
+
     def claim(self, job_id: int, worker: str | None = None) -> tuple[Claim, JobInfo | None]:
         """Mark the job running for this worker, unless it finished, runs elsewhere, or its user is busy."""
         worker = worker or worker_identity()

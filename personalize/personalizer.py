@@ -503,7 +503,7 @@ class Personalizer:
         """Requeue jobs of lost workers and resend queued jobs whose message may be lost; duplicates are harmless
         because a job is claimed in SQL before it runs."""
         requeued = set(self.jobs.recover_stale())
-        requeued.update(j.id for j in self.jobs.list(states=("queued",), limit=10_000))
+        requeued.update(self.jobs.lost_queued())
         for job_id in sorted(requeued):
             self._send(job_id)
         return sorted(requeued)
