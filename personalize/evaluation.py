@@ -27,6 +27,7 @@ from personalize.ingest import lamp_item
 from personalize.metrics import parse_prediction
 from personalize.personalizer import Personalizer
 from personalize.schema import EvalResult, EvalRun, utcnow
+from personalize.settings import LoraSettings
 from personalize.tasks import get_task
 
 EVAL_METHODS = ("none", "rag", "peft", "rag+peft")
@@ -137,6 +138,8 @@ class EvaluationRunner:
         bad = [m for m in config.methods if m not in EVAL_METHODS]
         if bad:
             raise InvalidInputError(f"unknown method(s) {bad}; choose from {', '.join(EVAL_METHODS)}")
+        if config.lora:  # a resumed run trains exactly as it started, whatever this process's settings say
+            self.p.settings = self.p.settings.model_copy(update={"lora": LoraSettings(**config.lora)})
         if run_id is None:
             run_id = self.start(config)
         else:
