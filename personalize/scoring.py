@@ -34,13 +34,28 @@ def candidate_log_likelihoods(
                 out.append(float(sum(logp[row, t, tid] for t, tid in enumerate(ids))))
             return out
         n = len(prompt_ids)
+        if all(len(c) == 1 for c in cand_ids):  # one-token labels (ratings, [1]/[2] often): one pass of the prompt
+            ids = torch.tensor([list(prompt_ids)])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **_keep(model, 1)).logits
+            logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
+            return [float(logp[c[0]]) for c in cand_ids]
         rows = [list(prompt_ids) + c for c in cand_ids]
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        logp = torch.log_softmax(logits[:, n - 1 : width - 1].float(), dim=-1)
+        keep = width - n + 1  # only the positions that predict candidate tokens go through the output layer
+        logits = model(input_ids=ids, attention_mask=mask, **_keep(model, keep)).logits
+        logits = logits[:, -keep:] if logits.shape[1] != keep else logits
+        logp = torch.log_softmax(logits[:, : width - n].float(), dim=-1)
         out = []
         for row, c in enumerate(cand_ids):
             out.append(float(sum(logp[row, t, tid] for t, tid in enumerate(c))))
         return out
+
+
+def _keep(model: Any, n: int) -> dict[str, int]:
+    """``logits_to_keep`` where the model supports it (recent causal LMs): the output layer runs on n positions."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
