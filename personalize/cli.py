@@ -361,7 +361,7 @@ def _load_dataset(task: str, split: str, data: Path | None, synthetic_users: int
 @eval_app.command("run")
 @clear_errors
 def eval_run(
-    task: str = typer.Option(..., "--task"),
+    task: str | None = typer.Option(None, "--task", help="Required unless --resume"),
     split: str = typer.Option("test", "--split"),
     data: Path | None = typer.Option(None, "--data", help="Source folder (raw data with a builder, or LaMP files)"),
     users: int | None = typer.Option(None, "--users", help="First N users"),
@@ -390,6 +390,8 @@ def eval_run(
                 config.users if config.synthetic else None,
             )
         else:
+            if not task:
+                raise InvalidInputError("give --task (or --resume RUN_ID)")
             dataset, source = _load_dataset(task, split, data, synthetic_users)
             config = EvalConfig(
                 task=task,
