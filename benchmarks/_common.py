@@ -1,0 +1,77 @@
+"""Small helpers shared by the benchmark scripts: tables, percentiles, the machine line, the rerun line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (linear interpolation, numpy's default)."""
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if values else float("nan")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        out = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        return "  ".join(out).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def cpu_pressure() -> str:
+    """Linux PSI 'some' line: the share of time at least one runnable task waited for a CPU."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return "n/a"
+    parts = dict(p.split("=") for p in first.split()[1:])
+    return f"avg60={parts.get('avg60')}% avg300={parts.get('avg300')}%"
+
+
+def machine_line() -> str:
+    import torch
+
+    return (
+        f"machine: {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), python "
+        f"{platform.python_version()}, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
+
+
+def rerun_line(script: str, args: Sequence[str]) -> str:
+    return "rerun: " + shlex.join(["python", script, *args])
+
+
+class Clock:
+    """Wall and process-CPU time of a block; cpu/wall near the thread count means the CPUs were ours."""
+
+    def __enter__(self) -> Clock:
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.wall0
+        self.cpu = time.process_time() - self.cpu0

@@ -1,0 +1,432 @@
+"""Retrieval benchmark: ingest throughput, query latency (dense vs BM25) and embedding throughput against a floor.
+
+    python benchmarks/retrieval.py            # users of 10 to 10,000 items (8 min on 2 quiet cores, 11 busy)
+    python benchmarks/retrieval.py --quick    # 10 and 100 items, fewer queries (~1 minute)
+
+Everything runs in a fresh temporary home folder (SQLite + embedded Chroma), deleted at the end. Items are synthetic
+movie-like titles ("The Silent River (1987) (Drama, Thriller)") drawn with a fixed seed; queries are short
+free-text requests over the same vocabulary. Nothing here asserts a time: it prints what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from _common import Clock, cpu_pressure, loadavg, machine_line, median, pct, rerun_line, table
+from tqdm import tqdm
+
+from personalize.personalizer import Personalizer
+from personalize.settings import Settings
+
+FULL_SIZES = (10, 100, 1_000, 10_000)
+QUICK_SIZES = (10, 100)
+# how many users of each size are ingested (small ones are cheap, so take a median over several)
+INGEST_REPEATS = {10: 5, 100: 3, 1_000: 1, 10_000: 1}
+
+
+def words(text: str) -> list[str]:
+    return text.split()
+
+
+ADJ = words(
+    "Silent Broken Last Midnight Golden Hidden Lost Dark Burning Frozen Crimson Electric Savage Quiet Wild Endless "
+    "Secret Final Iron Velvet Hollow Distant Bright Forgotten Little Strange Bitter Lucky"
+)
+NOUN = words(
+    "River Empire Garden Machine Kingdom Horizon Shadow Station Heart Island Signal Storm Mirror Frontier Planet "
+    "Detective Summer Winter Harbor Circus Orchard Protocol Legacy Voyage Dragon Robot Witness Highway Letter "
+    "Sister Soldier Wedding Game Code Ghost"
+)
+PLACES = words("Paris Tokyo Mars Berlin Texas Venice Alaska Cairo Brooklyn Mumbai Havana Lagos Oslo Sicily")
+GENRES = words(
+    "Action Adventure Animation Children Comedy Crime Documentary Drama Fantasy Film-Noir Horror Musical Mystery "
+    "Romance Sci-Fi Thriller War Western IMAX"
+)
+WHO = words("sister friends kids parents roommate partner grandfather cousins")
+DAY = words("Friday Sunday night weekend holiday")
+FEEL = words("gripping clumsy gorgeous predictable moving tense silly haunting overlong sharp")
+
+
+def movie_title(rng: random.Random) -> str:
+    a, n, n2, p = rng.choice(ADJ), rng.choice(NOUN), rng.choice(NOUN), rng.choice(PLACES)
+    title = rng.choice(
+        (f"The {a} {n}", f"{n} of the {n2}", f"{a} {n} in {p}", f"The {n}'s {n2}", f"{a} {n} {rng.randint(2, 4)}")
+    )
+    genres = ", ".join(sorted(rng.sample(GENRES, rng.randint(1, 3))))
+    return f"{title} ({rng.randint(1930, 2024)}) ({genres})"
+
+
+def make_items(n: int, seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    return [{"id": f"m{i}", "text": movie_title(rng)} for i in range(n)]
+
+
+def make_queries(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, nn, g, p = rng.choice(ADJ).lower(), rng.choice(NOUN).lower(), rng.choice(GENRES).lower(), rng.choice(PLACES)
+        out.append(
+            rng.choice(
+                (
+                    f"a {a} {g} movie about a {nn}",
+                    f"something like The {rng.choice(ADJ)} {rng.choice(NOUN)}",
+                    f"{g} films set in {p}",
+                    f"{nn} {g} from the {rng.randrange(1930, 2030, 10)}s",
+                    f"what should I watch tonight if I loved {movie_title(rng)}?",
+                )
+            )
+        )
+    return out
+
+
+def make_reviews(n: int, seed: int) -> list[str]:
+    """Longer texts (~60 tokens) for the embedding benchmark."""
+    rng = random.Random(seed)
+    return [
+        f"I watched {movie_title(rng)} with my {rng.choice(WHO)} last {rng.choice(DAY)}. The "
+        f"{rng.choice(NOUN).lower()} scenes were {rng.choice(FEEL)} and the ending felt {rng.choice(FEEL)}, although "
+        f"the middle part dragged a little. I would recommend it to anyone who enjoys {rng.choice(GENRES).lower()} "
+        f"films set in {rng.choice(PLACES)}."
+        for _ in range(n)
+    ]
+
+
+class Timed:
+    """Wrap an instance's method so the seconds spent in it are summed (only inside this benchmark)."""
+
+    def __init__(self, obj: Any, name: str) -> None:
+        self.seconds = 0.0
+        inner: Callable[..., Any] = getattr(obj, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        setattr(obj, name, wrapper)
+
+
+# -- embedding throughput against a matmul floor ------------------------------------------------------------------
+
+
+def matmul_gflops(n: int = 1024, reps: int = 10) -> float:
+    """fp32 n x n matmul rate (GFLOP/s, 2 n^3 flops each) with torch's default thread count; 2 warm-up products."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return reps * 2 * n**3 / (time.perf_counter() - t0) / 1e9
+
+
+def encoder_facts(st_model: Any) -> dict[str, int]:
+    """Non-embedding parameter count (the transformer layers; no embedding tables, no pooler) and shapes."""
+    named = st_model.named_parameters()
+    params = sum(p.numel() for name, p in named if "embeddings." not in name and "pooler" not in name)
+    cfg = st_model[0].auto_model.config if hasattr(st_model[0], "auto_model") else st_model[0].model.config
+    return {"params": params, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size}
+
+
+def token_counts(tokenizer: Any, texts: list[str], max_len: int, batch: int) -> tuple[list[int], int]:
+    """Real tokens per text ([CLS]/[SEP] included) and the padded tokens the model computes on.
+
+    sentence-transformers sorts texts by character length (longest first) and pads each batch to its longest text.
+    """
+    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    padded = 0
+    for start in range(0, len(order), batch):
+        chunk = [lengths[i] for i in order[start : start + batch]]
+        padded += len(chunk) * max(chunk)
+    return lengths, padded
+
+
+def embedding_bench(p: Personalizer, rounds: int, n_short: int, n_long: int, n_single: int, seed: int) -> str:
+    import torch
+
+    st = p.embedder.model
+    facts = encoder_facts(st)
+    max_len = int(st.max_seq_length)
+    batch = p.embedder.batch_size
+    short = [movie_title(random.Random(seed + 7 + i)) for i in range(n_short)]
+    long = make_reviews(n_long, seed + 8)
+    single = short[:n_single]
+
+    def flops(lengths: list[int]) -> float:  # the floor: 2 P per token + 4 layers len hidden for attention
+        per = [n * (2 * facts["params"] + 4 * facts["layers"] * n * facts["hidden"]) for n in lengths]
+        return float(sum(per))
+
+    threads = torch.get_num_threads()
+    configs: dict[str, dict[str, Any]] = {}
+    plan = [
+        (f"titles, batches of {batch}", short, batch, threads),
+        (f"reviews, batches of {batch}", long, batch, threads),
+        ("titles, one at a time (query path)", single, 1, threads),
+    ]
+    if threads > 1:  # the same query path with torch.set_num_threads(1)
+        plan.append(("titles, one at a time, 1 thread", single, 1, 1))
+    for name, texts, bs, n_threads in plan:
+        lengths, padded = token_counts(st.tokenizer, texts, max_len, bs)
+        configs[name] = {"texts": texts, "bs": bs, "lengths": lengths, "padded": padded, "flops": flops(lengths)}
+        configs[name].update(threads=n_threads, wall=[], ratio=[], cpu=[], mm=[])
+
+    p.embedder.embed(short[:8])  # warm-up
+    mm_rates = []
+    total = rounds * sum(len(c["texts"]) for c in configs.values())
+    with tqdm(total=total, desc="embedding", unit="text", file=sys.stderr) as bar:
+        for r in range(rounds):
+            names = list(configs)
+            names = names[r % len(names) :] + names[: r % len(names)]  # rotate the order every round
+            for name in names:
+                c = configs[name]
+                torch.set_num_threads(c["threads"])
+                rate_before = matmul_gflops()
+                with Clock() as clock:
+                    if c["bs"] == 1:
+                        for t in c["texts"]:
+                            p.embedder.embed([t])
+                    else:
+                        p.embedder.embed(c["texts"])
+                rate = (matmul_gflops() + rate_before) / 2  # the matmul rate around this very measurement
+                torch.set_num_threads(threads)
+                c["mm"].append(rate)
+                if c["threads"] == threads:
+                    mm_rates.append(rate)
+                c["wall"].append(clock.wall)
+                c["ratio"].append(c["flops"] / clock.wall / 1e9 / rate)
+                c["cpu"].append(clock.cpu / clock.wall)
+                bar.update(len(c["texts"]))
+
+    mm = median(mm_rates)
+    per_token = 2 * facts["params"]
+    rows = []
+    for name, c in configs.items():
+        wall = median(c["wall"])
+        n_tok = sum(c["lengths"])
+        implied = median(c["mm"]) * 1e9 / (c["flops"] / n_tok)  # tokens/s if every flop ran at the matmul rate
+        rows.append(
+            [
+                name,
+                c["threads"],
+                len(c["texts"]),
+                f"{n_tok / len(c['texts']):.1f}",
+                f"{c['padded'] / n_tok:.2f}",
+                f"{len(c['texts']) / wall:,.0f}",
+                f"{n_tok / wall:,.0f}",
+                f"{c['flops'] / wall / 1e9:.1f}",
+                f"{median(c['mm']):.1f}",
+                f"{implied:,.0f}",
+                f"{median(c['ratio']):.2f}",
+                f"{median(c['cpu']):.2f}",
+            ]
+        )
+    head = (
+        f"Embedding throughput of Embedder.embed (all-MiniLM-L6-v2, {facts['layers']} layers, hidden "
+        f"{facts['hidden']}, {facts['params'] / 1e6:.2f}M non-embedding parameters, batch_size={batch}); "
+        f"fp32 1024x1024 matmul rate with {threads} threads in this run: median {mm:.1f} GFLOP/s "
+        f"(min {min(mm_rates):.1f}, max {max(mm_rates):.1f})"
+    )
+    tab = table(
+        [
+            "texts",
+            "threads",
+            "n",
+            "tokens/text",
+            "padded/real",
+            "texts/s",
+            "tokens/s",
+            "GFLOP/s",
+            "matmul GFLOP/s",
+            "floor tokens/s",
+            "achieved/floor",
+            "cpu/wall",
+        ],
+        rows,
+    )
+    note = (
+        f"floor: FLOPs per real token = 2 x {facts['params']:,} (= {per_token / 1e6:.1f} MFLOP) + attention "
+        "4 x layers x seq_len x hidden per token (seq_len = that text's own token count); floor tokens/s = matmul "
+        "GFLOP/s (same thread count, median) / mean FLOPs per token; achieved/floor = achieved useful GFLOP/s / "
+        "matmul GFLOP/s of the same round (1.0 would be matmul speed on every flop; padding, softmax, layer "
+        "norms, GELU and python overhead are what is lost). tokens include [CLS]/[SEP]; padded/real is the "
+        f"extra work from padding each batch to its longest text. Median of {rounds} round(s), the rows "
+        "interleaved and their order rotated each round; the matmul rate is measured right before and after "
+        "every row. cpu/wall = process CPU seconds per wall second (near the thread count = the CPUs were ours; "
+        "lower = other processes took them)."
+    )
+    return "\n".join([head, tab, note])
+
+
+# -- ingest and query ------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="sizes 10 and 100, 10 queries, 1 embedding round")
+    parser.add_argument("--sizes", type=int, nargs="+", help=f"items per user (default {list(FULL_SIZES)})")
+    parser.add_argument("--queries", type=int, help="timed queries per user size and retriever (default 50)")
+    parser.add_argument("--embed-rounds", type=int, help="rounds of the embedding benchmark (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--torch-threads", type=int, help="Settings.torch_threads (default: torch's own)")
+    args = parser.parse_args(argv)
+    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
+    n_queries = args.queries or (10 if args.quick else 50)
+    rounds = args.embed_rounds or (1 if args.quick else 3)
+    resolved = ["--sizes", *map(str, sizes), "--queries", str(n_queries), "--embed-rounds", str(rounds)]
+    resolved += ["--seed", str(args.seed)]
+    if args.torch_threads:
+        resolved += ["--torch-threads", str(args.torch_threads)]
+    if args.quick:
+        resolved = ["--quick", *resolved]
+
+    home = Path(tempfile.mkdtemp(prefix="personalize-bench-retrieval-"))
+    load_start = loadavg()
+    started = time.perf_counter()
+    out: list[str] = []
+    try:
+        with Personalizer(Settings(home=home, database_url=None, chroma=None, torch_threads=args.torch_threads)) as p:
+            out += run(p, sizes, n_queries, rounds, args.seed, args.quick)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    out.append(
+        f"{machine_line()}; load average at start {load_start}, at end {loadavg()}; CPU pressure {cpu_pressure()}; "
+        f"whole run {elapsed:.0f} s"
+    )
+    out.append(rerun_line("benchmarks/retrieval.py", resolved))
+    print("\n\n".join(out))
+
+
+def run(p: Personalizer, sizes: list[int], n_queries: int, rounds: int, seed: int, quick: bool) -> list[str]:
+    out: list[str] = []
+    firsts: list[list[str]] = []
+
+    # one-off costs, timed apart so they do not land in the first measured user
+    with Clock() as c:
+        _ = p.embedder.model
+    firsts.append(["load the embedding model (part of the first dense call or add_items)", f"{c.wall:.2f} s"])
+    with Clock() as c:
+        p.add_items("warmup", make_items(10, seed + 99))
+    firsts.append(["first add_items in the process (SQL migrations, Chroma start), 10 items", f"{c.wall:.2f} s"])
+
+    embed_t = Timed(p.embedder, "embed")
+    chroma_t = Timed(p.vectors, "upsert")
+
+    # ingest: users of each size, small sizes several times, interleaved round-robin
+    repeats = {n: (min(INGEST_REPEATS.get(n, 1), 3) if quick else INGEST_REPEATS.get(n, 1)) for n in sizes}
+    plan = [(n, r) for r in range(max(repeats.values())) for n in sizes if r < repeats[n]]
+    ingest: dict[int, list[tuple[float, float, float, float]]] = {n: [] for n in sizes}
+    users: dict[int, str] = {}
+    with tqdm(total=sum(n for n, _ in plan), desc="ingest", unit="item", file=sys.stderr) as bar:
+        for n, r in plan:
+            user = f"user-{n}-{r}"
+            items = make_items(n, seed + 1000 * r + n)
+            embed_t.seconds = chroma_t.seconds = 0.0
+            with Clock() as c:
+                report = p.add_items(user, items, show_progress=n >= 1000)
+            assert report.added == n, report
+            ingest[n].append((c.wall, embed_t.seconds, chroma_t.seconds, c.cpu / c.wall))
+            users.setdefault(n, user)
+            bar.update(n)
+
+    rows = []
+    for n in sizes:
+        runs = ingest[n]
+        wall = median([r[0] for r in runs])
+        rows.append(
+            [
+                f"{n:,}",
+                len(runs),
+                f"{n / wall:,.1f}",
+                f"{wall:.2f}",
+                f"{median([r[1] / r[0] for r in runs]):.0%}",
+                f"{median([r[2] / r[0] for r in runs]):.0%}",
+                f"{median([1 - (r[1] + r[2]) / r[0] for r in runs]):.0%}",
+                f"{median([r[3] for r in runs]):.2f}",
+            ]
+        )
+    out.append(
+        "Ingest: one Personalizer.add_items call per user (all of the user's items at once)\n"
+        + table(["items/user", "users", "items/s", "s/user", "embed", "chroma", "sql+other", "cpu/wall"], rows)
+        + "\nitems/s and s/user are medians over the users of that size; embed / chroma / sql+other split each "
+        "call's wall time between Embedder.embed, VectorStore.upsert and the rest (SQL upsert, item parsing)."
+    )
+
+    # queries: first call per (size, retriever) is the warm-up, reported apart; then interleaved timed queries
+    retrievers = ("dense", "bm25")
+    for n in sizes:
+        for name in retrievers:
+            with Clock() as c:
+                hits = p.retrieve(users[n], "a dark sci-fi thriller about a robot", k=4, retriever=name)
+            assert len(hits) == min(4, n)
+            what = "opens the user's Chroma collection" if name == "dense" else "builds the user's BM25 index"
+            firsts.append([f"first {name} retrieve, {n:,} items ({what})", f"{c.wall * 1000:.1f} ms"])
+
+    queries = make_queries(n_queries, seed + 5)
+    lat: dict[tuple[int, str], list[float]] = {(n, r): [] for n in sizes for r in retrievers}
+    embed_part: dict[int, list[float]] = {n: [] for n in sizes}
+    with tqdm(total=n_queries * len(sizes) * 2, desc="queries", unit="query", file=sys.stderr) as bar:
+        for qi, query in enumerate(queries):
+            for si, n in enumerate(sizes):
+                order = retrievers if (qi + si) % 2 == 0 else retrievers[::-1]
+                for name in order:
+                    embed_t.seconds = 0.0
+                    t0 = time.perf_counter()
+                    p.retrieve(users[n], query, k=4, retriever=name)
+                    lat[(n, name)].append(time.perf_counter() - t0)
+                    if name == "dense":
+                        embed_part[n].append(embed_t.seconds)
+                    bar.update(1)
+
+    rows = []
+    for n in sizes:
+        for name in retrievers:
+            v = lat[(n, name)]
+            rows.append(
+                [
+                    f"{n:,}",
+                    name,
+                    f"{pct(v, 50) * 1000:.1f}",
+                    f"{pct(v, 95) * 1000:.1f}",
+                    f"{min(v) * 1000:.1f}",
+                    f"{max(v) * 1000:.1f}",
+                    f"{pct(embed_part[n], 50) * 1000:.1f}" if name == "dense" else "-",
+                ]
+            )
+    out.append(
+        f"Query latency: Personalizer.retrieve(user, query, k=4, retriever=...), {n_queries} queries per row\n"
+        + table(["items/user", "retriever", "p50 ms", "p95 ms", "min ms", "max ms", "query embed p50 ms"], rows)
+        + "\nafter one warm-up call per row (below); dense and bm25 alternate query by query and size by size. "
+        "retrieve() also reads the user (SQL) and fetches the hits' items (SQL)."
+    )
+    out.append("One-off costs (not in the tables above)\n" + table(["what", "time"], firsts))
+
+    out.append(
+        embedding_bench(
+            p,
+            rounds,
+            n_short=64 if quick else 128,
+            n_long=32 if quick else 64,
+            n_single=16 if quick else 32,
+            seed=seed,
+        )
+    )
+    return out
+
+
+if __name__ == "__main__":
+    main()
