@@ -368,7 +368,7 @@ def eval_run(
     methods: str = typer.Option("none,rag,peft,rag+peft", "--methods"),
     retriever: str = typer.Option("bm25", "--retriever"),
     k: int = typer.Option(4, "--k"),
-    scoring: str = typer.Option("auto", "--scoring", help="auto|likelihood|generate (label tasks)"),
+    scoring: str = typer.Option("auto", "--scoring", help="auto|likelihood|calibrated|generate (label tasks)"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     train_via: str = typer.Option("workers", "--train-via", help="workers (Celery) or inline"),
     workers: int = typer.Option(1, "--workers", help="Local workers to start for training (0: use running ones)"),

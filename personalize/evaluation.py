@@ -45,8 +45,10 @@ class EvalConfig(BaseModel):
     methods: list[str] = Field(default_factory=lambda: list(EVAL_METHODS))
     retriever: str = "bm25"
     k: int = Field(4, ge=1)
-    scoring: Literal["auto", "generate", "likelihood"] = Field(
-        "auto", description="Label tasks: likelihood of each label (auto) or free generation; others generate."
+    scoring: Literal["auto", "generate", "likelihood", "calibrated"] = Field(
+        "auto",
+        description="Label tasks: likelihood of each label (auto), likelihood minus the label's content-free "
+        "prior (calibrated), or free generation; other tasks generate.",
     )
     max_new_tokens: int = 32
     train_via: Literal["workers", "inline"] = "workers"
@@ -59,7 +61,9 @@ class EvalConfig(BaseModel):
         has_labels = get_task(self.task).labels is not None
         if not has_labels:
             return "generate"
-        return "generate" if self.scoring == "generate" else "likelihood"
+        if self.scoring in ("generate", "calibrated"):
+            return self.scoring
+        return "likelihood"
 
 
 def code_version() -> str:
@@ -256,12 +260,21 @@ class EvaluationRunner:
         done = self._done(run_id)
         total = len(queries) * len(config.methods)
         todo = [(q, m) for q in queries for m in config.methods if (q.id, m) not in done]
-        likelihood = config.used_scoring() == "likelihood"
+        scoring = config.used_scoring()
+        likelihood = scoring in ("likelihood", "calibrated")
         finished = total - len(todo)
         for n, (query, method) in enumerate(_bar(todo, len(todo), "answer", self.show)):
             uid = eval_user_id(config.task, config.split, query.user_id)
             if likelihood:
-                result = self.p.score_labels(uid, query.input, list(task.labels), method, config.k, config.retriever)
+                result = self.p.score_labels(
+                    uid,
+                    query.input,
+                    list(task.labels),
+                    method,
+                    config.k,
+                    config.retriever,
+                    calibrate=scoring == "calibrated",
+                )
                 prediction = result.text
             else:
                 result = self.p.generate(

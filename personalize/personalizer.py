@@ -28,7 +28,7 @@ from personalize.items import ProfileItem, UserInfo, make_item
 from personalize.jobs import AdapterInfo, Claim, JobInfo, Jobs
 from personalize.modeling import LoadedModel, get_model
 from personalize.naming import user_dir, user_key, validate_user_id
-from personalize.prompting import BuiltPrompt, build_prompt
+from personalize.prompting import BuiltPrompt, build_prompt, encode
 from personalize.queue import QUEUE, TRAIN_USER, describe_broker, make_celery
 from personalize.results import ForgetReport, GenerationResult, RetrievedRef, Timings
 from personalize.retrieval import (
@@ -391,21 +391,32 @@ class Personalizer:
         k: int | None = None,
         retriever: str | None = None,
         task: str | Task | None = None,
+        calibrate: bool = False,
     ) -> GenerationResult:
         """Pick the most likely of ``labels`` as the answer (one batched forward pass); ``timings.extra`` holds
-        every label's log-likelihood. Same methods, retrieval and fallbacks as ``generate``."""
+        every label's log-likelihood. Same methods, retrieval and fallbacks as ``generate``.
+
+        ``calibrate`` subtracts each label's log-likelihood under the same prompt with the query's content replaced
+        by "N/A" (contextual calibration, Zhao et al. 2021): small models put most mass on one label whatever
+        the input, and this removes that prior while keeping what the user's context and the query add."""
         if not labels:
             raise InvalidInputError("score_labels needs at least one label")
         prep = self._prepare(user_id, prompt, method, k, 1, retriever, task)
         loaded = self.model
         t0 = time.perf_counter()
+        prompts = [prep.built.input_ids]
+        if calibrate:
+            content = prep.task.query_text(prompt)
+            blank = prep.built.text.replace(content, "N/A") if content and content != prompt else "N/A"
+            prompts.append(encode(loaded, blank))
         if prep.adapter is None:
-            scores = candidate_log_likelihoods(loaded, prep.built.input_ids, labels)
+            rows = [candidate_log_likelihoods(loaded, ids, labels) for ids in prompts]
         else:
             cache = self.adapter_cache
             with cache.lock:
                 cache.activate(adapter_name(prep.user_id), Path(prep.adapter.path))
-                scores = candidate_log_likelihoods(loaded, prep.built.input_ids, labels, model=cache.model)
+                rows = [candidate_log_likelihoods(loaded, ids, labels, model=cache.model) for ids in prompts]
+        scores = rows[0] if not calibrate else [a - b for a, b in zip(rows[0], rows[1], strict=True)]
         prep.timings.generation_s = time.perf_counter() - t0
         prep.timings.extra["label_log_likelihoods"] = dict(zip(labels, scores, strict=True))
         best = max(range(len(labels)), key=lambda i: scores[i])

@@ -137,3 +137,18 @@ def test_cli_eval_trains_through_a_worker_and_reports(home, tiny_model_dir, monk
     assert run_id in listed and "done" in listed
     shown = runner.invoke(app, ["router", "calibrate", run_id]).stdout
     assert f"run {run_id}" in shown
+
+
+def test_calibrated_scoring_subtracts_the_content_free_prior(client, dataset):
+    query = dataset.queries[0]
+    user = "calib-user"
+    client.add_items(user, [{"id": "1", "text": "Film (Drama)", "output": "5", "task": "movielens-rating"}])
+    labels = ["1", "2", "3", "4", "5"]
+    plain = client.score_labels(user, query.input, labels, "none")
+    calibrated = client.score_labels(user, query.input, labels, "none", calibrate=True)
+    raw = plain.timings.extra["label_log_likelihoods"]
+    adjusted = calibrated.timings.extra["label_log_likelihoods"]
+    assert raw != adjusted and calibrated.text in labels
+    assert calibrated.text == max(adjusted, key=adjusted.get)
+    config = _config(scoring="calibrated", methods=["none"])
+    assert config.used_scoring() == "calibrated"
