@@ -122,7 +122,8 @@ class AdapterCache:
         """Load if needed and make ``name`` the active adapter; True on a cache hit."""
         with self._lock:
             hit = self.ensure_loaded(name, path)
-            self._peft.set_adapter(name)
+            if self._peft.active_adapter != name:  # set_adapter walks every module (~70 ms): skip when active
+                self._peft.set_adapter(name)
             return hit
 
     def evict(self, name: str) -> bool:
