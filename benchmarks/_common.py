@@ -75,3 +75,21 @@ class Clock:
     def __exit__(self, *exc: object) -> None:
         self.wall = time.perf_counter() - self.wall0
         self.cpu = time.process_time() - self.cpu0
+
+
+def contention_note() -> str | None:
+    """A warning when other processes already kept the CPUs busy: torch's threads then wait on each other."""
+    import os
+
+    import torch
+
+    cpus = os.cpu_count() or 1
+    one_minute = float(loadavg().split()[0]) if loadavg() != "n/a" else 0.0
+    if one_minute < cpus:
+        return None
+    return (
+        f"note: the 1-minute load average was {one_minute:.1f} on {cpus} CPUs at the start: other processes were "
+        f"running, so these timings are slower and noisier than on an idle machine. torch used "
+        f"{torch.get_num_threads()} thread(s); when the CPUs are oversubscribed, --torch-threads 1 avoids its "
+        "threads waiting on each other (small decoding steps suffer most)."
+    )

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Clock, cpu_pressure, loadavg, machine_line, median, rerun_line, table
+from _common import Clock, contention_note, cpu_pressure, loadavg, machine_line, median, rerun_line, table
 from tqdm import tqdm
 
 from personalize.modeling import BUNDLED_CACHE_NAME
@@ -301,24 +301,6 @@ def stats(values: list[float]) -> tuple[float, float, float]:
 def clip(text: str, n: int = 60) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def contention_note() -> str | None:
-    """A warning when other processes already kept the CPUs busy: torch's threads then wait on each other."""
-    import os
-
-    import torch
-
-    cpus = os.cpu_count() or 1
-    one_minute = float(loadavg().split()[0]) if loadavg() != "n/a" else 0.0
-    if one_minute < cpus:
-        return None
-    return (
-        f"note: the 1-minute load average was {one_minute:.1f} on {cpus} CPUs at the start: other processes were "
-        f"running, so these timings are slower and noisier than on an idle machine. torch used "
-        f"{torch.get_num_threads()} thread(s); when the CPUs are oversubscribed, --torch-threads 1 avoids its "
-        "threads waiting on each other (small decoding steps suffer most)."
-    )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Clock, cpu_pressure, loadavg, machine_line, median, rerun_line, table
+from _common import Clock, contention_note, cpu_pressure, loadavg, machine_line, median, rerun_line, table
 from tqdm import tqdm
 
 from personalize.items import ProfileItem, make_item
@@ -255,24 +255,6 @@ def run(settings: Settings, sizes: list[int], epochs: int, max_steps: int | None
     )
     out.append("One-off costs\n" + table(["what", "time"], firsts))
     return out
-
-
-def contention_note() -> str | None:
-    """A warning when other processes already kept the CPUs busy: torch's threads then wait on each other."""
-    import os
-
-    import torch
-
-    cpus = os.cpu_count() or 1
-    one_minute = float(loadavg().split()[0]) if loadavg() != "n/a" else 0.0
-    if one_minute < cpus:
-        return None
-    return (
-        f"note: the 1-minute load average was {one_minute:.1f} on {cpus} CPUs at the start: other processes were "
-        f"running, so these timings are slower and noisier than on an idle machine. torch used "
-        f"{torch.get_num_threads()} thread(s); when the CPUs are oversubscribed, --torch-threads 1 avoids its "
-        "threads waiting on each other (small decoding steps suffer most)."
-    )
 
 
 if __name__ == "__main__":
