@@ -93,3 +93,18 @@ def contention_note() -> str | None:
         f"{torch.get_num_threads()} thread(s); when the CPUs are oversubscribed, --torch-threads 1 avoids its "
         "threads waiting on each other (small decoding steps suffer most)."
     )
+
+
+def footer(script: str, args: Sequence[str], load_start: str, started: float, home_hint: str | None) -> list[str]:
+    """The closing lines every benchmark prints: the machine and its load, then how to rerun it."""
+    import time
+
+    elapsed = time.perf_counter() - started
+    line = rerun_line(script, args)
+    if home_hint:
+        line += f"   (add --home DIR to {home_hint})"
+    return [
+        f"{machine_line()}; load average at start {load_start}, at end {loadavg()}; CPU pressure {cpu_pressure()}; "
+        f"whole run {elapsed:.0f} s",
+        line,
+    ]

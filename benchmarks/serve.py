@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Clock, contention_note, cpu_pressure, loadavg, machine_line, median, rerun_line, table
+from _common import Clock, contention_note, footer, loadavg, median, table
 from tqdm import tqdm
 
 from personalize.modeling import BUNDLED_CACHE_NAME
@@ -111,15 +111,13 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if not args.home:
             shutil.rmtree(home, ignore_errors=True)
-    elapsed = time.perf_counter() - started
-    out.append(
-        f"{machine_line()}; load average at start {load_start}, at end {loadavg()}; CPU pressure {cpu_pressure()}; "
-        f"whole run {elapsed:.0f} s"
+    out += footer(
+        "benchmarks/serve.py",
+        resolved,
+        load_start,
+        started,
+        None if args.home else "keep the home folder, its model cache and adapters, for the next run",
     )
-    line = rerun_line("benchmarks/serve.py", resolved)
-    if not args.home:
-        line += "   (add --home DIR to keep the home folder, its model cache and adapters, for the next run)"
-    out.append(line)
     if note:
         out.insert(0, note)
     print("\n\n".join(out))

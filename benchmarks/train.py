@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import Clock, contention_note, cpu_pressure, loadavg, machine_line, median, rerun_line, table
+from _common import Clock, contention_note, footer, loadavg, median, table
 from tqdm import tqdm
 
 from personalize.items import ProfileItem, make_item
@@ -115,15 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if not args.home:
             shutil.rmtree(home, ignore_errors=True)
-    elapsed = time.perf_counter() - started
-    out.append(
-        f"{machine_line()}; load average at start {load_start}, at end {loadavg()}; CPU pressure {cpu_pressure()}; "
-        f"whole run {elapsed:.0f} s"
+    out += footer(
+        "benchmarks/train.py",
+        resolved,
+        load_start,
+        started,
+        None if args.home else "keep the home folder and reuse its model cache next time",
     )
-    line = rerun_line("benchmarks/train.py", resolved)
-    if not args.home:
-        line += "   (add --home DIR to keep the home folder and reuse its model cache next time)"
-    out.append(line)
     if note:
         out.insert(0, note)
     print("\n\n".join(out))
