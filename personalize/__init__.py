@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from personalize.errors import (
+    AdapterOwnershipError,
     DatabaseUnavailableError,
     EmptyPromptError,
     InvalidInputError,
@@ -65,6 +66,7 @@ def forget(user_id: str) -> ForgetReport:
 
 
 __all__ = [
+    "AdapterOwnershipError",
     "DatabaseUnavailableError",
     "EmptyPromptError",
     "ForgetReport",

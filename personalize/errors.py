@@ -50,3 +50,7 @@ class BrokerUnavailableError(PersonalizeError):
 
 class TrainingFailedError(PersonalizeError):
     """A training job ended without producing an adapter."""
+
+
+class AdapterOwnershipError(PersonalizeError):
+    """An adapter registered for one user carries another user's stamp: it is never served."""

@@ -16,6 +16,7 @@ from personalize.adapters import AdapterCache
 from personalize.adapters import generate_batch as batch_generate
 from personalize.embedding import get_embedder
 from personalize.errors import (
+    AdapterOwnershipError,
     BrokerUnavailableError,
     DatabaseUnavailableError,
     EmptyPromptError,
@@ -431,10 +432,20 @@ class Personalizer:
         return self._adapter_cache
 
     def current_adapter(self, user_id: str) -> AdapterInfo | None:
-        """The user's newest complete adapter for the configured model, or None."""
+        """The user's newest complete adapter for the configured model, or None; never one stamped for another
+        user (a mixed-up row or a copied folder on a shared store would otherwise answer for the wrong person)."""
         adapter = self.jobs.current_adapter(user_id, base_model=self.settings.model)
-        if adapter is None or read_metadata(Path(adapter.path)) is None:
+        if adapter is None:
             return None
+        metadata = read_metadata(Path(adapter.path))
+        if metadata is None:
+            return None
+        owner = metadata.get("owner")
+        if owner is not None and owner != user_key(user_id):
+            raise AdapterOwnershipError(
+                f"adapter v{adapter.version} of user {user_id!r} at {adapter.path} was trained for another user "
+                f"({owner}); refusing to serve it"
+            )
         return adapter
 
     def adapters(self, user_id: str) -> list[AdapterInfo]:
@@ -549,7 +560,13 @@ class Personalizer:
             out = self.adapter_store.path_for(user_id, version)
             self.adapter_store.discard_incomplete(out)  # left by a crash between the rename and the SQL insert
             result = train_adapter(
-                self.model, pairs, self.settings.lora, out, progress=beat.progress, should_stop=beat.should_stop
+                self.model,
+                pairs,
+                self.settings.lora,
+                out,
+                progress=beat.progress,
+                should_stop=beat.should_stop,
+                owner=user_key(user_id),
             )
         except TrainingCancelled as exc:
             self.jobs.fail(job_id, str(exc), state="cancelled")

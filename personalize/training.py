@@ -288,11 +288,14 @@ def train_adapter(
     out_dir: Path,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    owner: str | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``pairs`` and write it to ``out_dir`` (peft format plus ``personalize.json``).
 
     ``progress(fraction_done, loss)`` is called after each step; ``should_stop()`` is asked before each step and,
     when true, ends training with ``TrainingCancelled``. ``out_dir`` must not exist; it appears only complete.
+    ``owner`` (the user's hash-derived key, never the raw id) is stamped into the metadata so serving can check
+    that an adapter answers only for the user it was trained for.
     """
     import torch
     from peft import get_peft_model
@@ -358,6 +361,7 @@ def train_adapter(
         "final_loss": final_loss,
         "train_seconds": train_seconds,
         "seed": settings.seed,
+        "owner": owner,
         "config": config,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
