@@ -6,7 +6,11 @@ A test that needs PostgreSQL/Redis and cannot reach it fails when ``CI`` is set,
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -175,3 +179,39 @@ def chroma_server(tmp_path: Path):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_worker(env: dict[str, str], log: Path, hostname: str | None = None) -> subprocess.Popen:
+    """A real `celery -A workers worker` process (prefork, one pool process), in its own process group."""
+    command = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--pool=prefork", "--concurrency=1"]
+    command += ["-Q", "personalize-training", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
+    if hostname:
+        command += ["--hostname", hostname]
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, SIGKILL it after 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for(predicate, timeout: float, what: str, log: Path):  # noqa: ANN001
+    """Poll ``predicate`` until it returns something truthy; fail with the tail of ``log`` on timeout."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}; log:\n{log.read_text()[-4000:]}")

@@ -2,13 +2,10 @@
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REDIS_URL, movie_items, need_service
+from conftest import REDIS_URL, movie_items, need_service, start_worker, stop_process, wait_for
 
 from personalize import Personalizer, Settings
 
@@ -36,51 +33,6 @@ def _env(settings: Settings, broker: str | None, epochs: int) -> dict[str, str]:
     return env
 
 
-def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "workers",
-            "worker",
-            "--pool=prefork",
-            "--concurrency=1",
-            "-Q",
-            "personalize-training",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _wait_for(predicate, timeout: float, what: str, log: Path):  # noqa: ANN001
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}; worker log:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(params=["embedded", "redis"])
 def broker(request) -> str | None:
     if request.param == "embedded":
@@ -102,16 +54,16 @@ def test_worker_trains_queued_users_and_adapters_serve(settings, broker, tmp_pat
             client.add_items(user, _rated(8, prefix=user))
         results = [client.enqueue_training(u) for u in ("w1", "w2")]
         assert all(r.queued for r in results)
-        worker = _start_worker(env, log)
+        worker = start_worker(env, log)
         try:
-            _wait_for(lambda: all(client.current_adapter(u) for u in ("w1", "w2")), 240, "two adapters", log)
+            wait_for(lambda: all(client.current_adapter(u) for u in ("w1", "w2")), 240, "two adapters", log)
             jobs = {j.user_id: j for j in client.training_jobs()}
             assert {j.state for j in jobs.values()} == {"done"} and all(j.attempts == 1 for j in jobs.values())
             assert "up to date" in client.enqueue_training("w1").message
             result = client.generate("w1", "Recommend a film", method="peft", max_new_tokens=3)
             assert result.method == "peft"
         finally:
-            _stop(worker)
+            stop_process(worker)
 
 
 def test_worker_killed_mid_training_leaves_no_partial_adapter_and_job_completes(settings, tmp_path):
@@ -120,9 +72,9 @@ def test_worker_killed_mid_training_leaves_no_partial_adapter_and_job_completes(
     with Personalizer(settings) as client:
         client.add_items("victim", _rated(12))
         job_id = client.enqueue_training("victim").job_id
-        worker = _start_worker(env, log)
+        worker = start_worker(env, log)
         try:
-            running = _wait_for(
+            running = wait_for(
                 lambda: (j := client.jobs.get(job_id)) and j.state == "running" and j.progress > 0 and j,
                 180,
                 "training to start",
@@ -131,14 +83,14 @@ def test_worker_killed_mid_training_leaves_no_partial_adapter_and_job_completes(
             pid = int(running.worker.rsplit(":", 1)[1])
             os.kill(pid, signal.SIGKILL)  # the pool process that is training
             # the worker requeues the lost message; the job is reclaimed (dead pid) and finishes, or is failed
-            final = _wait_for(
+            final = wait_for(
                 lambda: (j := client.jobs.get(job_id)) and j.state in ("done", "failed") and j,
                 400,
                 "the job to end after the kill",
                 log,
             )
         finally:
-            _stop(worker)
+            stop_process(worker)
         assert final.attempts >= 2 or final.state == "failed"
         leftovers = [p for p in client.adapter_store.root.rglob("*") if ".tmp-" in p.name]
         assert leftovers == []
