@@ -25,6 +25,7 @@ from personalize.errors import (
     TrainingFailedError,
     UnknownUserError,
 )
+from personalize.fastpath import FastDecoder, WeightFormat, get_fast_decoder, unsupported_reason
 from personalize.items import ProfileItem, UserInfo, make_item
 from personalize.jobs import AdapterInfo, Claim, JobInfo, Jobs
 from personalize.modeling import LoadedModel, get_model
@@ -45,7 +46,7 @@ from personalize.scoring import candidate_log_likelihoods
 from personalize.settings import Settings
 from personalize.store import Store, UpsertReport
 from personalize.tasks import Task, get_task
-from personalize.training import TrainingCancelled, read_metadata, train_adapter, training_pairs
+from personalize.training import TrainingCancelled, eos_token_ids, read_metadata, train_adapter, training_pairs
 from personalize.vectorstore import VectorStore
 
 Method = Literal["auto", "none", "rag", "peft", "rag+peft"]
@@ -322,22 +323,73 @@ class Personalizer:
         (``peft``) or both (``rag+peft``); ``auto`` picks by the user's data."""
         max_new_tokens = max_new_tokens or self.settings.max_new_tokens
         prep = self._prepare(user_id, prompt, method, k, max_new_tokens, retriever, task)
-        loaded = self.model
         t0 = time.perf_counter()
-        if prep.adapter is None:
-            text, n_new = generate_text(loaded, prep.built.input_ids, max_new_tokens)
-        else:
-            cache = self.adapter_cache
-            with cache.lock:
-                hit = cache.activate(adapter_name(prep.user_id), Path(prep.adapter.path))
-                prep.timings.extra["adapter_cache_hit"] = hit
-                prep.timings.extra["adapter_load_s"] = time.perf_counter() - t0
-                t1 = time.perf_counter()
-                text, n_new = generate_text(loaded, prep.built.input_ids, max_new_tokens, model=cache.model)
-                prep.timings.generation_s = time.perf_counter() - t1
-        if prep.adapter is None:
-            prep.timings.generation_s = time.perf_counter() - t0
+        adapter = (adapter_name(prep.user_id), Path(prep.adapter.path)) if prep.adapter is not None else None
+        [(text, n_new)] = self._decode([prep.built.input_ids], [adapter], max_new_tokens, prep.timings.extra)
+        prep.timings.generation_s = time.perf_counter() - t0
         return self._result(prep, text, n_new)
+
+    def _fast_decoder(self) -> tuple[FastDecoder | None, str | None]:
+        """The fast decoder for the loaded model, or None and why not (``Settings.decoder``)."""
+        if self.settings.decoder == "plain":
+            return None, None
+        loaded = self.model
+        if loaded.is_encoder_decoder:
+            return None, "encoder-decoder model"
+        reason = unsupported_reason(loaded.model)
+        if reason:
+            return None, reason
+        weights: WeightFormat = "int8" if self.settings.decoder == "fast-int8" else "fp32"
+        return get_fast_decoder(loaded.model, weights), None
+
+    def _decode(
+        self,
+        encoded: Sequence[Sequence[int]],
+        adapters: Sequence[tuple[str, Path] | None],
+        max_new_tokens: int,
+        extra: dict[str, Any],
+    ) -> list[tuple[str, int]]:
+        """Greedy generation for prompts with their adapters (None: the base model) on the fast path when it
+        applies, else the plain one; ``extra`` (the timings' extra dict) records which ran, why, and adapter loads."""
+        loaded = self.model
+        decoder, why = self._fast_decoder()
+        loras: list[Any] = [None] * len(encoded)
+        t0 = time.perf_counter()
+        if any(adapters):
+            cache = self.adapter_cache
+            with cache.lock:  # load (LRU), then copy the LoRA matrices out: decoding needs no lock after that
+                hits = [cache.ensure_loaded(*a) for a in adapters if a is not None]
+                extra["adapter_cache_hit"] = all(hits)
+                if decoder is not None:
+                    reasons = {decoder.lora_unsupported_reason(cache.model, a[0]) for a in adapters if a is not None}
+                    reasons.discard(None)
+                    if reasons:
+                        decoder, why = None, "; ".join(sorted(str(r) for r in reasons))
+                    else:
+                        loras = [decoder.lora_weights(cache.model, a[0], str(a[1])) if a else None for a in adapters]
+            extra["adapter_load_s"] = time.perf_counter() - t0
+        if decoder is not None:
+            extra["decoder"] = f"fast-{decoder.weights}"
+            tok = loaded.tokenizer
+            eos = eos_token_ids(loaded)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)
+            rows = decoder.generate(encoded, max_new_tokens, eos, pad, loras)
+            return [(tok.decode(r, skip_special_tokens=True).strip(), len(r)) for r in rows]
+        extra["decoder"] = "plain"
+        if why:
+            extra["decoder_note"] = f"fast path not used: {why}"
+        if not any(adapters) and len(encoded) == 1:
+            return [generate_text(loaded, encoded[0], max_new_tokens)]
+        cache = self.adapter_cache
+        with cache.lock:
+            if len(encoded) == 1:
+                assert adapters[0] is not None
+                cache.activate(*adapters[0])
+                return [generate_text(loaded, encoded[0], max_new_tokens, model=cache.model)]
+            for adapter in adapters:
+                if adapter is not None:
+                    cache.ensure_loaded(*adapter)
+            return batch_generate(cache, encoded, [a[0] if a else None for a in adapters], max_new_tokens)
 
     def generate_batch(
         self,
@@ -366,20 +418,16 @@ class Personalizer:
                 chunk.append(i)
                 order.remove(i)
             t0 = time.perf_counter()
-            with cache.lock:
-                for i in chunk:
-                    if preps[i].adapter is not None:
-                        cache.ensure_loaded(adapter_name(preps[i].user_id), Path(preps[i].adapter.path))
-                outputs = batch_generate(
-                    cache,
-                    [preps[i].built.input_ids for i in chunk],
-                    [adapter_name(preps[i].user_id) if preps[i].adapter else None for i in chunk],
-                    max_new_tokens,
-                )
+            extra: dict[str, Any] = {}
+            adapters = [
+                (adapter_name(preps[i].user_id), Path(preps[i].adapter.path)) if preps[i].adapter else None
+                for i in chunk
+            ]
+            outputs = self._decode([preps[i].built.input_ids for i in chunk], adapters, max_new_tokens, extra)
             elapsed = time.perf_counter() - t0
             for i, (text, n_new) in zip(chunk, outputs, strict=True):
                 preps[i].timings.generation_s = elapsed
-                preps[i].timings.extra["batch_size"] = len(chunk)
+                preps[i].timings.extra.update(extra, batch_size=len(chunk))
                 results[i] = self._result(preps[i], text, n_new)
         return [r for r in results if r is not None]
 

@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Default number of tokens to generate.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Prompts longer than this are refused.")
     torch_threads: int | None = Field(None, description="torch.set_num_threads; default: torch's own.")
+    decoder: Literal["fast", "fast-int8", "plain"] = Field(
+        "fast",
+        description=(
+            "Greedy decoding: 'fast' (fastpath.FastDecoder: transposed fp32 weights, static KV cache; same tokens as "
+            "'plain'), 'fast-int8' (int8 weights via FBGEMM, faster, slightly different numbers), or 'plain' "
+            "(Hugging Face generate). Models the fast path does not support use 'plain' and say so in the timings."
+        ),
+    )
 
     # -- adapters and training workers --
     adapters_dir: Path | None = Field(
