@@ -383,6 +383,11 @@ def eval_run(
         runner = EvaluationRunner(p)
         if resume:
             config = runner.config_of(resume)
+            if config.decoder and config.decoder != p.settings.decoder:
+                raise InvalidInputError(
+                    f"run {resume} was made with decoder {config.decoder!r}: resume it with "
+                    f"PERSONALIZE_DECODER={config.decoder} so every answer comes from the same path"
+                )
             dataset, _ = _load_dataset(
                 config.task,
                 config.split,
@@ -406,6 +411,7 @@ def eval_run(
                 max_new_tokens=max_new_tokens,
                 train_via=train_via,
                 model=p.settings.model,
+                decoder=p.settings.decoder,
                 lora=p.settings.lora.model_dump(),
                 code_version=code_version(),
             )
