@@ -439,6 +439,24 @@ def eval_report(
             typer.echo(f"wrote {export(report, path)}")
 
 
+@eval_app.command("compare")
+@clear_errors
+def eval_compare(
+    baseline: str,
+    candidate: str,
+    tolerance: float = typer.Option(0.01, help="Largest relative change of any metric that counts as unchanged"),
+) -> None:
+    """Every metric of two runs side by side (e.g. the fast decoder against the plain path); exit 1 when any
+    metric moved more than the tolerance."""
+    from personalize.reports import compare_runs, format_comparison
+
+    with _client() as p:
+        rows = compare_runs(p.store, baseline, candidate)
+    typer.echo(format_comparison(rows, baseline, candidate, tolerance))
+    if any(abs(r.relative_change) > tolerance for r in rows):
+        raise typer.Exit(1)
+
+
 @eval_app.command("list")
 @clear_errors
 def eval_list() -> None:

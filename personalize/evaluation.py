@@ -289,6 +289,7 @@ class EvaluationRunner:
                 "total_s": result.timings.total_s,
                 "prompt_tokens": result.prompt_tokens,
                 "method_used": result.method,
+                "decoder": result.timings.extra.get("decoder", "likelihood"),
                 "raw": result.text[:2000],
             }
             with self.p.store.session() as s:

@@ -295,6 +295,67 @@ def format_report(report: RunReport) -> str:
     return "\n".join(out)
 
 
+@dataclass
+class MetricComparison:
+    method: str
+    metric: str
+    baseline: float
+    candidate: float
+    relative_change: float  # (candidate - baseline) / |baseline|; 0 when both are 0
+    same_predictions: float  # share of the method's queries answered identically by both runs
+    n_queries: int
+
+
+def compare_runs(store: Store, baseline_id: str, candidate_id: str) -> list[MetricComparison]:
+    """Every metric of every method of two runs of the same task and queries, side by side: how far the candidate
+    (e.g. the fast decoder) moved from the baseline (the plain path), and how many answers are identical."""
+    base, cand = build_report(store, baseline_id), build_report(store, candidate_id)
+    if (base.task, base.split) != (cand.task, cand.split):
+        raise InvalidInputError(
+            f"runs of different tasks or splits: {base.task}/{base.split} vs {cand.task}/{cand.split}"
+        )
+    with store.session() as s:
+        rows = s.scalars(select(EvalResult).where(EvalResult.run_id.in_([baseline_id, candidate_id])))
+        answers: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+        for r in rows:
+            answers[(r.method, r.query_id)][r.run_id] = r.prediction
+    out = []
+    cand_rows = {r.method: r for r in cand.table}
+    for row in base.table:
+        other = cand_rows.get(row.method)
+        if other is None:
+            continue
+        pairs = [v for (m, _), v in answers.items() if m == row.method and len(v) == 2]
+        same = sum(1 for v in pairs if v[baseline_id] == v[candidate_id]) / len(pairs) if pairs else float("nan")
+        for metric in base.metrics:
+            a, b = row.metrics.get(metric), other.metrics.get(metric)
+            if a is None or b is None:
+                continue
+            change = 0.0 if a == b else (b - a) / abs(a) if a else float("inf")
+            out.append(MetricComparison(row.method, metric, a, b, change, same, len(pairs)))
+    return out
+
+
+def format_comparison(rows: list[MetricComparison], baseline_id: str, candidate_id: str, tolerance: float) -> str:
+    lines = [["method", "metric", "baseline", "candidate", "relative change", "within", "same answers", "n"]]
+    for r in rows:
+        lines.append(
+            [
+                r.method,
+                r.metric,
+                f"{r.baseline:.4f}",
+                f"{r.candidate:.4f}",
+                f"{r.relative_change:+.2%}",
+                "yes" if abs(r.relative_change) <= tolerance else "NO",
+                f"{r.same_predictions:.1%}",
+                str(r.n_queries),
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+    return f"baseline {baseline_id} vs candidate {candidate_id} (tolerance {tolerance:.1%} relative)\n{table}"
+
+
 def export(report: RunReport, path: Path) -> Path:
     path = Path(path)
     if path.suffix == ".json":

@@ -9,7 +9,7 @@ from personalize import Personalizer
 from personalize.cli import app
 from personalize.datasets import synthetic_dataset
 from personalize.evaluation import EvalConfig, EvaluationRunner
-from personalize.reports import build_report, export, format_report
+from personalize.reports import build_report, compare_runs, export, format_comparison, format_report
 from personalize.router import Router, calibrate_from_run
 from personalize.schema import EvalResult
 
@@ -152,3 +152,20 @@ def test_calibrated_scoring_subtracts_the_content_free_prior(client, dataset):
     assert calibrated.text == max(adjusted, key=adjusted.get)
     config = _config(scoring="calibrated", methods=["none"])
     assert config.used_scoring() == "calibrated"
+
+
+def test_fast_and_plain_decoders_give_the_same_run_and_compare_says_so(client, dataset):
+    config = _config(scoring="generate", methods=["none", "rag", "peft"], max_new_tokens=3)
+    runner = EvaluationRunner(client, show_progress=False)
+    fast_id = runner.run(dataset, config.model_copy(update={"decoder": "fast"}))
+    client.settings = client.settings.model_copy(update={"decoder": "plain"})
+    plain_id = runner.run(dataset, config.model_copy(update={"decoder": "plain"}))
+    with client.store.session() as s:
+        rows = s.query(EvalResult).filter(EvalResult.run_id.in_([fast_id, plain_id])).all()
+        decoders = {r.run_id: r.timings["decoder"] for r in rows}
+    assert decoders == {fast_id: "fast-fp32", plain_id: "plain"}
+    rows = compare_runs(client.store, plain_id, fast_id)
+    assert {r.method for r in rows} == {"none", "rag", "peft"} and {r.metric for r in rows} == {"mae", "rmse"}
+    assert all(r.relative_change == 0 and r.same_predictions == 1.0 for r in rows)
+    text = format_comparison(rows, plain_id, fast_id, 0.01)
+    assert "NO" not in text and "100.0%" in text
