@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import numpy as np
 from personalize.adapter_store import LocalAdapterStore
 from personalize.adapters import AdapterCache
 from personalize.adapters import generate_batch as batch_generate
+from personalize.batching import Coalescer, Request
 from personalize.embedding import get_embedder
 from personalize.errors import (
     AdapterOwnershipError,
@@ -85,6 +87,8 @@ class Personalizer:
         self.jobs = Jobs(self.store, self.settings.job_stale_after_s, self.settings.job_max_attempts)
         self.adapter_store = LocalAdapterStore(self.settings.resolved_adapters_dir)
         self._adapter_cache: AdapterCache | None = None
+        self._coalescer: Coalescer | None = None
+        self._coalescer_lock = threading.Lock()
         self._celery = None
         if self.settings.torch_threads:
             import torch
@@ -325,9 +329,34 @@ class Personalizer:
         prep = self._prepare(user_id, prompt, method, k, max_new_tokens, retriever, task)
         t0 = time.perf_counter()
         adapter = (adapter_name(prep.user_id), Path(prep.adapter.path)) if prep.adapter is not None else None
-        [(text, n_new)] = self._decode([prep.built.input_ids], [adapter], max_new_tokens, prep.timings.extra)
+        if self.settings.batch_window_ms > 0:
+            request = Request(prep.built.input_ids, adapter, max_new_tokens)
+            text, n_new = self.coalescer.submit(request)
+            prep.timings.extra.update(request.extra)
+        else:
+            [(text, n_new)] = self._decode([prep.built.input_ids], [adapter], max_new_tokens, prep.timings.extra)
         prep.timings.generation_s = time.perf_counter() - t0
         return self._result(prep, text, n_new)
+
+    @property
+    def coalescer(self) -> Coalescer:
+        """Batches concurrent ``generate`` calls (``Settings.batch_window_ms``, ``Settings.max_batch``)."""
+        with self._coalescer_lock:
+            if self._coalescer is None:
+                self._coalescer = Coalescer(
+                    self._run_batch,
+                    max_batch=self.settings.max_batch,
+                    window_s=self.settings.batch_window_ms / 1000,
+                    max_adapters=self.settings.adapter_cache_size,
+                )
+            return self._coalescer
+
+    def _run_batch(self, batch: list[Request]) -> None:
+        extra: dict[str, Any] = {}
+        outputs = self._decode([r.input_ids for r in batch], [r.adapter for r in batch], batch[0].max_new_tokens, extra)
+        for request, output in zip(batch, outputs, strict=True):
+            request.result = output
+            request.extra = {**extra, "batch_size": len(batch)}
 
     def _fast_decoder(self) -> tuple[FastDecoder | None, str | None]:
         """The fast decoder for the loaded model, or None and why not (``Settings.decoder``)."""
@@ -357,16 +386,20 @@ class Personalizer:
         t0 = time.perf_counter()
         if any(adapters):
             cache = self.adapter_cache
-            with cache.lock:  # load (LRU), then copy the LoRA matrices out: decoding needs no lock after that
-                hits = [cache.ensure_loaded(*a) for a in adapters if a is not None]
-                extra["adapter_cache_hit"] = all(hits)
-                if decoder is not None:
-                    reasons = {decoder.lora_unsupported_reason(cache.model, a[0]) for a in adapters if a is not None}
-                    reasons.discard(None)
-                    if reasons:
-                        decoder, why = None, "; ".join(sorted(str(r) for r in reasons))
+            hits = []
+            with cache.lock:  # load (LRU) and copy each adapter's LoRA matrices out: decoding needs no lock after
+                for row, adapter in enumerate(adapters):
+                    if adapter is None:
+                        continue
+                    hits.append(cache.ensure_loaded(*adapter))
+                    if decoder is None:
+                        continue
+                    reason = decoder.lora_unsupported_reason(cache.model, adapter[0])
+                    if reason:
+                        decoder, why = None, reason
                     else:
-                        loras = [decoder.lora_weights(cache.model, a[0], str(a[1])) if a else None for a in adapters]
+                        loras[row] = decoder.lora_weights(cache.model, adapter[0], str(adapter[1]))
+            extra["adapter_cache_hit"] = all(hits)
             extra["adapter_load_s"] = time.perf_counter() - t0
         if decoder is not None:
             extra["decoder"] = f"fast-{decoder.weights}"

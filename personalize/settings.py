@@ -99,6 +99,12 @@ class Settings(BaseSettings):
         None,
         description="Adapter store: a local folder, or a shared mount for several machines; default {home}/adapters.",
     )
+    batch_window_ms: float = Field(
+        2.0,
+        ge=0,
+        description="Concurrent generate calls wait this long to share one batched pass (0: never batch them).",
+    )
+    max_batch: int = Field(8, ge=1, description="Most requests in one batched generate pass.")
     adapter_cache_size: int = Field(8, ge=1, description="Adapters kept loaded in memory (least recently used out).")
     broker_url: str | None = Field(
         None, description="Celery broker: redis://... or amqp://...; default an embedded SQLite broker in {home}."
