@@ -42,6 +42,7 @@ class EvalConfig(BaseModel):
     source: str = Field("", description="Where the data came from (a folder, LaMP files, or SYNTHETIC).")
     synthetic: bool = False
     users: int | None = Field(None, ge=1, description="The first N users of the split (None: all).")
+    per_user: int | None = Field(None, ge=1, description="At most N queries per user, the first in file order.")
     methods: list[str] = Field(default_factory=lambda: list(EVAL_METHODS))
     retriever: str = "bm25"
     k: int = Field(4, ge=1)
@@ -90,13 +91,20 @@ def _bar(iterable: Iterable, total: int, desc: str, show: bool):  # noqa: ANN202
     return tqdm(iterable, total=total, desc=desc, disable=not show, dynamic_ncols=True)
 
 
-def select_queries(dataset: Dataset, users: int | None) -> list[Query]:
+def select_queries(dataset: Dataset, users: int | None, per_user: int | None = None) -> list[Query]:
+    """The queries of the first ``users`` users in file order, at most ``per_user`` each (None: all)."""
     order: list[str] = []
     for q in dataset.queries:
         if q.user_id not in order:
             order.append(q.user_id)
     keep = set(order[:users] if users else order)
-    return [q for q in dataset.queries if q.user_id in keep]
+    taken: dict[str, int] = {}
+    out = []
+    for q in dataset.queries:
+        if q.user_id in keep and (per_user is None or taken.get(q.user_id, 0) < per_user):
+            taken[q.user_id] = taken.get(q.user_id, 0) + 1
+            out.append(q)
+    return out
 
 
 class EvaluationRunner:
@@ -150,7 +158,7 @@ class EvaluationRunner:
         else:
             self._set_state(run_id, "running")
         try:
-            queries = select_queries(dataset, config.users)
+            queries = select_queries(dataset, config.users, config.per_user)
             users = self.ingest(dataset, queries, config)
             if any(m in ("peft", "rag+peft") for m in config.methods):
                 self.train(users, config, start_workers)

@@ -169,3 +169,14 @@ def test_fast_and_plain_decoders_give_the_same_run_and_compare_says_so(client, d
     assert all(r.relative_change == 0 and r.same_predictions == 1.0 for r in rows)
     text = format_comparison(rows, plain_id, fast_id, 0.01)
     assert "NO" not in text and "100.0%" in text
+
+
+def test_select_queries_takes_the_first_users_and_at_most_n_queries_each(dataset):
+    from personalize.evaluation import select_queries
+
+    first_two = select_queries(dataset, users=2)
+    users = list(dict.fromkeys(q.user_id for q in first_two))
+    assert len(users) == 2 and len(first_two) > 2
+    one_each = select_queries(dataset, users=2, per_user=1)
+    assert [q.user_id for q in one_each] == users
+    assert one_each == [next(q for q in first_two if q.user_id == u) for u in users]

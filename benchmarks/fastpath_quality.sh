@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Quality of the fast decoder against the plain path (issue 7): the same evaluation twice, PERSONALIZE_DECODER=plain
+# then =fast (and fast-int8 with INT8=1), compared metric by metric with `personalize eval compare` (tolerance 1%).
+# movielens-rating dev, first 40 users, none/rag/peft, free generation (so decoding is what answers);
+# reuters-lead dev, first 40 authors, none/rag, the first query of each author (PER_USER=5 for all five).
+# Adapters are trained once (plain run) and reused by the fast run (same home, same data).
+# Usage: benchmarks/fastpath_quality.sh [movielens|reuters-lead|all]   (data from ../shared/data)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+export PERSONALIZE_HOME=${PERSONALIZE_HOME:-.personalize-quality}
+export PERSONALIZE_LORA__EPOCHS=${PERSONALIZE_LORA__EPOCHS:-1}
+export PERSONALIZE_LORA__MAX_ITEMS=${PERSONALIZE_LORA__MAX_ITEMS:-16}
+P=${P:-.venv/bin/personalize}
+what=${1:-all}
+decoders=(plain fast)
+[[ ${INT8:-0} == 1 ]] && decoders+=(fast-int8)
+
+run_pair() {  # run the same evaluation with each decoder, then compare each against plain
+  local ids=()
+  for decoder in "${decoders[@]}"; do
+    ids+=("$(PERSONALIZE_DECODER=$decoder $P eval run "$@" | tail -n 1 | awk '{print $NF}')")
+  done
+  for id in "${ids[@]:1}"; do
+    $P eval compare "${ids[0]}" "$id" --tolerance 0.01 || true
+  done
+}
+
+if [[ $what == movielens || $what == all ]]; then
+  run_pair --task movielens-rating --split dev --data "$DATA/movielens-small" --users 40 \
+    --methods none,rag,peft --scoring generate --max-new-tokens 4 --retriever bm25 --k 4 --workers 1
+fi
+if [[ $what == reuters-lead || $what == all ]]; then
+  run_pair --task reuters-lead --split dev --data "$DATA/reuters-c50" --users 40 --per-user "${PER_USER:-1}" \
+    --methods none,rag --max-new-tokens 32 --retriever bm25 --k 4
+fi
