@@ -23,7 +23,6 @@ import contextlib
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from tqdm import tqdm
 from personalize.personalizer import Personalizer
 from personalize.settings import LoraSettings, Settings
 from personalize.store import upgrade_database
+from personalize.worker_process import start_worker, stop_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [
@@ -248,28 +248,9 @@ def train_throughput(p: Personalizer, env: dict[str, str], n_users: int, items: 
             wall = time.perf_counter() - t0
         finally:
             for w in workers:
-                stop(w)
+                stop_worker(w)
         rows.append([f"{n_workers}", n_users, f"{wall:.1f}", f"{n_users / wall * 60:.2f}"])
     return rows
-
-
-def start_worker(env: dict[str, str], log: Path, hostname: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--pool=prefork", "--concurrency=1"]
-    command += ["-Q", "personalize-training", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
-    command += ["--hostname", hostname]
-    return subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def wait_until(predicate, timeout: float) -> None:  # noqa: ANN001

@@ -9,9 +9,7 @@ result as an uninterrupted run. Reports are computed from the stored rows (``per
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterable
@@ -29,6 +27,7 @@ from personalize.personalizer import Personalizer
 from personalize.schema import EvalResult, EvalRun, utcnow
 from personalize.settings import LoraSettings
 from personalize.tasks import get_task
+from personalize.worker_process import start_worker, stop_worker
 
 EVAL_METHODS = ("none", "rag", "peft", "rag+peft")
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +199,7 @@ class EvaluationRunner:
             self._wait_for_jobs(jobs)
         finally:
             for proc in workers:
-                _stop_process(proc)
+                stop_worker(proc)
 
     def _start_worker(self, index: int) -> subprocess.Popen:
         """A local `celery -A workers worker` with this run's settings (same home, database, broker, model)."""
@@ -215,30 +214,8 @@ class EvaluationRunner:
         for key, value in s.lora.model_dump().items():
             if value is not None:
                 env[f"PERSONALIZE_LORA__{key.upper()}"] = str(value).replace("'", '"')
-        log = (s.resolved_home / f"eval-worker-{index}.log").open("ab")
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "workers",
-                "worker",
-                "--pool=solo",
-                "-n",
-                f"eval{index}@%h",
-                "-Q",
-                "personalize-training",
-                "--loglevel=WARNING",
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        log = s.resolved_home / f"eval-worker-{index}.log"
+        return start_worker(env, log, name=f"eval{index}@%h", pool="solo", loglevel="WARNING")
 
     def _wait_for_jobs(self, jobs: dict[str, int | None]) -> None:
         pending = {j: uid for uid, j in jobs.items() if j is not None}
@@ -316,13 +293,3 @@ class EvaluationRunner:
                 )
             if n % 10 == 0:
                 self._progress(run_id, (finished + n + 1) / max(total, 1))
-
-
-def _stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

@@ -6,7 +6,6 @@ A test that needs PostgreSQL/Redis and cannot reach it fails when ``CI`` is set,
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -146,7 +145,6 @@ def chroma_server(tmp_path: Path):
     """A real Chroma server (`chroma run`) on a free localhost port; yields its URL."""
     import shutil
     import subprocess
-    import sys
     import time
     import urllib.request
 
@@ -181,29 +179,18 @@ def chroma_server(tmp_path: Path):
             proc.kill()
 
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 def start_worker(env: dict[str, str], log: Path, hostname: str | None = None) -> subprocess.Popen:
     """A real `celery -A workers worker` process (prefork, one pool process), in its own process group."""
-    command = [sys.executable, "-m", "celery", "-A", "workers", "worker", "--pool=prefork", "--concurrency=1"]
-    command += ["-Q", "personalize-training", "--loglevel=INFO", "--without-gossip", "--without-mingle"]
-    if hostname:
-        command += ["--hostname", hostname]
-    return subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
-    )
+    from personalize.worker_process import start_worker as start
+
+    return start(env, log, name=hostname)
 
 
 def stop_process(proc: subprocess.Popen) -> None:
     """SIGTERM the process group, SIGKILL it after 20 s."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    from personalize.worker_process import stop_worker
+
+    stop_worker(proc, timeout=20)
 
 
 def wait_for(predicate, timeout: float, what: str, log: Path):  # noqa: ANN001
