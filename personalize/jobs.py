@@ -82,6 +82,22 @@ def _worker_is_dead(worker: str | None) -> bool:
     return False
 
 
+def _worker_is_alive_here(worker: str | None) -> bool:
+    """True when ``worker`` names a process of this host that exists."""
+    if not worker or ":" not in worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _job_info(job: TrainingJob, user_id: str) -> JobInfo:
     return JobInfo(
         job.id,
@@ -234,8 +250,13 @@ class Jobs:
             return Claim.CLAIMED, _job_info(job, user.external_id)
 
     def _is_stale(self, job: TrainingJob, now: datetime) -> bool:
+        """A job's worker is lost when its process on this host is gone, or, for a worker on another host, when its
+        heartbeat is older than ``stale_after``. A live process on this host is never judged by its heartbeat: on an
+        oversubscribed CPU a step can outlast ``stale_after`` (hung workers are ended by the task time limit)."""
         if _worker_is_dead(job.worker):
             return True
+        if _worker_is_alive_here(job.worker):
+            return False
         beat = job.heartbeat_at or job.started_at
         return beat is None or now - beat > self.stale_after
 

@@ -602,14 +602,30 @@ class Personalizer:
             )
         return self._queue_quietly(user_id) if due else None
 
-    def recover_jobs(self) -> list[int]:
+    def recover_jobs(self, only_if_queue_empty: bool = False) -> list[int]:
         """Requeue jobs of lost workers and resend queued jobs whose message may be lost; duplicates are harmless
-        because a job is claimed in SQL before it runs."""
+        because a job is claimed in SQL before it runs.
+
+        ``only_if_queue_empty`` (the workers' periodic check) resends old queued jobs only when the broker's queue
+        is empty: then their messages are certainly gone (a broker restarted without persistence), whereas a long
+        queue is just slow."""
         requeued = set(self.jobs.recover_stale())
-        requeued.update(self.jobs.lost_queued())
+        lost = self.jobs.lost_queued()
+        if lost and (not only_if_queue_empty or self.queued_messages() == 0):
+            requeued.update(lost)
         for job_id in sorted(requeued):
             self._send(job_id)
         return sorted(requeued)
+
+    def queued_messages(self) -> int | None:
+        """Messages waiting in the training queue of the broker (None when the broker cannot say)."""
+        try:
+            with self.celery.connection_for_write() as conn, conn.channel() as channel:
+                return int(channel.queue_declare(QUEUE, passive=True).message_count)
+        except Exception as exc:  # a queue never declared (or deleted by a restart) holds nothing
+            if "NOT_FOUND" in str(exc) or "no queue" in str(exc).lower():
+                return 0
+            return None
 
     def train(self, user_id: str, progress: bool = False) -> AdapterInfo:
         """Train the user's adapter in this process (no worker needed); returns the new adapter."""

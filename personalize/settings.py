@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         120.0, gt=0, description="A running job without a heartbeat for this long belongs to a dead worker."
     )
     job_max_attempts: int = Field(3, ge=1, description="Attempts before a training job is marked failed.")
+    job_recover_every_s: float = Field(
+        60.0,
+        ge=0,
+        description="Workers look this often for lost jobs (dead workers, messages a broker restart dropped); 0: only "
+        "when a worker starts.",
+    )
     train_time_limit_s: int = Field(3600, ge=10, description="Hard time limit of one training task.")
     router: RouterSettings = Field(
         default_factory=RouterSettings, description="Defaults of the uncalibrated router (PERSONALIZE_ROUTER__...)."

@@ -43,7 +43,8 @@ def _app_env(**values: str) -> dict[str, str]:
 
 def _worker_env(home: Path, model: Path, **values: str) -> dict[str, str]:
     defaults = {"lora__epochs": "2", "lora__batch_size": "4", "lora__max_length": "64", "torch_threads": "1"}
-    return _app_env(home=str(home), model=str(model), job_stale_after_s="20", **{**defaults, **values})
+    defaults["job_stale_after_s"] = "20"
+    return _app_env(home=str(home), model=str(model), **{**defaults, **values})
 
 
 def _migrate(database_url: str, home: Path) -> None:
@@ -106,7 +107,8 @@ def test_postgres_redis_chroma_server_and_two_workers_train_and_serve(
 class _PrivateRedis:
     """A redis-server of our own on a free port, with an append-only file, so the test can stop and restart it."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, persistent: bool = True) -> None:
+        self.persistent = persistent
         self.exe = shutil.which("redis-server")
         if self.exe is None:
             message = "redis-server is not installed; the broker-restart test starts its own"
@@ -120,7 +122,10 @@ class _PrivateRedis:
 
     def start(self) -> None:
         args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder)]
-        args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        if self.persistent:
+            args += ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+        else:  # what a cache-style Redis does: a restart empties it
+            args += ["--appendonly", "no", "--save", ""]
         log = (self.folder / "redis.log").open("ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 20
@@ -173,6 +178,46 @@ def test_broker_restart_with_jobs_queued_loses_none_and_runs_none_twice(tmp_path
             assert {j.attempts for j in jobs} == {1}, "no job ran twice"
             assert all([a.version for a in client.adapters(u)] == [1] for u in users)
             assert "Connection to broker lost" in log.read_text()  # the worker saw the restart and reconnected
+    finally:
+        if worker is not None:
+            stop_process(worker)
+        broker.stop()
+
+
+def test_a_broker_that_loses_its_queue_on_restart_loses_no_job(tmp_path, settings):
+    """No persistence: the restart drops the queued messages; the running worker's periodic check finds the broker
+    queue empty while SQL still has old queued jobs, and sends them again."""
+    broker = _PrivateRedis(tmp_path / "redis", persistent=False)
+    broker.start()
+    users = ["l1", "l2", "l3"]
+    log = tmp_path / "worker.log"
+    worker = None
+    try:
+        with Personalizer(settings.model_copy(update={"broker_url": broker.url})) as client:
+            for user in users:
+                client.add_items(user, _rated(12, prefix=f"{user}-"))
+            env = _worker_env(
+                settings.home,
+                Path(settings.model),
+                broker_url=broker.url,
+                lora__epochs="20",
+                job_stale_after_s="3",
+                job_recover_every_s="2",
+            )
+            worker = start_worker(env, log)
+            wait_for(lambda: "ready." in log.read_text(), 120, "the worker to start", log)
+            assert client.enqueue_training(users[0]).queued
+            wait_for(lambda: client.training_jobs()[0].state == "running", 120, "training to start", log)
+            assert all(client.enqueue_training(u).queued for u in users[1:])
+            assert broker.queued() == 2
+            broker.stop()
+            broker.start()
+            assert broker.queued() == 0, "the restart dropped the queued messages"
+            wait_for(lambda: all(client.current_adapter(u) for u in users), 400, "three adapters", log)
+            jobs = client.training_jobs()
+            assert {j.state for j in jobs} == {"done"} and {j.attempts for j in jobs} == {1}
+            assert all([a.version for a in client.adapters(u)] == [1] for u in users)
+            assert "requeued training jobs" in log.read_text()
     finally:
         if worker is not None:
             stop_process(worker)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery.signals import worker_ready
 
@@ -61,10 +62,26 @@ def train_all() -> list[int]:
 
 @worker_ready.connect
 def _recover_jobs(sender=None, **_: object) -> None:  # noqa: ANN001
-    """On start, requeue jobs of workers that died and resend queued jobs whose message may be lost."""
+    """On start, requeue jobs of workers that died and resend queued jobs whose message may be lost; then keep
+    looking every ``job_recover_every_s`` (a broker restarted without persistence loses its queue silently)."""
+    _recover_once(only_if_queue_empty=False)
+    every = Settings().job_recover_every_s
+    if every > 0:
+        threading.Thread(target=_recover_forever, args=(every,), name="personalize-recover", daemon=True).start()
+
+
+def _recover_once(only_if_queue_empty: bool) -> None:
     try:
-        requeued = personalizer().recover_jobs()
+        requeued = personalizer().recover_jobs(only_if_queue_empty=only_if_queue_empty)
         if requeued:
             log.warning("requeued training jobs %s", requeued)
     except (BrokerUnavailableError, DatabaseUnavailableError) as exc:
         log.error("could not recover jobs: %s", exc)
+    except Exception:  # never let the watcher die: the next round may succeed
+        log.exception("recovering jobs failed")
+
+
+def _recover_forever(every: float) -> None:
+    while True:
+        time.sleep(every)
+        _recover_once(only_if_queue_empty=True)
