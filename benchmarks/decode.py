@@ -132,10 +132,10 @@ def main(argv: list[str] | None = None) -> None:
                 first.generate(user, PROMPT, method=method, max_new_tokens=2, k=8)
         for _ in range(args.rounds):
             rates.append(matmul_gflops())
-            ids = first.model.tokenizer(first._prepare(user, PROMPT, "none", None, 1, None, None).built.text)
-            times = llama_cpp_times(ids.input_ids, args.new_tokens, args.threads, llm)
+            ids = list(first._prepare(user, PROMPT, "none", None, 1, None, None).built.input_ids)  # same tokens
+            times = llama_cpp_times(ids, args.new_tokens, args.threads, llm)
             if times:
-                samples.setdefault(("llama.cpp Q4_1", "none"), []).append((*times, len(ids.input_ids)))
+                samples.setdefault(("llama.cpp Q4_1", "none"), []).append((*times, len(ids)))
             for name in DECODERS:
                 first.settings = base.model_copy(update={"decoder": name})  # one client: only the decoder differs
                 for method in METHODS:
