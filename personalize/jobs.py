@@ -66,29 +66,13 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _worker_is_dead(worker: str | None) -> bool:
-    """True when ``worker`` ran on this host and its process no longer exists."""
+def _local_pid_alive(worker: str | None) -> bool | None:
+    """Whether ``worker`` (``host:pid``) is a live process of this host; None when it is not of this host."""
     if not worker or ":" not in worker:
-        return False
+        return None
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _worker_is_alive_here(worker: str | None) -> bool:
-    """True when ``worker`` names a process of this host that exists."""
-    if not worker or ":" not in worker:
-        return False
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
+        return None
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -253,10 +237,9 @@ class Jobs:
         """A job's worker is lost when its process on this host is gone, or, for a worker on another host, when its
         heartbeat is older than ``stale_after``. A live process on this host is never judged by its heartbeat: on an
         oversubscribed CPU a step can outlast ``stale_after`` (hung workers are ended by the task time limit)."""
-        if _worker_is_dead(job.worker):
-            return True
-        if _worker_is_alive_here(job.worker):
-            return False
+        local = _local_pid_alive(job.worker)
+        if local is not None:
+            return not local
         beat = job.heartbeat_at or job.started_at
         return beat is None or now - beat > self.stale_after
 
