@@ -53,7 +53,7 @@ class EvalConfig(BaseModel):
     max_new_tokens: int = 32
     train_via: Literal["workers", "inline"] = "workers"
     model: str = ""
-    decoder: str = Field("", description="Settings.decoder of the run (fast, fast-int8, plain); '' before it existed.")
+    decoder: str = Field("", description="Settings.decoder of the run (fast, fast-fp32, plain); '' before it existed.")
     lora: dict = Field(default_factory=dict)
     seed: int = 0
     code_version: str = ""

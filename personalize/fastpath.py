@@ -7,9 +7,12 @@ transposed and contiguous (``x @ W_t``), fuses q/k/v and gate/up into one matrix
 cache, builds the masks once per call, and runs the output layer only on the last position. Greedy results are the
 same tokens as ``model.generate`` up to fp32 summation order.
 
-``weights="int8"`` stores the linear layers as int8 with a per-output-channel scale and runs them through torch's
-FBGEMM dynamic-quantised linear (activations quantised per call, int32 accumulation, fp32 result): a quarter of the
-bytes to read per token. It changes the numbers slightly; ``benchmarks/decode.py`` reports quality both ways.
+``weights="q8"`` (the default) holds each linear layer as 8-bit codes with a scale and offset per 32 inputs
+(``quantization``): a quarter of fp32's bytes to read per token, fp32 arithmetic, and exactly the weights of the
+bundled GGUF (Q4_1 layers, Q8_0 output). Each decoding step then runs in one C call (``quantization.decode_step``:
+norms, rotary, cache writes, attention, SwiGLU and LoRA included); the prompt (prefill) still runs here in torch,
+with the weights dequantised per layer into a GEMM. ``weights="fp32"`` keeps transposed fp32 copies and runs every
+step in torch: the path when no C compiler is at hand (``fast_weights`` says which applies and why).
 
 LoRA adapters stay in peft's format: the decoder reads ``lora_A``/``lora_B``/``scaling`` of a loaded adapter from
 the ``PeftModel`` (the ``AdapterCache``) and adds ``scale * (x @ A_t) @ B_t`` to the layer's output, per row, so one
@@ -20,12 +23,22 @@ reported by ``unsupported_reason`` and the caller falls back to the plain path.
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-WeightFormat = Literal["fp32", "int8"]
+from personalize.quantization import (
+    GROUP,
+    QDims,
+    QLayer,
+    QMatrix,
+    QuantizedLinear,
+    decode_step,
+    kernel_unavailable_reason,
+    quantize,
+)
+
+WeightFormat = Literal["q8", "fp32"]
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _ATTN = ("q_proj", "k_proj", "v_proj")
 _MLP_IN = ("gate_proj", "up_proj")
@@ -54,43 +67,43 @@ def unsupported_reason(model: Any) -> str | None:
 
 @dataclass
 class _Linear:
-    """One (possibly fused) linear layer: fp32 ``W_t`` (in, out), or an FBGEMM int8 packed weight."""
+    """One (possibly fused) fp32 linear layer, held transposed: ``x @ W_t`` with ``W_t`` (in, out) contiguous."""
 
-    w_t: Any = None
-    packed: Any = None
-    out_features: int = 0
+    w_t: Any
 
     def __call__(self, x: Any) -> Any:
-        import torch
-
-        if self.packed is not None:
-            return torch.ops.quantized.linear_dynamic(x, self.packed, True)
         return x @ self.w_t
 
 
-def _make_linear(weights: Sequence[Any], fmt: WeightFormat) -> _Linear:
+def _make_linear(weights: Sequence[Any], fmt: WeightFormat) -> _Linear | QuantizedLinear:
     import torch
 
     w = torch.cat([t.detach().float() for t in weights], dim=0)  # (out, in)
-    if fmt == "fp32":
-        return _Linear(w_t=w.t().contiguous(), out_features=w.shape[0])
-    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
-    zero = torch.zeros(w.shape[0], dtype=torch.long)
-    with warnings.catch_warnings():  # torch marks the quantised-tensor API deprecated; it still ships FBGEMM
-        warnings.simplefilter("ignore")
-        q = torch.quantize_per_channel(w, scales, zero, axis=0, dtype=torch.qint8)
-        packed = torch.ops.quantized.linear_prepack(q, None)
-    return _Linear(packed=packed, out_features=w.shape[0])
+    return quantize(w) if fmt == "q8" else _Linear(w.t().contiguous())
+
+
+def fast_weights(model: Any) -> tuple[WeightFormat, str | None]:
+    """The weight format the fast path uses for ``model``: q8 where its C kernel builds here and every layer's
+    input width is a multiple of the 32-wide groups, else fp32, with why."""
+    reason = kernel_unavailable_reason()
+    if reason is None:
+        config = model.config
+        widths = {config.hidden_size, config.intermediate_size}
+        heads = config.num_attention_heads * (getattr(config, "head_dim", None) or 0)
+        widths |= {heads} if heads else set()
+        if any(w % GROUP for w in widths):
+            reason = f"a layer width ({sorted(widths)}) is not a multiple of {GROUP}"
+    return ("fp32", f"8-bit weights unavailable ({reason}): fp32 weights") if reason else ("q8", None)
 
 
 @dataclass
 class _Layer:
     ln1: Any
     ln2: Any
-    qkv: _Linear
-    o: _Linear
-    gate_up: _Linear
-    down: _Linear
+    qkv: _Linear | QuantizedLinear
+    o: _Linear | QuantizedLinear
+    gate_up: _Linear | QuantizedLinear
+    down: _Linear | QuantizedLinear
 
 
 @dataclass
@@ -102,7 +115,7 @@ class _LoraPair:
 class FastDecoder:
     """Greedy decoding of a Llama-family model with static caches and transposed weights (see the module doc)."""
 
-    def __init__(self, model: Any, weights: WeightFormat = "fp32") -> None:
+    def __init__(self, model: Any, weights: WeightFormat = "q8") -> None:
         import torch
 
         reason = unsupported_reason(model)
@@ -133,8 +146,7 @@ class FastDecoder:
                     down=_make_linear([mlp.down_proj.weight], weights),
                 )
             )
-        # the output layer stays fp32 (argmax over the vocabulary is where rounding would show first)
-        self.lm_head_t = model.lm_head.weight.detach().t().contiguous()
+        self.lm_head = _make_linear([model.lm_head.weight], weights)  # q8 reproduces a GGUF's Q8_0 output exactly
         self.rotary = base.rotary_emb
         self._rope_cache: tuple[Any, Any] | None = None
         self._lora: dict[tuple[str, int], dict[tuple[int, str], _LoraPair]] = {}
@@ -226,6 +238,7 @@ class FastDecoder:
         eos = torch.tensor(sorted(set(eos_ids)) or [-1])
         out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
         done = torch.zeros(batch, dtype=torch.bool)
+        step_in_c = self._c_step(cache_k, cache_v, loras) if self.weights == "q8" else None
         with torch.inference_mode():
             causal = torch.ones(width, width, dtype=torch.bool).tril()
             mask = (causal.unsqueeze(0) & real.unsqueeze(1)).unsqueeze(1)  # (B, 1, S, S)
@@ -234,7 +247,7 @@ class FastDecoder:
             last = positions[:, -1]
             steps = 0
             for step in range(max_new_tokens):
-                token = (h @ self.lm_head_t).argmax(-1)
+                token = self.lm_head(h).argmax(-1)
                 token = torch.where(done, torch.full_like(token, pad_id), token)
                 out[:, step] = token
                 steps = step + 1
@@ -243,6 +256,10 @@ class FastDecoder:
                     break
                 last = last + 1
                 valid[:, width + step] = True
+                if step_in_c is not None:
+                    h = self.embed[token]  # a fresh (B, hidden) tensor the C step turns into the final hidden state
+                    step_in_c(h, last, cos_table, sin_table, width + step, valid)
+                    continue
                 h = self._forward(
                     token.unsqueeze(1),
                     last.unsqueeze(1),
@@ -260,6 +277,55 @@ class FastDecoder:
             end = next((i + 1 for i, t in enumerate(row) if t in eos_set), len(row))
             results.append(row[:end])
         return results
+
+    def _c_step(self, cache_k: list[Any], cache_v: list[Any], loras: Sequence[dict | None]) -> Any:
+        """A function running one decoding step in C (``quantization.decode_step``) on these caches and adapters."""
+        layers = (QLayer * len(self.layers))()
+        for index, layer in enumerate(self.layers):
+            layers[index] = QLayer(
+                layer.ln1.data_ptr(),
+                layer.ln2.data_ptr(),
+                QMatrix.of(layer.qkv),
+                QMatrix.of(layer.o),
+                QMatrix.of(layer.gate_up),
+                QMatrix.of(layer.down),
+                cache_k[index].data_ptr(),
+                cache_v[index].data_ptr(),
+            )
+        table, max_rank = self._lora_table(loras)
+        dims = QDims(
+            self.config.hidden_size,
+            self.n_heads,
+            self.n_kv,
+            self.head_dim,
+            self.inter,
+            len(self.layers),
+            max_rank,
+            self.eps,
+        )
+        norm = self.norm.contiguous()
+
+        def step(x: Any, positions: Any, cos_table: Any, sin_table: Any, offset: int, valid: Any) -> None:
+            decode_step(dims, layers, norm, x, positions.contiguous(), cos_table, sin_table, offset, valid, table)
+
+        return step
+
+    def _lora_table(self, loras: Sequence[dict | None]) -> tuple[Any, int]:
+        """(n_layers, 7, B, 3) int64: the address of each row's A_t and B_t per (layer, projection), and the rank
+        (0 where the row has no adapter there), as ``qdecode_step`` reads them; None when no row has an adapter."""
+        torch = self.torch
+        if not any(loras):
+            return None, 0
+        table = torch.zeros(len(self.layers), len(_PROJECTIONS), len(loras), 3, dtype=torch.int64)
+        max_rank = 0
+        for row, pairs in enumerate(loras):
+            for (layer, proj), pair in (pairs or {}).items():
+                rank = pair.a_t.shape[1]
+                table[layer, _PROJECTIONS.index(proj), row] = torch.tensor(
+                    [pair.a_t.data_ptr(), pair.b_t.data_ptr(), rank]
+                )
+                max_rank = max(max_rank, rank)
+        return table, max_rank
 
     def _forward(
         self,
@@ -381,7 +447,7 @@ _DECODERS: dict[tuple[int, str], FastDecoder] = {}
 _DECODERS_LOCK = threading.Lock()
 
 
-def get_fast_decoder(model: Any, weights: WeightFormat = "fp32") -> FastDecoder:
+def get_fast_decoder(model: Any, weights: WeightFormat = "q8") -> FastDecoder:
     """The process-wide fast decoder of ``model`` (built once: it copies the weights into its own layout)."""
     key = (id(model), weights)
     with _DECODERS_LOCK:
@@ -390,4 +456,4 @@ def get_fast_decoder(model: Any, weights: WeightFormat = "fp32") -> FastDecoder:
         return _DECODERS[key]
 
 
-__all__ = ["FastDecoder", "WeightFormat", "get_fast_decoder", "unsupported_reason"]
+__all__ = ["FastDecoder", "WeightFormat", "fast_weights", "get_fast_decoder", "unsupported_reason"]

@@ -27,7 +27,7 @@ from personalize.errors import (
     TrainingFailedError,
     UnknownUserError,
 )
-from personalize.fastpath import FastDecoder, WeightFormat, get_fast_decoder, unsupported_reason
+from personalize.fastpath import FastDecoder, WeightFormat, fast_weights, get_fast_decoder, unsupported_reason
 from personalize.items import ProfileItem, UserInfo, make_item
 from personalize.jobs import AdapterInfo, Claim, JobInfo, Jobs
 from personalize.modeling import LoadedModel, get_model
@@ -359,7 +359,8 @@ class Personalizer:
             request.extra = {**extra, "batch_size": len(batch)}
 
     def _fast_decoder(self) -> tuple[FastDecoder | None, str | None]:
-        """The fast decoder for the loaded model, or None and why not (``Settings.decoder``)."""
+        """The fast decoder for the loaded model and a note on why it is not the best one, or None and why not
+        (``Settings.decoder``)."""
         if self.settings.decoder == "plain":
             return None, None
         loaded = self.model
@@ -368,8 +369,11 @@ class Personalizer:
         reason = unsupported_reason(loaded.model)
         if reason:
             return None, reason
-        weights: WeightFormat = "int8" if self.settings.decoder == "fast-int8" else "fp32"
-        return get_fast_decoder(loaded.model, weights), None
+        weights: WeightFormat = "fp32"
+        note = None
+        if self.settings.decoder == "fast":
+            weights, note = fast_weights(loaded.model)
+        return get_fast_decoder(loaded.model, weights), note
 
     def _decode(
         self,
@@ -403,6 +407,8 @@ class Personalizer:
             extra["adapter_load_s"] = time.perf_counter() - t0
         if decoder is not None:
             extra["decoder"] = f"fast-{decoder.weights}"
+            if why:
+                extra["decoder_note"] = why
             tok = loaded.tokenizer
             eos = eos_token_ids(loaded)
             pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)

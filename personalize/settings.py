@@ -85,12 +85,13 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Default number of tokens to generate.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Prompts longer than this are refused.")
     torch_threads: int | None = Field(None, description="torch.set_num_threads; default: torch's own.")
-    decoder: Literal["fast", "fast-int8", "plain"] = Field(
+    decoder: Literal["fast", "fast-fp32", "plain"] = Field(
         "fast",
         description=(
-            "Greedy decoding: 'fast' (fastpath.FastDecoder: transposed fp32 weights, static KV cache; same tokens as "
-            "'plain'), 'fast-int8' (int8 weights via FBGEMM, faster, slightly different numbers), or 'plain' "
-            "(Hugging Face generate). Models the fast path does not support use 'plain' and say so in the timings."
+            "Greedy decoding: 'fast' (fastpath.FastDecoder with 8-bit weight codes and a C decoding step; exactly the "
+            "bundled GGUF's weights; fp32 weights where no C compiler is at hand), 'fast-fp32' (the same decoder "
+            "with fp32 weights in torch), or 'plain' (Hugging Face generate). Models the fast path does not support "
+            "use 'plain'; the result's timings say which path ran and why."
         ),
     )
 
