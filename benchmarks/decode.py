@@ -5,9 +5,9 @@
 
 Per round, in this order: a 2048x2048 fp32 matmul rate; llama.cpp (llama-cpp-python, if installed: a benchmark-only
 extra that compiles from source, ``pip install llama-cpp-python``) on the bundled Q4_1 GGUF itself; then
-``Personalizer.generate`` with ``Settings.decoder`` = ``fast`` (fp32), ``fast-int8`` and ``plain`` (Hugging Face
-generate), each for method ``none`` (the same ~30-token prompt), ``peft`` (a user's adapter active) and ``rag``
-(k=8 retrieved items: a prefill of a few hundred tokens).
+``Personalizer.generate`` with ``Settings.decoder`` = ``fast`` (8-bit weight codes, C decoding step), ``fast-fp32``
+and ``plain`` (Hugging Face generate), each for method ``none`` (the same ~30-token prompt), ``peft`` (a user's
+adapter active) and ``rag`` (k=8 retrieved items: a prefill of a few hundred tokens).
 
 How measured: each configuration runs the prompt twice, once with 1 new token (the prefill, plus one step) and once
 with ``--new-tokens`` (64) with end-of-sequence disabled, so both make exactly that many tokens; decode tokens/s =
@@ -32,7 +32,7 @@ from personalize.personalizer import Personalizer
 from personalize.settings import LoraSettings, Settings
 
 PROMPT = "Write a short story about a robot who learns to paint, in the style of a fairy tale for children."
-DECODERS = ("fast", "fast-int8", "plain")
+DECODERS = ("fast", "fast-fp32", "plain")
 METHODS = ("none", "peft", "rag")
 GENRES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Western")
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         samples: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
         rates: list[float] = []
         used: dict[tuple[str, str], str] = {}
-        for name in DECODERS:  # warm-up: build each decoder (int8 quantises the weights) and load the adapter
+        for name in DECODERS:  # warm-up: build each decoder (q8 quantises the weights) and load the adapter
             first.settings = base.model_copy(update={"decoder": name})
             for method in METHODS:
                 first.generate(user, PROMPT, method=method, max_new_tokens=2, k=8)

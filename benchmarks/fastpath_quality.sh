@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Quality of the fast decoder against the plain path (issue 7): the same evaluation twice, PERSONALIZE_DECODER=plain
-# then =fast (and fast-int8 with INT8=1), compared metric by metric with `personalize eval compare` (tolerance 1%).
+# then =fast (and fast-fp32 with FP32=1), compared metric by metric with `personalize eval compare` (tolerance 1%).
 # movielens-rating dev, first 40 users, none/rag/peft, free generation (so decoding is what answers);
-# reuters-lead dev, first 40 authors, none/rag, the first query of each author (PER_USER=5 for all five).
+# reuters-lead dev, first 40 authors, none/rag/peft, the first query of each author (PER_USER=5 for all five);
+# its adapters train on each author's 8 most recent articles (READ_ITEMS) to keep the run near an hour.
 # Adapters are trained once (plain run) and reused by the fast run (same home, same data).
 # Usage: benchmarks/fastpath_quality.sh [movielens|reuters-lead|all]   (data from ../shared/data)
 set -euo pipefail
@@ -14,7 +15,7 @@ export PERSONALIZE_LORA__MAX_ITEMS=${PERSONALIZE_LORA__MAX_ITEMS:-16}
 P=${P:-.venv/bin/personalize}
 what=${1:-all}
 decoders=(plain fast)
-[[ ${INT8:-0} == 1 ]] && decoders+=(fast-int8)
+[[ ${FP32:-0} == 1 ]] && decoders+=(fast-fp32)
 
 run_pair() {  # run the same evaluation with each decoder, then compare each against plain
   local ids=()
@@ -31,6 +32,6 @@ if [[ $what == movielens || $what == all ]]; then
     --methods none,rag,peft --scoring generate --max-new-tokens 4 --retriever bm25 --k 4 --workers 1
 fi
 if [[ $what == reuters-lead || $what == all ]]; then
-  run_pair --task reuters-lead --split dev --data "$DATA/reuters-c50" --users 40 --per-user "${PER_USER:-1}" \
-    --methods none,rag --max-new-tokens 32 --retriever bm25 --k 4
+  PERSONALIZE_LORA__MAX_ITEMS=${READ_ITEMS:-8} run_pair --task reuters-lead --split dev --data "$DATA/reuters-c50" \
+    --users 40 --per-user "${PER_USER:-1}" --methods none,rag,peft --max-new-tokens 32 --retriever bm25 --k 4
 fi

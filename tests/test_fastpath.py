@@ -81,7 +81,7 @@ def test_fast_decoder_gives_the_same_tokens_as_generate(loaded, fmt, reference):
 def test_q8_weights_are_not_the_fp32_weights(loaded, fmt, reference):
     """Guards the q8 reference above: on this random model 8-bit codes do change the weights a little."""
     if fmt == "q8":
-        diff = (reference.model.layers[0].mlp.down_proj.weight - loaded.model.model.layers[0].mlp.down_proj.weight)
+        diff = reference.model.layers[0].mlp.down_proj.weight - loaded.model.model.layers[0].mlp.down_proj.weight
         assert 0 < float(diff.detach().abs().max()) < 0.01
 
 
