@@ -16,113 +16,33 @@ cached per machine; without a compiler, ``kernel_unavailable_reason`` says why a
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from personalize.kernels import KernelLibrary
 
 GROUP = 32
 PREFILL_ROWS = 16  # above this many input rows, dequantise and let the BLAS GEMM run (prefill)
-_SOURCE = Path(__file__).with_name("csrc") / "qlinear.c"
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11")
-_LIB: ctypes.CDLL | None = None
-_LIB_ERROR: str | None = None
-_LIB_LOCK = threading.Lock()
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "personalize" / "kernels"
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.qlinear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, cint, i64, ptr, cint]
+    lib.qlinear.restype = None
+    lib.qlinear_dequantize.argtypes = [ptr, ptr, ptr, cint, i64, i64, ptr]
+    lib.qlinear_dequantize.restype = None
+    lib.qdecode_step.argtypes = [ctypes.POINTER(QDims), ctypes.POINTER(QLayer), ptr, i64, ptr, ptr, ptr, ptr, i64, i64]
+    lib.qdecode_step.argtypes += [ptr, ptr]
+    lib.qdecode_step.restype = None
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU model and flags (a cache shared by two machines must not mix them)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
-    except OSError:
-        return platform.processor()
-
-
-def _build(compiler: str) -> Path:
-    """Compile the kernel once per (source, flags, compiler, CPU); the .so appears atomically (rename)."""
-    source = _SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(), _cpu_signature().encode()]))
-    target = _cache_dir() / f"qlinear-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _load() -> ctypes.CDLL | None:
-    """The kernel library, built on first use; None (and ``_LIB_ERROR`` set) when it cannot be built here."""
-    global _LIB, _LIB_ERROR
-    with _LIB_LOCK:
-        if _LIB is not None or _LIB_ERROR is not None:
-            return _LIB
-        import torch  # noqa: F401  (loads torch's OpenMP runtime first, so the kernel shares its thread pool)
-
-        if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
-            _LIB_ERROR = f"the weight-only kernel is built for Linux on x86-64 or arm64, not {sys.platform}"
-            return None
-        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if compiler is None:
-            _LIB_ERROR = "no C compiler (cc or gcc) to build the weight-only kernel"
-            return None
-        try:
-            lib = ctypes.CDLL(str(_build(compiler)))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            _LIB_ERROR = f"the weight-only kernel did not build: {exc}"
-            return None
-        ptr, i64, cint = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.qlinear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, cint, i64, ptr, cint]
-        lib.qlinear.restype = None
-        lib.qlinear_dequantize.argtypes = [ptr, ptr, ptr, cint, i64, i64, ptr]
-        lib.qlinear_dequantize.restype = None
-        lib.qdecode_step.argtypes = [
-            ctypes.POINTER(QDims),
-            ctypes.POINTER(QLayer),
-            ptr,
-            i64,
-            ptr,
-            ptr,
-            ptr,
-            ptr,
-            i64,
-            i64,
-            ptr,
-            ptr,
-        ]
-        lib.qdecode_step.restype = None
-        _LIB = lib
-        return lib
+KERNEL = KernelLibrary("qlinear.c", "the weight-only kernel", _declare)
 
 
 def kernel_unavailable_reason() -> str | None:
     """Why the weight-only kernel cannot run here (None when it can); builds it on first call."""
-    _load()
-    return _LIB_ERROR
+    return KERNEL.unavailable_reason()
 
 
 @dataclass
@@ -300,10 +220,7 @@ def decode_step(
 
 
 def _require() -> ctypes.CDLL:
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(_LIB_ERROR or "the weight-only kernel is unavailable")
-    return lib
+    return KERNEL.require()
 
 
 def quantize(weight: Any) -> QuantizedLinear:

@@ -164,8 +164,8 @@ def test_q8_kernel_matches_its_dequantised_weights_for_any_row_count():
 def test_fast_weights_falls_back_to_fp32_and_says_why(loaded, monkeypatch):
     from personalize import quantization
 
-    monkeypatch.setattr(quantization, "_LIB", None)
-    monkeypatch.setattr(quantization, "_LIB_ERROR", "no C compiler (cc or gcc) to build the weight-only kernel")
+    monkeypatch.setattr(quantization.KERNEL, "lib", None)
+    monkeypatch.setattr(quantization.KERNEL, "error", "no C compiler (cc or gcc) to build the weight-only kernel")
     weights, note = fast_weights(loaded.model)
     assert weights == "fp32" and "no C compiler" in note
 
