@@ -63,6 +63,8 @@ class TrainResult:
     size_bytes: int
     config: dict[str, Any]
     losses: list[float] = field(default_factory=list)  # one per step
+    trainer: str = "plain"  # "fast" (personalize.fasttrain) or "plain" (peft's own forward)
+    trainer_note: str | None = None  # why the fast step did not apply, when it was asked for
 
 
 # --- training pairs -----------------------------------------------------------------------------------------------
@@ -317,11 +319,19 @@ def train_adapter(
         total = min(total, settings.max_steps)
     losses: list[float] = []
     n_tokens = 0
+    trainer, note = _trainer(loaded, settings)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # seeds LoRA init and dropout without touching the caller's RNG
         torch.manual_seed(settings.seed)
         shuffle = torch.Generator().manual_seed(settings.seed)
-        model = get_peft_model(private_base_copy(loaded.model), _lora_config(loaded, settings))
+        if trainer == "fast":
+            from personalize.fasttrain import FastLoraForward, shared_skeleton
+
+            model = get_peft_model(shared_skeleton(loaded.model), _lora_config(loaded, settings))
+            fast = FastLoraForward(model)
+        else:
+            model = get_peft_model(private_base_copy(loaded.model), _lora_config(loaded, settings))
+            fast = None
         model.train()
         keep_logits = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
         params = [p for p in model.parameters() if p.requires_grad]
@@ -338,7 +348,10 @@ def train_adapter(
                     pad_id,
                     loaded.is_encoder_decoder,
                 )
-                loss = _loss(model, batch, loaded.is_encoder_decoder, keep_logits)
+                if fast is not None:
+                    loss = fast.loss(batch)
+                else:
+                    loss = _loss(model, batch, loaded.is_encoder_decoder, keep_logits)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -361,13 +374,26 @@ def train_adapter(
         "final_loss": final_loss,
         "train_seconds": train_seconds,
         "seed": settings.seed,
+        "trainer": trainer,
         "owner": owner,
         "config": config,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     _write_atomically(model, out_dir, metadata)
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
-    return TrainResult(out_dir, len(examples), n_tokens, len(losses), train_seconds, final_loss, size, config, losses)
+    return TrainResult(
+        out_dir, len(examples), n_tokens, len(losses), train_seconds, final_loss, size, config, losses, trainer, note
+    )
+
+
+def _trainer(loaded: LoadedModel, settings: LoraSettings) -> tuple[str, str | None]:
+    """Which training step runs: ``fast`` where asked for and it applies, else ``plain``, with why."""
+    if settings.trainer != "fast":
+        return "plain", None
+    from personalize.fasttrain import unsupported_reason
+
+    reason = unsupported_reason(loaded.model, settings.target_modules, loaded.is_encoder_decoder)
+    return ("plain", f"fast training step not applicable: {reason}") if reason else ("fast", None)
 
 
 def _fsync(path: Path) -> None:
