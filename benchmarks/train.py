@@ -2,17 +2,19 @@
 
     python benchmarks/train.py                        # users of 20, 100 and 500 items, at most 3 steps each
     python benchmarks/train.py --quick                # 20 and 100 items, at most 2 steps each
-    python benchmarks/train.py --max-steps 0          # no step cap: whole epochs (500 items take ~30+ min on 2 cores)
+    python benchmarks/train.py --max-steps 0          # no step cap: whole epochs (500 items take ~15+ min on 2 cores)
+    python benchmarks/train.py --trainers fast        # only the fast step (default: fast and plain, interleaved)
     python benchmarks/train.py --home /tmp/train-home # keep the dequantised model cache for the next run
 
 The first load of the bundled model dequantises its GGUF and caches safetensors under the home folder (1-2
-minutes); it is reported apart. Each user gets synthetic movie-rating items (task movielens-rating) and one adapter
-trained with the default LoRA settings except ``epochs`` (default 1), by calling ``personalize.training.train_adapter``
-on ``training_pairs(items)``, as ``Personalizer.train`` does. Training time grows linearly with the steps (a step is
-one batch of ``batch_size`` pairs), so on a 2-core CPU the step cap keeps the run within ~10 minutes; the table
-extrapolates a whole epoch from the measured setup, step and save times. A fp32 matmul rate is measured before and
-after every training run (interleaved, because CPU speed drifts) and gives the floor the training time is compared
-with. Nothing here asserts a time: it prints what it measured.
+minutes); it is reported apart, as is the first training in the process (it builds or loads the C kernels and
+checks the dropout kernel against torch). Each user gets synthetic movie-rating items (task movielens-rating) and
+one adapter trained with the default LoRA settings except ``epochs`` (default 1), by calling
+``personalize.training.train_adapter`` on ``training_pairs(items)``, as ``Personalizer.train`` does, once per
+trainer (``LoraSettings.trainer``: ``fast`` is personalize.fasttrain, ``plain`` is peft's own forward), the trainers
+and sizes interleaved and the whole set repeated ``--repeat`` times. A fp32 matmul rate is measured before and after
+every training run (interleaved, because CPU speed drifts by 15-20% from minute to minute); each run's floor uses
+the mean of its two. Nothing here asserts a time: it prints what it measured.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from _common import Clock, contention_note, footer, loadavg, median, table
@@ -87,12 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-steps", type=int, help="LoraSettings.max_steps: cap per user, 0 for none (default 3; --quick 2)"
     )
+    parser.add_argument("--trainers", default="fast,plain", help="LoraSettings.trainer values (default fast,plain)")
+    parser.add_argument("--repeat", type=int, default=2, help="times to run every size and trainer (default 2)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n fp32 matmul (default 2048)")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([20, 100] if args.quick else [20, 100, 500])
     max_steps = args.max_steps if args.max_steps is not None else (2 if args.quick else 3)
+    trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]
     resolved = ["--sizes", ",".join(map(str, sizes)), "--epochs", str(args.epochs), "--max-steps", str(max_steps)]
+    resolved += ["--trainers", ",".join(trainers), "--repeat", str(args.repeat)]
     if args.matmul_size != 2048:
         resolved += ["--matmul-size", str(args.matmul_size)]
     if args.torch_threads:
@@ -110,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     load_start = loadavg()
     note = contention_note()
     started = time.perf_counter()
+    plan = Plan(sizes, args.epochs, max_steps or None, trainers, max(1, args.repeat), args.matmul_size)
     try:
-        out = run(Settings(home=home, auto_train=False), sizes, args.epochs, max_steps or None, args.matmul_size)
+        out = run(Settings(home=home, auto_train=False), plan)
     finally:
         if not args.home:
             shutil.rmtree(home, ignore_errors=True)
@@ -127,7 +135,61 @@ def main(argv: list[str] | None = None) -> None:
     print("\n\n".join(out))
 
 
-def run(settings: Settings, sizes: list[int], epochs: int, max_steps: int | None, matmul_n: int) -> list[str]:
+@dataclass
+class Plan:
+    sizes: list[int]
+    epochs: int
+    max_steps: int | None
+    trainers: list[str]
+    repeat: int
+    matmul_n: int
+
+
+@dataclass
+class Run:
+    """One measured training run and the matmul rates taken just before and just after it."""
+
+    items: int
+    trainer: str
+    repeat: int
+    full_steps: int
+    result: TrainResult
+    wall: float
+    cpu: float
+    stamps: list[float]  # the start, then a timestamp after every step
+    rate_before: float
+    rate_after: float
+
+    @property
+    def rate(self) -> float:
+        return (self.rate_before + self.rate_after) / 2
+
+    def floor(self, n_params: int, tokens: int) -> float:
+        return 4 * n_params * tokens / (self.rate * 1e9)
+
+    @property
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+
+    def step_ratios(self, n_params: int) -> list[float]:
+        """Each step after the first (the first also holds the setup) against its own floor."""
+        times, tokens = self.step_times[1:], self.result.step_tokens[1:]
+        return [t / self.floor(n_params, n) for t, n in zip(times, tokens, strict=True)]
+
+
+def _train_once(loaded, items: int, lora: LoraSettings, out: Path, desc: str) -> tuple[TrainResult, float, float, list]:
+    pairs = training_pairs(movie_items(items, seed=items))
+    full_steps = lora.epochs * math.ceil(len(pairs) / lora.batch_size)
+    steps = min(full_steps, lora.max_steps) if lora.max_steps else full_steps
+    with tqdm(total=steps, desc=desc, unit="step", file=sys.stderr) as bar:
+        clock = StepClock(bar)
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        result = train_adapter(loaded, pairs, lora, out, progress=clock)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return result, wall, cpu, [t0, *clock.stamps]
+
+
+def run(settings: Settings, plan: Plan) -> list[str]:
     out: list[str] = []
     firsts: list[list[str]] = []
     spec = settings.model
@@ -145,114 +207,130 @@ def run(settings: Settings, sizes: list[int], epochs: int, max_steps: int | None
         firsts.append([f"load {spec} ({'from its cache' if had_cache else 'not bundled'})", f"{c.wall:.2f} s"])
     n_params = sum(p.numel() for p in loaded.model.parameters())  # tied embedding / lm_head counted once
 
-    lora = LoraSettings(epochs=epochs, max_steps=max_steps)
     with Clock() as c:
-        rate = matmul_gflops(matmul_n)
-    rates = [rate]
-    firsts.append([f"first fp32 matmul measurement, {matmul_n}x{matmul_n}, incl. warm-up", f"{c.wall:.2f} s"])
-
+        rate = matmul_gflops(plan.matmul_n)
+    firsts.append([f"first fp32 matmul measurement, {plan.matmul_n}x{plan.matmul_n}, incl. warm-up", f"{c.wall:.2f} s"])
     adapters = Path(tempfile.mkdtemp(prefix="adapters-", dir=settings.resolved_home))
-    runs: list[tuple[int, int, TrainResult, float, float, StepClock]] = []
-    for n in sizes:
-        items = movie_items(n, seed=n)
-        pairs = training_pairs(items)
-        full_steps = epochs * math.ceil(len(pairs) / lora.batch_size)
-        steps = min(full_steps, max_steps) if max_steps else full_steps
-        with tqdm(total=steps, desc=f"train {n} items", unit="step", file=sys.stderr) as bar:
-            clock = StepClock(bar)
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            result = train_adapter(loaded, pairs, lora, adapters / f"user-{n}", progress=clock)
-            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        clock.stamps.insert(0, t0)
-        rates.append(matmul_gflops(matmul_n))  # after this run = before the next one
-        runs.append((n, full_steps, result, wall, cpu, clock))
-    shutil.rmtree(adapters, ignore_errors=True)
+    for trainer in plan.trainers:  # the first training of each kind in a process: kernels built or loaded, checks
+        lora = LoraSettings(epochs=1, max_steps=1, trainer=trainer)
+        result, wall, _, _ = _train_once(loaded, 8, lora, adapters / f"warm-{trainer}", f"warm-up {trainer}")
+        firsts.append([f"first training in the process, trainer {result.trainer} (1 step, 8 pairs)", f"{wall:.2f} s"])
 
-    gflops = median(rates)
-    rows = []
-    for n, full_steps, r, wall, cpu, clock in runs:
-        step_times = [b - a for a, b in zip(clock.stamps[1:], clock.stamps[2:], strict=False)]
-        step = median(step_times) if step_times else clock.stamps[1] - clock.stamps[0]
-        setup = max(0.0, clock.stamps[1] - clock.stamps[0] - step)  # encode, copy the base, wrap it: before step 1
-        save = wall - (clock.stamps[-1] - clock.stamps[0])  # save_pretrained, metadata, fsync, rename
-        floor = 4 * n_params * r.n_tokens / (gflops * 1e9)
-        estimate = setup + full_steps * step + save
-        rows.append(
-            [
-                n,
-                r.n_pairs,
-                f"{r.steps}/{full_steps}",
-                r.n_tokens,
-                f"{r.train_seconds:.1f}",
-                f"{wall:.1f}",
-                f"{cpu / wall:.2f}",
-                f"{setup:.1f}",
-                f"{step:.1f}",
-                f"{save:.2f}",
-                f"{r.n_tokens / r.train_seconds:.1f}",
-                f"{floor:.1f}",
-                f"{r.train_seconds / floor:.2f}",
-                f"{estimate:.0f}" + ("" if r.steps == full_steps else " (est.)"),
-            ]
-        )
-    headers = [
-        "items",
-        "pairs",
-        "steps",
-        "tokens",
-        "train s",
-        "wall s",
-        "cpu/wall",
-        "setup s",
-        "s/step",
-        "save s",
-        "tok/s",
-        "floor s",
-        "ratio",
-        "s/user, 1 epoch" if epochs == 1 else f"s/user, {epochs} epochs",
-    ]
-    out.append(
-        f"train_adapter on {spec} ({n_params / 1e6:.1f}M parameters, fp32), default LoRA (rank {lora.rank}, "
-        f"targets {','.join(lora.target_modules)}, batch {lora.batch_size}, max_length {lora.max_length}) with "
-        f"epochs={epochs}, max_steps={max_steps}; one user per row, synthetic movielens-rating items\n"
-        + table(headers, rows)
-    )
-    spread = f"{min(rates):.1f}-{max(rates):.1f}"
-    out.append(
-        f"fp32 matmul rate: median {gflops:.1f} GFLOP/s over {len(rates)} measurements (range {spread}), each the "
-        f"median of 5 torch.matmul calls on {matmul_n}x{matmul_n}, taken before the first and after every training "
-        "run\n"
-        + table(
-            ["measured", "GFLOP/s"],
-            [["before the first run", f"{rates[0]:.1f}"]]
-            + [[f"after {n} items", f"{rate:.1f}"] for (n, *_), rate in zip(runs, rates[1:], strict=True)],
-        )
-    )
+    runs: list[Run] = []
+    for rep in range(plan.repeat):
+        for n in plan.sizes:
+            for trainer in plan.trainers:
+                lora = LoraSettings(epochs=plan.epochs, max_steps=plan.max_steps, trainer=trainer)
+                per_epoch = math.ceil(len(training_pairs(movie_items(n, seed=n))) / lora.batch_size)
+                before = rate
+                result, wall, cpu, stamps = _train_once(
+                    loaded, n, lora, adapters / f"user-{n}-{trainer}-{rep}", f"train {n} items, {trainer}"
+                )
+                rate = matmul_gflops(plan.matmul_n)  # after this run = before the next one
+                full = plan.epochs * per_epoch
+                runs.append(Run(n, result.trainer, rep, full, result, wall, cpu, stamps, before, rate))
+    shutil.rmtree(adapters, ignore_errors=True)
+    out.append(_runs_table(spec, n_params, plan, runs))
+    out.append(_summary(n_params, plan, runs))
     out.append(
         "how measured: tokens = TrainResult.n_tokens (non-padding tokens of the forward passes, over all steps); "
-        "train s = TrainResult.train_seconds (from before the private copy of the base model to the last step; not "
+        "train s = TrainResult.train_seconds (from before the base model is wrapped with peft to the last step; not "
         "the save); wall s = the whole train_adapter call; cpu/wall = this process's CPU time over wall time in the "
-        "call (near the thread count when the CPUs were ours, lower when other processes took them); from a "
-        "timestamp after every step (the progress callback): s/step = median time of steps 2.., setup = time to "
-        "the end of step 1 minus one s/step (encoding "
-        "the pairs, copying the base model, wrapping it with peft), save = wall s minus setup and steps; tok/s = "
-        "tokens / train s. The last column is measured when the row ran a whole epoch, else estimated as setup + "
-        "(steps in the epoch) x s/step + save, since every step is one batch of about equal length.\n"
+        "call (near the thread count when the CPUs were ours, lower when other processes took them); s/step = "
+        "median time of steps 2.. (timestamps from the progress callback; step 1 also holds the setup: encoding the "
+        "pairs, wrapping the model with peft); GFLOP/s = mean of the matmul rates measured just before and just "
+        "after the run; step ratio = median over steps 2.. of (step time / that step's floor); run ratio = train s / "
+        "floor of all its tokens (so setup included). The last column is measured when the row ran a whole epoch, "
+        "else estimated as (time to the end of step 1) + (steps in the epoch - 1) x s/step + save.\n"
         f"floor: 4 x {n_params / 1e6:.1f}M parameters x tokens FLOPs at the measured matmul rate. A forward pass "
         "costs ~2 FLOPs per parameter per token (a multiply and an add per weight); the backward pass costs ~4, "
         "2 for the gradient of the activations and 2 for the gradient of the weights, so full fine-tuning is ~6x. "
         "LoRA freezes the base weights and skips their weight gradients, and its own matrices are tiny (<1% of the "
-        "parameters), so ~4x. ratio = train s / floor s: how far training is from running every FLOP at the rate "
-        "of one large matmul. Caveats: the floor counts the tied embedding/lm_head matrix (28.3M of the 134.5M "
-        "parameters of SmolLM2-135M) for every token, but the embedding is a lookup and the lm_head runs on the "
-        "output positions only (logits_to_keep), so per token the true matmul work is ~20% smaller than this "
-        "floor; attention scores (~L x d per token) and padding are not counted (the synthetic items have near-"
-        "equal lengths, so padding is small); and the thin matmuls of a 576-wide model can run below the rate "
-        "of a 2048x2048 one. Both sides are measured with the same torch threads in the same minutes, so CPU "
-        "contention from other processes largely cancels in the ratio, though not in the seconds."
+        "parameters), so ~4x. A ratio is how far training is from running every FLOP at the rate of one large "
+        "matmul. Caveats: the floor counts the tied embedding/lm_head matrix (28.3M of the 134.5M parameters of "
+        "SmolLM2-135M) for every token, but the embedding is a lookup and the lm_head runs on the output positions "
+        "only, so per token the true matmul work is ~20% smaller than this floor; attention scores (~L x d per "
+        "token) and padding are not counted (the synthetic items have near-equal lengths, so padding is small); and "
+        "the thin matmuls of a 576-wide model can run below the rate of a 2048x2048 one."
     )
     out.append("One-off costs\n" + table(["what", "time"], firsts))
     return out
+
+
+def _runs_table(spec: str, n_params: int, plan: Plan, runs: list[Run]) -> str:
+    rows = []
+    for r in runs:
+        res = r.result
+        step = median(r.step_times[1:]) if len(r.step_times) > 1 else r.step_times[0]
+        first = r.step_times[0]
+        save = r.wall - (r.stamps[-1] - r.stamps[0])
+        estimate = first + (r.full_steps - 1) * step + save
+        ratios = r.step_ratios(n_params)
+        rows.append(
+            [
+                r.items,
+                r.trainer,
+                r.repeat + 1,
+                res.n_pairs,
+                f"{res.steps}/{r.full_steps}",
+                res.n_tokens,
+                f"{res.train_seconds:.1f}",
+                f"{r.wall:.1f}",
+                f"{r.cpu / r.wall:.2f}",
+                f"{step:.2f}",
+                f"{save:.2f}",
+                f"{res.n_tokens / res.train_seconds:.0f}",
+                f"{r.rate:.0f}",
+                f"{median(ratios):.2f}" if ratios else "-",
+                f"{res.train_seconds / r.floor(n_params, res.n_tokens):.2f}",
+                f"{estimate:.0f}" + ("" if res.steps == r.full_steps else " (est.)"),
+            ]
+        )
+    headers = ["items", "trainer", "rep", "pairs", "steps", "tokens", "train s", "wall s", "cpu/wall", "s/step"]
+    headers += ["save s", "tok/s", "GFLOP/s", "step ratio", "run ratio"]
+    headers.append("s/user, 1 epoch" if plan.epochs == 1 else f"s/user, {plan.epochs} epochs")
+    lora = LoraSettings()
+    return (
+        f"train_adapter on {spec} ({n_params / 1e6:.1f}M parameters, fp32), default LoRA (rank {lora.rank}, "
+        f"targets {','.join(lora.target_modules)}, dropout {lora.dropout}, batch {lora.batch_size}, max_length "
+        f"{lora.max_length}) with epochs={plan.epochs}, max_steps={plan.max_steps}; one user per row, synthetic "
+        "movielens-rating items\n" + table(headers, rows)
+    )
+
+
+def _summary(n_params: int, plan: Plan, runs: list[Run]) -> str:
+    rows = []
+    for n in plan.sizes:
+        by_trainer = {t: [r for r in runs if r.items == n and r.trainer == t] for t in dict.fromkeys(plan.trainers)}
+        steps = {
+            t: median([median(r.step_times[1:]) for r in rs if len(r.step_times) > 1])
+            for t, rs in by_trainer.items()
+            if rs
+        }
+        for trainer, rs in by_trainer.items():
+            if not rs:
+                continue
+            step_ratios = [x for r in rs for x in r.step_ratios(n_params)]
+            run_ratios = [r.result.train_seconds / r.floor(n_params, r.result.n_tokens) for r in rs]
+            speedup = steps.get("plain", float("nan")) / steps[trainer] if trainer in steps else float("nan")
+            rows.append(
+                [
+                    n,
+                    trainer,
+                    len(rs),
+                    f"{median(step_ratios):.2f}" if step_ratios else "-",
+                    f"{min(step_ratios):.2f}-{max(step_ratios):.2f}" if step_ratios else "-",
+                    f"{median(run_ratios):.2f}",
+                    f"{speedup:.2f}x",
+                ]
+            )
+    rates = [r.rate_before for r in runs] + [runs[-1].rate_after] if runs else []
+    spread = f"{min(rates):.0f}-{max(rates):.0f}" if rates else "-"
+    return (
+        f"summary per size and trainer (matmul rate {spread} GFLOP/s over the run, median {median(rates):.0f}; "
+        "speed-up = plain's median s/step over this trainer's)\n"
+        + table(["items", "trainer", "runs", "step ratio (median)", "step ratio range", "run ratio", "speed-up"], rows)
+    )
 
 
 if __name__ == "__main__":

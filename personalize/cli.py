@@ -447,13 +447,20 @@ def eval_compare(
     baseline: str,
     candidate: str,
     tolerance: float = typer.Option(0.01, help="Largest relative change of any metric that counts as unchanged"),
+    candidate_home: Path | None = typer.Option(
+        None, help="The candidate run's home, when it is not this one (a run that trained its own adapters)"
+    ),
 ) -> None:
     """Every metric of two runs side by side (e.g. the fast decoder against the plain path); exit 1 when any
     metric moved more than the tolerance."""
     from personalize.reports import compare_runs, format_comparison
 
     with _client() as p:
-        rows = compare_runs(p.store, baseline, candidate)
+        if candidate_home is None:
+            rows = compare_runs(p.store, baseline, candidate)
+        else:
+            with Personalizer(Settings(home=candidate_home)) as other:
+                rows = compare_runs(p.store, baseline, candidate, other.store)
     typer.echo(format_comparison(rows, baseline, candidate, tolerance))
     if any(abs(r.relative_change) > tolerance for r in rows):
         raise typer.Exit(1)

@@ -306,19 +306,23 @@ class MetricComparison:
     n_queries: int
 
 
-def compare_runs(store: Store, baseline_id: str, candidate_id: str) -> list[MetricComparison]:
+def compare_runs(
+    store: Store, baseline_id: str, candidate_id: str, candidate_store: Store | None = None
+) -> list[MetricComparison]:
     """Every metric of every method of two runs of the same task and queries, side by side: how far the candidate
-    (e.g. the fast decoder) moved from the baseline (the plain path), and how many answers are identical."""
-    base, cand = build_report(store, baseline_id), build_report(store, candidate_id)
+    (e.g. the fast decoder) moved from the baseline (the plain path), and how many answers are identical. The
+    candidate may live in another store (``candidate_store``: a run that had to train its own adapters)."""
+    other_store = candidate_store or store
+    base, cand = build_report(store, baseline_id), build_report(other_store, candidate_id)
     if (base.task, base.split) != (cand.task, cand.split):
         raise InvalidInputError(
             f"runs of different tasks or splits: {base.task}/{base.split} vs {cand.task}/{cand.split}"
         )
-    with store.session() as s:
-        rows = s.scalars(select(EvalResult).where(EvalResult.run_id.in_([baseline_id, candidate_id])))
-        answers: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
-        for r in rows:
-            answers[(r.method, r.query_id)][r.run_id] = r.prediction
+    answers: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    for source, run_id in ((store, baseline_id), (other_store, candidate_id)):
+        with source.session() as s:
+            for r in s.scalars(select(EvalResult).where(EvalResult.run_id == run_id)):
+                answers[(r.method, r.query_id)][r.run_id] = r.prediction
     out = []
     cand_rows = {r.method: r for r in cand.table}
     for row in base.table:

@@ -63,6 +63,7 @@ class TrainResult:
     size_bytes: int
     config: dict[str, Any]
     losses: list[float] = field(default_factory=list)  # one per step
+    step_tokens: list[int] = field(default_factory=list)  # non-padding tokens of each step's batch
     trainer: str = "plain"  # "fast" (personalize.fasttrain) or "plain" (peft's own forward)
     trainer_note: str | None = None  # why the fast step did not apply, when it was asked for
 
@@ -318,7 +319,7 @@ def train_adapter(
     if settings.max_steps is not None:
         total = min(total, settings.max_steps)
     losses: list[float] = []
-    n_tokens = 0
+    step_tokens: list[int] = []
     trainer, note = _trainer(loaded, settings)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # seeds LoRA init and dropout without touching the caller's RNG
@@ -356,10 +357,11 @@ def train_adapter(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
-                n_tokens += n
+                step_tokens.append(n)
                 if progress is not None:
                     progress(len(losses) / total, losses[-1])
     train_seconds = time.perf_counter() - start
+    n_tokens = sum(step_tokens)
     if should_stop is not None and should_stop():
         raise TrainingCancelled(f"training stopped after all {total} steps, before the adapter was written")
     model.eval()
@@ -382,7 +384,18 @@ def train_adapter(
     _write_atomically(model, out_dir, metadata)
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
     return TrainResult(
-        out_dir, len(examples), n_tokens, len(losses), train_seconds, final_loss, size, config, losses, trainer, note
+        out_dir,
+        len(examples),
+        n_tokens,
+        len(losses),
+        train_seconds,
+        final_loss,
+        size,
+        config,
+        losses,
+        step_tokens,
+        trainer,
+        note,
     )
 
 
