@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,17 +69,25 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
 
 
 class StepClock:
-    """The ``progress`` callback of ``train_adapter``: a timestamp after every optimizer step, and the tqdm bar."""
+    """The ``progress`` callback of ``train_adapter``: a timestamp after every optimizer step, the tqdm bar, and
+    (with ``probe``) a matmul rate measured right after every step, so each step is compared with the CPU speed of
+    its own seconds; the probe's time is taken out of the step times (``resumes``: when the next step began)."""
 
-    def __init__(self, bar: tqdm) -> None:
+    def __init__(self, bar: tqdm, probe: Callable[[], float] | None = None) -> None:
         self.bar = bar
-        self.stamps: list[float] = []
+        self.probe = probe
+        self.ends: list[float] = []
+        self.resumes: list[float] = []
+        self.rates: list[float] = []
 
     def __call__(self, fraction: float, loss: float | None) -> None:
-        self.stamps.append(time.perf_counter())
+        self.ends.append(time.perf_counter())
         self.bar.update(1)
         if loss is not None:
             self.bar.set_postfix(loss=f"{loss:.3f}")
+        if self.probe is not None:
+            self.rates.append(self.probe())
+        self.resumes.append(time.perf_counter())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,6 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trainers", default="fast,plain", help="LoraSettings.trainer values (default fast,plain)")
     parser.add_argument("--repeat", type=int, default=2, help="times to run every size and trainer (default 2)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n fp32 matmul (default 2048)")
+    parser.add_argument(
+        "--no-step-probes", action="store_true", help="measure the matmul rate around runs only, not after every step"
+    )
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([20, 100] if args.quick else [20, 100, 500])
@@ -104,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         resolved += ["--matmul-size", str(args.matmul_size)]
     if args.torch_threads:
         resolved += ["--torch-threads", str(args.torch_threads)]
+    if args.no_step_probes:
+        resolved.append("--no-step-probes")
     if args.quick:
         resolved = ["--quick", *resolved]
     if args.home:
@@ -118,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     note = contention_note()
     started = time.perf_counter()
     plan = Plan(sizes, args.epochs, max_steps or None, trainers, max(1, args.repeat), args.matmul_size)
+    plan.probe_steps = not args.no_step_probes
     try:
         out = run(Settings(home=home, auto_train=False), plan)
     finally:
@@ -143,50 +158,79 @@ class Plan:
     trainers: list[str]
     repeat: int
     matmul_n: int
+    probe_steps: bool = True
 
 
 @dataclass
 class Run:
-    """One measured training run and the matmul rates taken just before and just after it."""
+    """One measured training run: its step timestamps and the matmul rates around it (and around each step)."""
 
     items: int
     trainer: str
     repeat: int
     full_steps: int
     result: TrainResult
-    wall: float
-    cpu: float
-    stamps: list[float]  # the start, then a timestamp after every step
+    wall: float  # the whole train_adapter call, probes excluded
+    clock: StepClock
+    start: float
     rate_before: float
     rate_after: float
 
     @property
-    def rate(self) -> float:
-        return (self.rate_before + self.rate_after) / 2
+    def probe_seconds(self) -> float:
+        return sum(b - a for a, b in zip(self.clock.ends, self.clock.resumes, strict=True))
 
-    def floor(self, n_params: int, tokens: int) -> float:
-        return 4 * n_params * tokens / (self.rate * 1e9)
+    @property
+    def train_seconds(self) -> float:
+        return self.result.train_seconds - self.probe_seconds
+
+    @property
+    def save_seconds(self) -> float:
+        """The rest of the call after the last step: writing the adapter (save_pretrained, fsync, rename)."""
+        probes = sum(b - a for a, b in zip(self.clock.ends[:-1], self.clock.resumes[:-1], strict=True))
+        return self.wall - (self.clock.ends[-1] - self.start - probes)
+
+    @property
+    def rate(self) -> float:
+        return median([self.rate_before, *self.clock.rates, self.rate_after])
 
     @property
     def step_times(self) -> list[float]:
-        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+        starts = [self.start, *self.clock.resumes[:-1]]
+        return [end - begin for begin, end in zip(starts, self.clock.ends, strict=True)]
+
+    def step_rates(self) -> list[float]:
+        """The rate around each step: the mean of the probes just before and just after it."""
+        if not self.clock.rates:
+            return [self.rate] * len(self.clock.ends)
+        before = [self.rate_before, *self.clock.rates[:-1]]
+        return [(a + b) / 2 for a, b in zip(before, self.clock.rates, strict=True)]
 
     def step_ratios(self, n_params: int) -> list[float]:
-        """Each step after the first (the first also holds the setup) against its own floor."""
-        times, tokens = self.step_times[1:], self.result.step_tokens[1:]
-        return [t / self.floor(n_params, n) for t, n in zip(times, tokens, strict=True)]
+        """Each step after the first (the first also holds the setup) against its own floor at its own rate."""
+        times, tokens, rates = self.step_times[1:], self.result.step_tokens[1:], self.step_rates()[1:]
+        return [t / floor(n_params, n, r) for t, n, r in zip(times, tokens, rates, strict=True)]
+
+    def run_ratio(self, n_params: int) -> float:
+        floors = [floor(n_params, n, r) for n, r in zip(self.result.step_tokens, self.step_rates(), strict=True)]
+        return self.train_seconds / sum(floors)
 
 
-def _train_once(loaded, items: int, lora: LoraSettings, out: Path, desc: str) -> tuple[TrainResult, float, float, list]:
+def floor(n_params: int, tokens: int, gflops: float) -> float:
+    return 4 * n_params * tokens / (gflops * 1e9)
+
+
+def _train_once(loaded, items: int, lora: LoraSettings, out: Path, desc: str, probe=None):  # noqa: ANN001, ANN202
     pairs = training_pairs(movie_items(items, seed=items))
     full_steps = lora.epochs * math.ceil(len(pairs) / lora.batch_size)
     steps = min(full_steps, lora.max_steps) if lora.max_steps else full_steps
     with tqdm(total=steps, desc=desc, unit="step", file=sys.stderr) as bar:
-        clock = StepClock(bar)
-        t0, cpu0 = time.perf_counter(), time.process_time()
+        clock = StepClock(bar, probe)
+        t0 = time.perf_counter()
         result = train_adapter(loaded, pairs, lora, out, progress=clock)
-        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    return result, wall, cpu, [t0, *clock.stamps]
+        wall = time.perf_counter() - t0
+    probes = sum(b - a for a, b in zip(clock.ends, clock.resumes, strict=True))
+    return result, wall - probes, clock, t0
 
 
 def run(settings: Settings, plan: Plan) -> list[str]:
@@ -213,7 +257,7 @@ def run(settings: Settings, plan: Plan) -> list[str]:
     adapters = Path(tempfile.mkdtemp(prefix="adapters-", dir=settings.resolved_home))
     for trainer in plan.trainers:  # the first training of each kind in a process: kernels built or loaded, checks
         lora = LoraSettings(epochs=1, max_steps=1, trainer=trainer)
-        result, wall, _, _ = _train_once(loaded, 8, lora, adapters / f"warm-{trainer}", f"warm-up {trainer}")
+        result, wall, *_ = _train_once(loaded, 8, lora, adapters / f"warm-{trainer}", f"warm-up {trainer}")
         firsts.append([f"first training in the process, trainer {result.trainer} (1 step, 8 pairs)", f"{wall:.2f} s"])
 
     runs: list[Run] = []
@@ -223,25 +267,26 @@ def run(settings: Settings, plan: Plan) -> list[str]:
                 lora = LoraSettings(epochs=plan.epochs, max_steps=plan.max_steps, trainer=trainer)
                 per_epoch = math.ceil(len(training_pairs(movie_items(n, seed=n))) / lora.batch_size)
                 before = rate
-                result, wall, cpu, stamps = _train_once(
-                    loaded, n, lora, adapters / f"user-{n}-{trainer}-{rep}", f"train {n} items, {trainer}"
-                )
+                probe = (lambda: matmul_gflops(plan.matmul_n, reps=3)) if plan.probe_steps else None
+                out_dir = adapters / f"user-{n}-{trainer}-{rep}"
+                result, wall, clock, t0 = _train_once(loaded, n, lora, out_dir, f"train {n} items, {trainer}", probe)
                 rate = matmul_gflops(plan.matmul_n)  # after this run = before the next one
                 full = plan.epochs * per_epoch
-                runs.append(Run(n, result.trainer, rep, full, result, wall, cpu, stamps, before, rate))
+                runs.append(Run(n, result.trainer, rep, full, result, wall, clock, t0, before, rate))
     shutil.rmtree(adapters, ignore_errors=True)
     out.append(_runs_table(spec, n_params, plan, runs))
     out.append(_summary(n_params, plan, runs))
     out.append(
         "how measured: tokens = TrainResult.n_tokens (non-padding tokens of the forward passes, over all steps); "
-        "train s = TrainResult.train_seconds (from before the base model is wrapped with peft to the last step; not "
-        "the save); wall s = the whole train_adapter call; cpu/wall = this process's CPU time over wall time in the "
-        "call (near the thread count when the CPUs were ours, lower when other processes took them); s/step = "
-        "median time of steps 2.. (timestamps from the progress callback; step 1 also holds the setup: encoding the "
-        "pairs, wrapping the model with peft); GFLOP/s = mean of the matmul rates measured just before and just "
-        "after the run; step ratio = median over steps 2.. of (step time / that step's floor); run ratio = train s / "
-        "floor of all its tokens (so setup included). The last column is measured when the row ran a whole epoch, "
-        "else estimated as (time to the end of step 1) + (steps in the epoch - 1) x s/step + save.\n"
+        "after every step (the progress callback) a fp32 matmul rate is measured (3 calls of 2048x2048; "
+        "--no-step-probes turns it off), and its time is taken out of every figure here; train s = "
+        "TrainResult.train_seconds without the probes (from before the base model is wrapped with peft to the last "
+        "step; not the save); wall s = the whole train_adapter call without the probes; s/step = median time of "
+        "steps 2.. (step 1 also holds the setup: encoding the pairs, wrapping the model with peft); GFLOP/s = "
+        "median of the rates measured before, during and after the run; step ratio = median over steps 2.. of "
+        "(step time / that step's floor at the mean of the rates measured just before and just after it); run "
+        "ratio = train s / the sum of the steps' floors (so setup included). The last column is measured when the "
+        "row ran a whole epoch, else estimated as (step 1) + (steps in the epoch - 1) x s/step + save.\n"
         f"floor: 4 x {n_params / 1e6:.1f}M parameters x tokens FLOPs at the measured matmul rate. A forward pass "
         "costs ~2 FLOPs per parameter per token (a multiply and an add per weight); the backward pass costs ~4, "
         "2 for the gradient of the activations and 2 for the gradient of the weights, so full fine-tuning is ~6x. "
@@ -263,7 +308,7 @@ def _runs_table(spec: str, n_params: int, plan: Plan, runs: list[Run]) -> str:
         res = r.result
         step = median(r.step_times[1:]) if len(r.step_times) > 1 else r.step_times[0]
         first = r.step_times[0]
-        save = r.wall - (r.stamps[-1] - r.stamps[0])
+        save = r.save_seconds
         estimate = first + (r.full_steps - 1) * step + save
         ratios = r.step_ratios(n_params)
         rows.append(
@@ -274,19 +319,18 @@ def _runs_table(spec: str, n_params: int, plan: Plan, runs: list[Run]) -> str:
                 res.n_pairs,
                 f"{res.steps}/{r.full_steps}",
                 res.n_tokens,
-                f"{res.train_seconds:.1f}",
+                f"{r.train_seconds:.1f}",
                 f"{r.wall:.1f}",
-                f"{r.cpu / r.wall:.2f}",
                 f"{step:.2f}",
                 f"{save:.2f}",
-                f"{res.n_tokens / res.train_seconds:.0f}",
+                f"{res.n_tokens / r.train_seconds:.0f}",
                 f"{r.rate:.0f}",
                 f"{median(ratios):.2f}" if ratios else "-",
-                f"{res.train_seconds / r.floor(n_params, res.n_tokens):.2f}",
+                f"{r.run_ratio(n_params):.2f}",
                 f"{estimate:.0f}" + ("" if res.steps == r.full_steps else " (est.)"),
             ]
         )
-    headers = ["items", "trainer", "rep", "pairs", "steps", "tokens", "train s", "wall s", "cpu/wall", "s/step"]
+    headers = ["items", "trainer", "rep", "pairs", "steps", "tokens", "train s", "wall s", "s/step"]
     headers += ["save s", "tok/s", "GFLOP/s", "step ratio", "run ratio"]
     headers.append("s/user, 1 epoch" if plan.epochs == 1 else f"s/user, {plan.epochs} epochs")
     lora = LoraSettings()
@@ -311,7 +355,7 @@ def _summary(n_params: int, plan: Plan, runs: list[Run]) -> str:
             if not rs:
                 continue
             step_ratios = [x for r in rs for x in r.step_ratios(n_params)]
-            run_ratios = [r.result.train_seconds / r.floor(n_params, r.result.n_tokens) for r in rs]
+            run_ratios = [r.run_ratio(n_params) for r in rs]
             speedup = steps.get("plain", float("nan")) / steps[trainer] if trainer in steps else float("nan")
             rows.append(
                 [
@@ -324,7 +368,7 @@ def _summary(n_params: int, plan: Plan, runs: list[Run]) -> str:
                     f"{speedup:.2f}x",
                 ]
             )
-    rates = [r.rate_before for r in runs] + [runs[-1].rate_after] if runs else []
+    rates = [x for r in runs for x in (r.rate_before, *r.clock.rates)] + ([runs[-1].rate_after] if runs else [])
     spread = f"{min(rates):.0f}-{max(rates):.0f}" if rates else "-"
     return (
         f"summary per size and trainer (matmul rate {spread} GFLOP/s over the run, median {median(rates):.0f}; "

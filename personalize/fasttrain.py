@@ -152,20 +152,26 @@ class FastLoraForward:
         k = int((labels != -100).sum(dim=1).max())  # the outputs are the last k positions (left padding)
         cos, sin = self.rotary(self.embed[:1].unsqueeze(0), position_ids)  # (B, S, D)
         cos, sin = cos.contiguous(), sin.contiguous()
-        mask = torch.ones(seq, seq, dtype=torch.bool).tril().unsqueeze(0) & batch["attention_mask"].bool().unsqueeze(1)
-        mask = (mask | torch.eye(seq, dtype=torch.bool)).unsqueeze(1)  # a padded row attends to itself: no NaN
+        real = batch["attention_mask"].to(torch.uint8).contiguous()  # (B, S): 1 for a token, 0 for padding
+        mask = None
+        if _lib() is None:  # torch's attention takes the mask whole
+            mask = torch.ones(seq, seq, dtype=torch.bool).tril().unsqueeze(0) & real.bool().unsqueeze(1)
+            mask = (mask | torch.eye(seq, dtype=torch.bool)).unsqueeze(1)  # a padded row attends to itself: no NaN
         x = self.embed[input_ids].reshape(n * seq, -1)
         # Only positions seq-k-1 .. seq-2 feed the loss (position t predicts token t + 1): the last layer computes
         # its queries, attention output and MLP for those rows alone (its keys and values still see every row).
         last_rows = _Rows(n, seq, seq - k - 1, seq - 1)
         for index, layer in enumerate(self.layers):
             rows = last_rows if index == len(self.layers) - 1 else None
-            x = self._layer(layer, x, cos, sin, mask, n, seq, rows)
+            x = self._layer(layer, x, cos, sin, (real, mask), n, seq, rows)
         logits = lm_head(rms_norm(x, self.norm, self.eps), self.lm_head)
         return fn.cross_entropy(logits, labels[:, -k:].reshape(-1), ignore_index=-100)
 
-    def _layer(self, layer: _Layer, x: Any, cos: Any, sin: Any, mask: Any, n: int, seq: int, rows: _Rows | None) -> Any:
+    def _layer(
+        self, layer: _Layer, x: Any, cos: Any, sin: Any, masks: tuple[Any, Any], n: int, seq: int, rows: _Rows | None
+    ) -> Any:
         fn = self.torch.nn.functional
+        real, mask = masks
         heads, kv, dim = self.n_heads, self.n_kv, self.head_dim
         y = rms_norm(x, layer.ln1, self.eps)
         q = self._project(layer, "q_proj", y, rows)
@@ -174,11 +180,18 @@ class FastLoraForward:
         q_len = seq if rows is None else rows.stop - rows.start
         q_cos, q_sin = (cos, sin) if rows is None else (rows.pick_positions(cos), rows.pick_positions(sin))
         q, key = rotary(q.view(n, q_len, heads, dim), q_cos, q_sin), rotary(key, cos, sin)
-        q_mask = mask if rows is None else mask[:, :, rows.start : rows.stop]
-        attn = fn.scaled_dot_product_attention(
-            q.transpose(1, 2), key.transpose(1, 2), v.transpose(1, 2), attn_mask=q_mask, enable_gqa=True
-        )
-        attn = attn.transpose(1, 2).reshape(n * q_len, heads * dim)
+        q_offset = 0 if rows is None else rows.start
+        if _lib() is not None:
+            attn = _Functions.get().attention.apply(q, key, v, real, q_offset).view(n * q_len, heads * dim)
+        else:
+            attn = fn.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                key.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask[:, :, q_offset : q_offset + q_len],
+                enable_gqa=True,
+            )
+            attn = attn.transpose(1, 2).reshape(n * q_len, heads * dim)
         if rows is not None:
             x = rows.pick(x)
         x = x + self._project(layer, "o_proj", attn, rows)
@@ -224,6 +237,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "lora_rank_update": [i64, i64, i64, ptr, ptr, ptr, f32, ctypes.c_int, ptr],
         "lora_outer_sum": [i64, i64, i64, ptr, ptr, ptr, f32, ptr],
         "lm_head_fwd": [i64, i64, i64, ptr, ptr, ptr],
+        "attn_fwd": [i64, i64, i64, i64, i64, i64, i64, f32, ptr, ptr, ptr, ptr, ptr, ptr],
+        "attn_bwd": [i64, i64, i64, i64, i64, i64, i64, f32] + [ptr] * 10,
         "lm_head_bwd": [i64, i64, i64, ptr, ptr, ctypes.c_int, ptr, ptr],
     }
     for name, argtypes in signatures.items():
@@ -255,6 +270,7 @@ class _Functions:
         self.swiglu = _swiglu_fn(torch)
         self.lora = _lora_fn(torch)
         self.lm_head = _lm_head_fn(torch)
+        self.attention = _attention_fn(torch)
 
     @classmethod
     def get(cls) -> _Functions:
@@ -502,3 +518,37 @@ def _lm_head_fn(torch: Any) -> Any:
             return dh, None
 
     return LmHeadFn
+
+
+def _attention_fn(torch: Any) -> Any:
+    class AttentionFn(torch.autograd.Function):
+        """Causal attention with grouped key/value heads and left padding (csrc/trainops.c ``attn_fwd``): q (B, Lq,
+        H, D) at positions q_offset.., k and v (B, L, KV, D), real (B, L) uint8; out (B, Lq, H, D)."""
+
+        @staticmethod
+        def forward(ctx: Any, q: Any, k: Any, v: Any, real: Any, q_offset: int) -> Any:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            batch, lq, heads, dim = q.shape
+            length, kv_heads = k.shape[1], k.shape[2]
+            out = torch.empty_like(q)
+            lse = torch.empty(batch, heads, lq)
+            scale = dim**-0.5
+            _lib().attn_fwd(
+                batch, lq, length, heads, kv_heads, dim, q_offset, scale, *map(_ptr, (q, k, v, real, out, lse))
+            )
+            ctx.save_for_backward(q, k, v, real, out, lse)
+            ctx.q_offset, ctx.scale = q_offset, scale
+            return out
+
+        @staticmethod
+        def backward(ctx: Any, dout: Any) -> Any:
+            q, k, v, real, out, lse = ctx.saved_tensors
+            dout = dout.contiguous()
+            batch, lq, heads, dim = q.shape
+            length, kv_heads = k.shape[1], k.shape[2]
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            tensors = (q, k, v, real, out, lse, dout, dq, dk, dv)
+            _lib().attn_bwd(batch, lq, length, heads, kv_heads, dim, ctx.q_offset, ctx.scale, *map(_ptr, tensors))
+            return dq, dk, dv, None, None
+
+    return AttentionFn

@@ -223,3 +223,33 @@ def test_skeleton_shares_weights_and_leaves_the_shared_model_alone(loaded):
     assert {k: p.requires_grad for k, p in loaded.model.named_parameters()} == before
     assert not any("lora" in name for name, _ in loaded.model.named_modules())
     assert model.get_base_model() is skeleton
+
+
+def test_attention_kernel_matches_torch_with_padding_groups_and_an_offset():
+    if fasttrain.KERNEL.unavailable_reason():
+        pytest.skip(fasttrain.KERNEL.unavailable_reason())
+    torch.manual_seed(0)
+    batch, length, heads, kv_heads, dim = 3, 37, 6, 2, 64  # 37: keys beyond one block of 32
+    real = torch.ones(batch, length, dtype=torch.uint8)
+    real[0, :9], real[2, :36] = 0, 0  # left padding; the last row has a single token
+    mask = torch.ones(length, length, dtype=torch.bool).tril().unsqueeze(0) & real.bool().unsqueeze(1)
+    mask = (mask | torch.eye(length, dtype=torch.bool)).unsqueeze(1)
+    for offset in (0, length - 4):  # every query, and the last layer's few loss positions
+        lq = length - offset
+        q = torch.randn(batch, lq, heads, dim, requires_grad=True)
+        k = torch.randn(batch, length, kv_heads, dim, requires_grad=True)
+        v = torch.randn(batch, length, kv_heads, dim, requires_grad=True)
+        out = fasttrain._Functions.get().attention.apply(q, k, v, real, offset)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask[:, :, offset:],
+            enable_gqa=True,
+        ).transpose(1, 2)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        g = torch.randn_like(ref)
+        for got, want in zip(
+            torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g), strict=True
+        ):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef __AVX2__
 #include <immintrin.h>
@@ -431,5 +432,206 @@ void lm_head_bwd(int64_t rows, int64_t d, int64_t vocab, const float *dlogits, c
         float sum = 0.0f;
         for (int k = 0; k < threads; k++) sum += scratch[(int64_t)k * rows * d + i];
         dh[i] = sum;
+    }
+}
+
+/* ---- causal attention with grouped key/value heads, for short training sequences -------------------------------
+ * q (B, Lq, H, D) with query i at position q_offset + i; k, v (B, L, KV, D); real (B, L): 1 for a token, 0 for left
+ * padding. Query position p sees keys j <= p that are real, and itself (a padded row attends to itself alone, so no
+ * row is empty). out (B, Lq, H, D); lse (B, H, Lq) keeps log-sum-exp of the scaled scores for the backward pass,
+ * which recomputes the probabilities (as flash attention does) instead of storing them. Laid out as the projections
+ * write them, so no transposes are needed; causal rows cost half the products of a dense (L x L) block. */
+
+/* s[j] = scale * sum_c q[c] * kt[c * ld + j] for j < n: scores against keys held transposed (d, ld), 8 keys per
+ * vector, 4 vectors per pass over q, so no horizontal sums. ld is a multiple of 8 (zero columns past the keys). */
+static void scores_t(const float *q, const float *kt, int64_t ld, int64_t n, int64_t d, float scale, float *s) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (; j < n; j += 32) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t width = n - j; /* the last block may cover fewer than 32 keys: its columns past n are zeros */
+        for (int64_t c = 0; c < d; c++) {
+            __m256 qc = _mm256_set1_ps(q[c]);
+            const float *row = kt + c * ld + j;
+            a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(row), a0);
+            if (width > 8) a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(row + 8), a1);
+            if (width > 16) a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(row + 16), a2);
+            if (width > 24) a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(row + 24), a3);
+        }
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(a0, sc));
+        if (width > 8) _mm256_storeu_ps(s + j + 8, _mm256_mul_ps(a1, sc));
+        if (width > 16) _mm256_storeu_ps(s + j + 16, _mm256_mul_ps(a2, sc));
+        if (width > 24) _mm256_storeu_ps(s + j + 24, _mm256_mul_ps(a3, sc));
+    }
+#else
+    for (; j < n; j++) s[j] = 0.0f;
+    for (int64_t c = 0; c < d; c++)
+        for (j = 0; j < n; j++) s[j] += q[c] * kt[c * ld + j];
+    for (j = 0; j < n; j++) s[j] *= scale;
+#endif
+}
+
+/* out[c] (=, or += with accumulate) sum_{j < n} p[j * p_stride] * rows[j * stride + c] for c < d: 64 outputs at a
+ * time held in registers across the rows. */
+static void weighted_rows(const float *p, int64_t p_stride, const float *rows, int64_t stride, int64_t n, int64_t d,
+                          int accumulate, float *out) {
+    int64_t c0 = 0;
+#ifdef __AVX2__
+    for (; c0 + 64 <= d; c0 += 64) {
+        __m256 a[8];
+        for (int u = 0; u < 8; u++) a[u] = accumulate ? _mm256_loadu_ps(out + c0 + 8 * u) : _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            __m256 pj = _mm256_set1_ps(p[j * p_stride]);
+            const float *r = rows + j * stride + c0;
+            for (int u = 0; u < 8; u++) a[u] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(r + 8 * u), a[u]);
+        }
+        for (int u = 0; u < 8; u++) _mm256_storeu_ps(out + c0 + 8 * u, a[u]);
+    }
+#endif
+    for (int64_t c = c0; c < d; c++) {
+        float acc = accumulate ? out[c] : 0.0f;
+        for (int64_t j = 0; j < n; j++) acc += p[j * p_stride] * rows[j * stride + c];
+        out[c] = acc;
+    }
+}
+
+/* dst (d, ld) = src rows j < n (stride apart) transposed, zero columns from n up to ld. */
+static void transpose_rows(const float *src, int64_t stride, int64_t n, int64_t d, int64_t ld, float *dst) {
+    for (int64_t c = 0; c < d; c++)
+        for (int64_t j = n; j < ld; j++) dst[c * ld + j] = 0.0f;
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t c = 0; c < d; c++) dst[c * ld + j] = src[j * stride + c];
+}
+
+static inline float dot_d(const float *a, const float *b, int64_t d) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < d; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+static inline void exp_inplace(float *s, int64_t n) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(s + j, exp8(_mm256_loadu_ps(s + j)));
+#endif
+    for (; j < n; j++) s[j] = expf(s[j]);
+}
+
+/* s[j] = exp(s[j] - shift) for the keys query position `pos` sees, 0 for the (padding) keys it does not; s holds
+ * room for pos + 1 rounded up to 8 (the lanes past pos are computed and ignored). */
+static void attn_exp(const uint8_t *real_b, int64_t pos, float shift, float *s) {
+    int64_t n = (pos + 8) / 8 * 8;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) s[j] -= shift;
+    exp_inplace(s, n);
+    for (int64_t j = 0; j < pos; j++) s[j] = real_b[j] ? s[j] : 0.0f;
+}
+
+/* The largest score among the keys position `pos` sees. */
+static float seen_max(const uint8_t *real_b, int64_t pos, const float *s) {
+    float m = s[pos];
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < pos; j++) m = fmaxf(m, real_b[j] ? s[j] : -INFINITY);
+    return m;
+}
+
+void attn_fwd(int64_t batch, int64_t lq, int64_t len, int64_t heads, int64_t kv_heads, int64_t d, int64_t q_offset,
+              float scale, const float *q, const float *k, const float *v, const uint8_t *real, float *out,
+              float *lse) {
+    int64_t group = heads / kv_heads, kv_stride = kv_heads * d, ld = (len + 31) / 32 * 32;
+#pragma omp parallel
+    {
+        float *kt = malloc(sizeof(float) * (size_t)(d * ld)), *s = malloc(sizeof(float) * (size_t)ld);
+#pragma omp for schedule(dynamic) collapse(2)
+        for (int64_t b = 0; b < batch; b++) {
+            for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
+                const float *kb = k + b * len * kv_stride + kvh * d, *vb = v + b * len * kv_stride + kvh * d;
+                const uint8_t *real_b = real + b * len;
+                transpose_rows(kb, kv_stride, len, d, ld, kt);
+                for (int64_t h = kvh * group; h < (kvh + 1) * group; h++) {
+                    for (int64_t i = 0; i < lq; i++) {
+                        int64_t pos = q_offset + i;
+                        const float *qi = q + ((b * lq + i) * heads + h) * d;
+                        float *oi = out + ((b * lq + i) * heads + h) * d;
+                        scores_t(qi, kt, ld, pos + 1, d, scale, s);
+                        float m = seen_max(real_b, pos, s);
+                        attn_exp(real_b, pos, m, s);
+                        float total = 0.0f;
+                        for (int64_t j = 0; j <= pos; j++) total += s[j];
+                        weighted_rows(s, 1, vb, kv_stride, pos + 1, d, 0, oi);
+                        float inv = 1.0f / total;
+#pragma omp simd
+                        for (int64_t c = 0; c < d; c++) oi[c] *= inv;
+                        lse[(b * heads + h) * lq + i] = m + logf(total);
+                    }
+                }
+            }
+        }
+        free(kt);
+        free(s);
+    }
+}
+
+/* dq like q; dk, dv like k and v. Each thread owns one (batch row, key/value head) at a time: it recomputes the
+ * probabilities P and score gradients dS of the group's query rows into buffers, then forms each key's gradients
+ * from them (dV_j = sum_r P[r, j] dout_r, dK_j = sum_r dS[r, j] q_r) with the sums held in registers. */
+void attn_bwd(int64_t batch, int64_t lq, int64_t len, int64_t heads, int64_t kv_heads, int64_t d, int64_t q_offset,
+              float scale, const float *q, const float *k, const float *v, const uint8_t *real, const float *out,
+              const float *lse, const float *dout, float *dq, float *dk, float *dv) {
+    int64_t group = heads / kv_heads, kv_stride = kv_heads * d, ld = (len + 31) / 32 * 32, q_stride = heads * d;
+#pragma omp parallel
+    {
+        float *kt = malloc(sizeof(float) * (size_t)(d * ld)), *vt = malloc(sizeof(float) * (size_t)(d * ld));
+        float *pbuf = malloc(sizeof(float) * (size_t)(group * lq * ld));
+        float *dsbuf = malloc(sizeof(float) * (size_t)(group * lq * ld));
+#pragma omp for schedule(dynamic) collapse(2)
+        for (int64_t b = 0; b < batch; b++) {
+            for (int64_t kvh = 0; kvh < kv_heads; kvh++) {
+                const float *kb = k + b * len * kv_stride + kvh * d, *vb = v + b * len * kv_stride + kvh * d;
+                float *dkb = dk + b * len * kv_stride + kvh * d, *dvb = dv + b * len * kv_stride + kvh * d;
+                const uint8_t *real_b = real + b * len;
+                transpose_rows(kb, kv_stride, len, d, ld, kt);
+                transpose_rows(vb, kv_stride, len, d, ld, vt);
+                for (int64_t g = 0; g < group; g++) {
+                    int64_t h = kvh * group + g;
+                    for (int64_t i = 0; i < lq; i++) {
+                        int64_t pos = q_offset + i;
+                        int64_t at = ((b * lq + i) * heads + h) * d;
+                        const float *qi = q + at, *oi = out + at, *doi = dout + at;
+                        float *p = pbuf + (g * lq + i) * ld, *ds = dsbuf + (g * lq + i) * ld;
+                        float di = dot_d(doi, oi, d);
+                        scores_t(qi, kt, ld, pos + 1, d, scale, p);
+                        attn_exp(real_b, pos, lse[(b * heads + h) * lq + i], p);
+                        scores_t(doi, vt, ld, pos + 1, d, 1.0f, ds); /* dout_i . v_j */
+#pragma omp simd
+                        for (int64_t j = 0; j <= pos; j++) ds[j] = p[j] * (ds[j] - di) * scale;
+                        for (int64_t j = pos + 1; j < ld; j++) p[j] = ds[j] = 0.0f;
+                        weighted_rows(ds, 1, kb, kv_stride, pos + 1, d, 0, dq + at);
+                    }
+                }
+                for (int64_t j = 0; j < len; j++) {
+                    int64_t first = j > q_offset ? j - q_offset : 0; /* the query rows that see key j */
+                    if (first >= lq) {
+                        memset(dkb + j * kv_stride, 0, sizeof(float) * (size_t)d);
+                        memset(dvb + j * kv_stride, 0, sizeof(float) * (size_t)d);
+                        continue;
+                    }
+                    for (int64_t g = 0; g < group; g++) {
+                        int64_t h = kvh * group + g, n = lq - first;
+                        const float *prow = pbuf + (g * lq + first) * ld + j, *dsrow = dsbuf + (g * lq + first) * ld + j;
+                        const float *dor = dout + ((b * lq + first) * heads + h) * d;
+                        const float *qr = q + ((b * lq + first) * heads + h) * d;
+                        weighted_rows(prow, ld, dor, q_stride, n, d, g > 0, dvb + j * kv_stride);
+                        weighted_rows(dsrow, ld, qr, q_stride, n, d, g > 0, dkb + j * kv_stride);
+                    }
+                }
+            }
+        }
+        free(kt);
+        free(vt);
+        free(pbuf);
+        free(dsbuf);
     }
 }
