@@ -1,15 +1,21 @@
-"""A fast LoRA training step for Llama-family causal LMs on the CPU: the same loss and gradients as peft's, fewer
-passes over memory.
+"""A fast LoRA training step for Llama-family causal LMs on the CPU: the same loss, gradients and adapter as peft's,
+with fewer passes over memory.
 
-Why: a training step of the bundled 135M model through Hugging Face and peft spends about half its time outside
-the matrix products: a module call and an autograd node per elementwise op (RMSNorm alone is six), rotary tables
-rebuilt per layer, and a private deep copy of the base model per user before the first step. Here the forward pass is
-written once, functionally, over the base model's own (frozen, shared, never copied) weights; RMSNorm, rotary and
-SwiGLU are single autograd functions with hand-written backward passes; LoRA's update is folded into the base
-product (``addmm``). The LoRA parameters, their dropout modules and their initialisation are peft's own
-(``get_peft_model`` on a skeleton of the model that shares its weights), called in the order peft calls them, so the
-same seed draws the same dropout masks and the adapter saves in peft's format. Anything it does not handle is
-reported by ``unsupported_reason`` and training falls back to peft's own forward.
+Why: a training step of the bundled 135M model through Hugging Face and peft spends about half its time outside the
+big matrix products: a module call and an autograd node per elementwise op (RMSNorm alone is six), LoRA's rank-8
+products (BLAS runs such thin products at a tenth of its rate), torch's serial per-element dropout RNG, attention on
+padded dense blocks, the output layer's skinny products, and a private deep copy of the base model per user.
+
+Here the forward pass is written once, functionally, over the base model's own frozen weights (shared, never
+copied). RMSNorm, rotary, SwiGLU, LoRA's update, causal attention with grouped key/value heads and the output layer
+are autograd functions whose forward and backward passes are single C calls (``csrc/trainops.c``); the last layer
+computes its queries, attention output and MLP only for the positions the loss reads. The LoRA parameters, their
+initialisation and the saved format are peft's own (``get_peft_model`` on a skeleton of the model that shares its
+weights), and LoRA's dropout masks are drawn from torch's generator exactly as ``nn.Dropout`` draws them (the
+kernel replays torch's mt19937; ``dropout_matches_torch`` checks it once per process), in the order peft draws
+them, so a seeded run gives the plain path's adapter up to fp32 summation order. Without a C compiler every function
+has a torch path. Anything else it does not handle is reported by ``unsupported_reason`` and training falls back to
+peft's own forward.
 """
 
 from __future__ import annotations
@@ -90,6 +96,8 @@ def _lora_of(module: Any, adapter: str) -> _Lora | None:
     lora_a = getattr(module, "lora_A", None)
     if lora_a is None or adapter not in lora_a:
         return None
+    if getattr(module, "use_dora", {}).get(adapter) or getattr(module, "lora_bias", {}).get(adapter):
+        raise ValueError("the fast training step covers plain LoRA (no DoRA, no LoRA biases)")
     return _Lora(
         module.lora_dropout[adapter], lora_a[adapter].weight, module.lora_B[adapter].weight, module.scaling[adapter]
     )
