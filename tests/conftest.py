@@ -77,6 +77,18 @@ def make_tiny_model_dir(path: Path, max_positions: int = 512, chat: bool = False
     return path
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matrices run fastest on one thread, and the test machine is shared: a module that trains or runs the
+    tiny model asks for this (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))

@@ -21,12 +21,7 @@ FAST = {"max_length": 48, "batch_size": 4, "max_steps": 3, "learning_rate": 5e-2
 PROMPTS = ["hello", "the quick brown fox jumps over the lazy dog and keeps running far away", "rate alien (1979)"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
