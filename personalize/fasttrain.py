@@ -72,16 +72,17 @@ class _Lora:
     b: Any
     scaling: float
 
-    def add_to(self, base: Any, x: Any, mask: Any | None, scale: float) -> Any:
-        """``base + scaling * (dropout(x) @ A.T) @ B.T``, the dropout given as its byte mask and scale
-        (``dropout_mask``): in C where the kernels built (one pass per product, the update written into ``base``),
-        else torch's ``addmm``."""
+    def project(self, x: Any, weight: Any, mask: Any | None, scale: float) -> Any:
+        """``x @ W.T + scaling * (dropout(x) @ A.T) @ B.T`` for the frozen W, the dropout given as its byte mask and
+        scale (``dropout_mask``): one autograd function in C where the kernels built (the update written into the
+        product, and in the backward pass LoRA's share of the input gradient added into the product's), else
+        torch's ``addmm``."""
         import torch
 
         if _lib() is None:
             xm = x if mask is None else x * (mask.float() * scale)  # torch's dropout: x * (noise / (1 - p))
-            return torch.addmm(base, xm @ self.a.t(), (self.b * self.scaling).t())
-        return _Functions.get().lora.apply(base, x, self.a, self.b, float(self.scaling), mask, scale)
+            return torch.addmm(x @ weight.t(), xm @ self.a.t(), (self.b * self.scaling).t())
+        return _Functions.get().lora.apply(x, weight, self.a, self.b, float(self.scaling), mask, scale)
 
 
 @dataclass
@@ -147,8 +148,8 @@ class FastLoraForward:
         if rows is not None:
             x = rows.pick(x)
             mask = rows.pick(mask) if mask is not None else None
-        y = x @ layer.weights[name].t()
-        return y if lora is None else lora.add_to(y, x, mask, scale)
+        weight = layer.weights[name]
+        return x @ weight.t() if lora is None else lora.project(x, weight, mask, scale)
 
     def loss(self, batch: dict[str, Any]) -> Any:
         """Mean cross-entropy over the output tokens of a left-padded batch from ``training._collate`` (the loss
@@ -459,47 +460,45 @@ def _maybe_ptr(t: Any | None) -> int | None:
 
 
 def _lora_fn(torch: Any) -> Any:
-    class LoraFn(torch.autograd.Function):
-        """y = base + s * (xm @ A.T) @ B.T, xm = x with its dropout mask applied; written into ``base``."""
+    class LoraProjectionFn(torch.autograd.Function):
+        """y = x @ W.T + s * (xm @ A.T) @ B.T, xm = x with its dropout mask applied; W frozen."""
 
         @staticmethod
-        def forward(ctx: Any, base: Any, x: Any, a: Any, b: Any, scaling: float, mask: Any, scale: float) -> Any:
+        def forward(ctx: Any, x: Any, weight: Any, a: Any, b: Any, scaling: float, mask: Any, scale: float) -> Any:
             lib = _lib()
-            x = x.contiguous().view(-1, a.shape[1])
+            x = x.contiguous()
             rows, rank = x.shape[0], a.shape[0]
+            y = x @ weight.t()
             h = torch.empty(rows, rank)
             lib.lora_rows_dot(rows, a.shape[1], rank, _ptr(x), _maybe_ptr(mask), scale, _ptr(a.detach()), _ptr(h))
             bs_t = (b.detach() * scaling).t().contiguous()  # (r, out)
-            flat = base.view(-1, b.shape[0])
-            lib.lora_rank_update(rows, b.shape[0], rank, _ptr(h), _ptr(bs_t), None, 1.0, 1, _ptr(flat))
-            ctx.mark_dirty(base)
-            ctx.save_for_backward(x, a, b, h, bs_t, mask)
+            lib.lora_rank_update(rows, b.shape[0], rank, _ptr(h), _ptr(bs_t), None, 1.0, 1, _ptr(y))
+            ctx.save_for_backward(x, weight, a, b, h, bs_t, mask)
             ctx.scaling, ctx.scale = scaling, scale
-            return base
+            return y
 
         @staticmethod
         def backward(ctx: Any, dy: Any) -> Any:
-            x, a, b, h, bs_t, mask = ctx.saved_tensors
+            x, weight, a, b, h, bs_t, mask = ctx.saved_tensors
             lib = _lib()
             rows, rank, n_in, n_out = x.shape[0], a.shape[0], a.shape[1], b.shape[0]
-            dy_flat = dy.contiguous().view(rows, n_out)
+            dy = dy.contiguous()
             dh = torch.empty(rows, rank)
-            lib.lora_rows_dot(rows, n_out, rank, _ptr(dy_flat), None, 1.0, _ptr(bs_t), _ptr(dh))  # dY @ (s B)
+            lib.lora_rows_dot(rows, n_out, rank, _ptr(dy), None, 1.0, _ptr(bs_t), _ptr(dh))  # dY @ (s B)
             g_b = torch.empty(rank, n_out)
-            lib.lora_outer_sum(rows, n_out, rank, _ptr(h), _ptr(dy_flat), None, 1.0, _ptr(g_b))  # h.T @ dY
+            lib.lora_outer_sum(rows, n_out, rank, _ptr(h), _ptr(dy), None, 1.0, _ptr(g_b))  # h.T @ dY
             da = torch.empty(rank, n_in)
             lib.lora_outer_sum(rows, n_in, rank, _ptr(dh), _ptr(x), _maybe_ptr(mask), ctx.scale, _ptr(da))
             dx = None
-            if ctx.needs_input_grad[1]:
-                dx = torch.empty(rows, n_in)
+            if ctx.needs_input_grad[0]:
+                dx = dy @ weight  # the base product's share, then LoRA's added in place: no separate sum
                 lib.lora_rank_update(
-                    rows, n_in, rank, _ptr(dh), _ptr(a.detach()), _maybe_ptr(mask), ctx.scale, 0, _ptr(dx)
+                    rows, n_in, rank, _ptr(dh), _ptr(a.detach()), _maybe_ptr(mask), ctx.scale, 1, _ptr(dx)
                 )
-                dx = dx.view(dy.shape[:-1] + (n_in,))
             db = (g_b.t() * ctx.scaling).contiguous()
-            return dy, dx, da, db, None, None, None
+            return dx, None, da, db, None, None, None
 
-    return LoraFn
+    return LoraProjectionFn
 
 
 def _lm_head_fn(torch: Any) -> Any:
