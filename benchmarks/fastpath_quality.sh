@@ -6,8 +6,9 @@
 # its adapters train on each author's 8 most recent articles (READ_ITEMS) to keep the run near an hour.
 # Adapters are trained once (plain run) and reused by the fast run (same home, same data).
 # `training`: the fast training step against peft's own (PERSONALIZE_LORA__TRAINER=plain, then =fast), each in its
-# own home so each trains its own adapters; movielens-rating dev, first 40 users, peft, both with the fast decoder.
-# Usage: benchmarks/fastpath_quality.sh [movielens|reuters-lead|all|training]   (data from ../shared/data)
+# own home so each trains its own adapters, method peft, both with the fast decoder: movielens-rating and reuters-lead
+# as above (`training-movielens` or `training-reuters-lead` for one of them).
+# Usage: benchmarks/fastpath_quality.sh [movielens|reuters-lead|all|training|training-movielens|training-reuters-lead]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -37,17 +38,27 @@ if [[ $what == reuters-lead || $what == all ]]; then
   PERSONALIZE_LORA__MAX_ITEMS=${READ_ITEMS:-8} run_pair --task reuters-lead --split dev --data "$DATA/reuters-c50" \
     --users 40 --per-user "${PER_USER:-1}" --methods none,rag,peft --max-new-tokens 32 --retriever bm25 --k 4
 fi
-if [[ $what == training ]]; then
-  ids=()
+train_pair() {  # the same evaluation with each trainer, each in its own home (so each trains its own adapters)
+  local ids=() tag=$1
+  shift
   for trainer in plain fast; do
     home="$PERSONALIZE_HOME-trainer-$trainer"
     if [[ ! -d $home/models && -d $PERSONALIZE_HOME/models ]]; then  # reuse the dequantised model cache
       mkdir -p "$home" && cp -r "$PERSONALIZE_HOME/models" "$home/models"
     fi
-    ids+=("$(PERSONALIZE_HOME=$home PERSONALIZE_LORA__TRAINER=$trainer $P eval run --task movielens-rating --split dev \
-      --data "$DATA/movielens-small" --users 40 --methods peft --scoring generate --max-new-tokens 4 --retriever bm25 \
-      --k 4 --workers 1 | tail -n 1 | awk '{print $NF}')")
+    ids+=("$(PERSONALIZE_HOME=$home PERSONALIZE_LORA__TRAINER=$trainer $P eval run "$@" | tail -n 1 | awk '{print $NF}')")
   done
+  echo "== $tag: trainer plain vs fast"
   PERSONALIZE_HOME="$PERSONALIZE_HOME-trainer-plain" $P eval compare "${ids[0]}" "${ids[1]}" --tolerance 0.01 \
     --candidate-home "$PERSONALIZE_HOME-trainer-fast" || true
+}
+
+if [[ $what == training || $what == training-movielens ]]; then
+  train_pair movielens-rating --task movielens-rating --split dev --data "$DATA/movielens-small" --users 40 \
+    --methods peft --scoring generate --max-new-tokens 4 --retriever bm25 --k 4 --workers 1
+fi
+if [[ $what == training || $what == training-reuters-lead ]]; then
+  PERSONALIZE_LORA__MAX_ITEMS=${READ_ITEMS:-8} train_pair reuters-lead --task reuters-lead --split dev \
+    --data "$DATA/reuters-c50" --users 40 --per-user "${PER_USER:-1}" --methods peft --max-new-tokens 32 \
+    --retriever bm25 --k 4
 fi
