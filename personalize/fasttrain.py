@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from personalize.fastpath import _rotate, _sdpa_has_gqa
 from personalize.fastpath import unsupported_reason as decoder_unsupported_reason
 from personalize.kernels import KernelLibrary
 
@@ -193,12 +194,12 @@ class FastLoraForward:
         if _lib() is not None:
             attn = _Functions.get().attention.apply(q, key, v, real, q_offset).view(n * q_len, heads * dim)
         else:
+            keys, values = key.transpose(1, 2), v.transpose(1, 2)
+            gqa = {"enable_gqa": True} if _sdpa_has_gqa() else {}
+            if not gqa and kv != heads:  # torch < 2.5: repeat the shared key/value heads, as the decoder does
+                keys, values = (t.repeat_interleave(heads // kv, dim=1) for t in (keys, values))
             attn = fn.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                key.transpose(1, 2),
-                v.transpose(1, 2),
-                attn_mask=mask[:, :, q_offset : q_offset + q_len],
-                enable_gqa=True,
+                q.transpose(1, 2), keys, values, attn_mask=mask[:, :, q_offset : q_offset + q_len], **gqa
             )
             attn = attn.transpose(1, 2).reshape(n * q_len, heads * dim)
         if rows is not None:
@@ -393,18 +394,17 @@ def _rms_norm_fn(torch: Any) -> Any:
     return RMSNormFn
 
 
-def _rotate_half(torch: Any, x: Any, sign: float) -> Any:
+def _rotate_half_t(torch: Any, x: Any) -> Any:
+    """The transpose of ``rotate_half``: cat(x2, -x1)."""
     half = x.shape[-1] // 2
-    if sign > 0:
-        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return torch.cat((x[..., half:], -x[..., :half]), dim=-1)  # its transpose
+    return torch.cat((x[..., half:], -x[..., :half]), dim=-1)
 
 
 def _rope(torch: Any, x: Any, cos: Any, sin: Any, sign: float) -> Any:
     lib = _lib()
     if lib is None:
         c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-        return x * c + (_rotate_half(torch, x, sign) * s if sign > 0 else _rotate_half(torch, x * s, sign))
+        return _rotate(x, c, s) if sign > 0 else x * c + _rotate_half_t(torch, x * s)
     x = x.contiguous()
     batch, seq, heads, dim = x.shape
     out = torch.empty_like(x)
