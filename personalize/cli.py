@@ -358,6 +358,13 @@ def _load_dataset(task: str, split: str, data: Path | None, synthetic_users: int
     raise InvalidInputError(f"{data} holds no {split}_questions.json and {task!r} has no builder")
 
 
+def _method_list(methods: str) -> list[str]:
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if not names:
+        raise InvalidInputError("--methods is empty; give model methods and/or baselines, comma-separated")
+    return names
+
+
 @eval_app.command("run")
 @clear_errors
 def eval_run(
@@ -366,7 +373,13 @@ def eval_run(
     data: Path | None = typer.Option(None, "--data", help="Source folder (raw data with a builder, or LaMP files)"),
     users: int | None = typer.Option(None, "--users", help="First N users"),
     per_user: int | None = typer.Option(None, "--per-user", help="At most N queries per user (the first ones)"),
-    methods: str = typer.Option("none,rag,peft,rag+peft", "--methods"),
+    methods: str | None = typer.Option(
+        None,
+        "--methods",
+        help="Comma-separated model methods (none,rag,peft,rag+peft) and baselines (majority, user-majority, "
+        "user-mean, nearest, nearest-mean, input-copy; 'baselines' for all that apply). Default: all that apply. "
+        "With --resume: methods to add to the run.",
+    ),
     retriever: str = typer.Option("bm25", "--retriever"),
     k: int = typer.Option(4, "--k"),
     scoring: str = typer.Option("auto", "--scoring", help="auto|likelihood|calibrated|generate (label tasks)"),
@@ -383,7 +396,7 @@ def eval_run(
     with _client() as p:
         runner = EvaluationRunner(p)
         if resume:
-            config = runner.config_of(resume)
+            config = runner.add_methods(resume, _method_list(methods)) if methods else runner.config_of(resume)
             if config.decoder and config.decoder != p.settings.decoder:
                 raise InvalidInputError(
                     f"run {resume} was made with decoder {config.decoder!r}: resume it with "
@@ -406,7 +419,7 @@ def eval_run(
                 synthetic=dataset.synthetic,
                 users=None if synthetic_users else users,
                 per_user=per_user,
-                methods=[m.strip() for m in methods.split(",") if m.strip()],
+                methods=_method_list(methods) if methods else [],
                 retriever=retriever,
                 k=k,
                 scoring=scoring,
@@ -418,7 +431,7 @@ def eval_run(
                 code_version=code_version(),
             )
         run_id = runner.run(dataset, config, run_id=resume, start_workers=workers)
-        typer.echo(format_report(build_report(p.store, run_id)))
+        typer.echo(format_report(build_report(p.store, run_id, stats=p.settings.stats)))
         typer.echo(f"\nrun id: {run_id}")
 
 
@@ -434,7 +447,7 @@ def eval_report(
     from personalize.reports import build_report, export, format_report
 
     with _client() as p:
-        report = build_report(p.store, run_id, buckets)
+        report = build_report(p.store, run_id, buckets, p.settings.stats)
     typer.echo(format_report(report))
     for path in (csv_out, json_out):
         if path is not None:
@@ -486,12 +499,17 @@ def eval_list() -> None:
 
 @router_app.command("calibrate")
 @clear_errors
-def router_calibrate(run_id: str, tolerance: float | None = None) -> None:
-    """Set a task's thresholds from a run: per bucket, the cheapest method within the tolerance of the best."""
+def router_calibrate(
+    run_id: str,
+    tolerance: float | None = typer.Option(None, help="Smallest relative gain worth a costlier method"),
+    alpha: float | None = typer.Option(None, help="Significance level of a move (default PERSONALIZE_ROUTER__ALPHA)"),
+) -> None:
+    """Set a task's thresholds from a run: per bucket, the cheapest method unless a costlier one's gain over it is
+    significant (paired test over the bucket's users); each band keeps the interval and p-value that chose it."""
     from personalize.router import calibrate_from_run
 
     with _client() as p:
-        policy = calibrate_from_run(p.store, run_id, tolerance)
+        policy = calibrate_from_run(p.store, run_id, tolerance, alpha, p.settings.stats)
     _print_policy(policy)
 
 
@@ -509,9 +527,27 @@ def router_show(task: str | None = None, items: int | None = None) -> None:
 
 def _print_policy(policy) -> None:  # noqa: ANN001
     origin = f"run {policy.source_run_id} at {policy.created_at}" if policy.source_run_id else "default (paper)"
-    typer.echo(f"task {policy.task}: {origin}" + (f", metric {policy.metric}" if policy.metric else ""))
+    level = f", alpha {policy.alpha}" if policy.alpha is not None else ""
+    typer.echo(f"task {policy.task}: {origin}" + (f", metric {policy.metric}{level}" if policy.metric else ""))
     for band in policy.bands:
-        typer.echo(f"  from {band.min_items} items: {band.method}")
+        typer.echo(f"  from {band.min_items} items: {band.method}" + _evidence(band.evidence))
+
+
+def _evidence(e: dict) -> str:
+    """The test that chose a band's method, in one line."""
+    if not e or "candidate" not in e:
+        return f" ({e['n_users']} users, no costlier method to test)" if e else ""
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:+.1%}"
+
+    verb = "moved: significant" if e.get("moved") else "stayed: not significant"
+    p_holm = "" if e.get("p_holm") is None else f", Holm p={e['p_holm']:.3g}"
+    p = "-" if e.get("p_value") is None else f"{e['p_value']:.3g}"
+    return (
+        f"  [{verb}; {e['candidate']} vs {e['versus']} gain {pct(e.get('gain'))} "
+        f"CI [{pct(e.get('ci_low'))}, {pct(e.get('ci_high'))}], p={p}{p_holm}; {e['n_users']} users]"
+    )
 
 
 def main() -> None:  # pragma: no cover

@@ -361,6 +361,12 @@ def normalize_article(text: str) -> str:
     return " ".join(text.replace("\r\n", "\n").split())
 
 
+def first_sentence(text: str) -> str:
+    """The text up to its first sentence end by the lead rule of ``split_lead`` (all of it when there is none)."""
+    match = _LEAD_END.search(text)
+    return (text[: match.end()] if match else text).strip()
+
+
 def split_lead(text: str) -> tuple[str, str] | None:
     """(lead, body) of a normalized article, or ``None`` when it has no split point or nothing after it.
 

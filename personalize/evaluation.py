@@ -12,13 +12,15 @@ import os
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select
 
+from personalize.baselines import BaselineInput, baselines_for, check_baseline, is_baseline, labels_of, retrieval_mode
 from personalize.datasets import Dataset, Query
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.ingest import lamp_item
@@ -26,10 +28,40 @@ from personalize.metrics import parse_prediction
 from personalize.personalizer import Personalizer
 from personalize.schema import EvalResult, EvalRun, utcnow
 from personalize.settings import LoraSettings
-from personalize.tasks import get_task
+from personalize.tasks import Task, choice_candidates, get_task
 from personalize.worker_process import start_worker, stop_worker
 
-EVAL_METHODS = ("none", "rag", "peft", "rag+peft")
+EVAL_METHODS = ("none", "rag", "peft", "rag+peft")  # the model methods; baselines come from personalize.baselines
+ADAPTER_METHODS = ("peft", "rag+peft")
+
+
+def default_methods(task: str) -> list[str]:
+    """Every model method, then every baseline that applies to the task (they cost milliseconds)."""
+    return [*EVAL_METHODS, *baselines_for(get_task(task))]
+
+
+def resolve_methods(task: str, methods: list[str]) -> list[str]:
+    """Check a method list for a task; ``baselines`` stands for every baseline that applies. Unknown names and
+    baselines that do not apply are refused with the reason."""
+    the_task = get_task(task)
+    out: list[str] = []
+    for name in methods:
+        names = baselines_for(the_task) if name == "baselines" else [name]
+        for method in names:
+            if method not in EVAL_METHODS:
+                if not is_baseline(method):
+                    raise InvalidInputError(
+                        f"unknown method {method!r}; model methods: {', '.join(EVAL_METHODS)}; baselines for "
+                        f"{task}: {', '.join(baselines_for(the_task))} (or 'baselines' for all of them)"
+                    )
+                check_baseline(method, the_task)
+            if method not in out:
+                out.append(method)
+    if not out:
+        raise InvalidInputError("no methods to run")
+    return out
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,7 +74,9 @@ class EvalConfig(BaseModel):
     synthetic: bool = False
     users: int | None = Field(None, ge=1, description="The first N users of the split (None: all).")
     per_user: int | None = Field(None, ge=1, description="At most N queries per user, the first in file order.")
-    methods: list[str] = Field(default_factory=lambda: list(EVAL_METHODS))
+    methods: list[str] = Field(
+        default_factory=list, description="Model methods and baselines; empty: every one that applies to the task."
+    )
     retriever: str = "bm25"
     k: int = Field(4, ge=1)
     scoring: Literal["auto", "generate", "likelihood", "calibrated"] = Field(
@@ -57,6 +91,11 @@ class EvalConfig(BaseModel):
     lora: dict = Field(default_factory=dict)
     seed: int = 0
     code_version: str = ""
+
+    @model_validator(mode="after")
+    def _default_methods(self) -> EvalConfig:
+        self.methods = resolve_methods(self.task, self.methods) if self.methods else default_methods(self.task)
+        return self
 
     def used_scoring(self) -> str:
         has_labels = get_task(self.task).labels is not None
@@ -121,6 +160,21 @@ class EvaluationRunner:
             s.add(EvalRun(id=run_id, task=config.task, split=config.split, config=config.model_dump(), state="running"))
         return run_id
 
+    def add_methods(self, run_id: str, methods: list[str]) -> EvalConfig:
+        """Extend a run with more methods (a baseline added to a finished run, say): the next ``run`` answers only
+        the (query, method) pairs it lacks. The config records what was added and by which code."""
+        config = self.config_of(run_id)
+        added = [m for m in resolve_methods(config.task, methods) if m not in config.methods]
+        if added:
+            config.methods = [*config.methods, *added]
+            with self.p.store.session() as s:
+                run = s.get(EvalRun, run_id)
+                stored = dict(run.config)
+                stored["methods"] = config.methods
+                stored["methods_added"] = [*stored.get("methods_added", []), {"methods": added, "code": code_version()}]
+                run.config = stored
+        return config
+
     def config_of(self, run_id: str) -> EvalConfig:
         with self.p.store.session() as s:
             run = s.get(EvalRun, run_id)
@@ -147,9 +201,7 @@ class EvaluationRunner:
 
     def run(self, dataset: Dataset, config: EvalConfig, run_id: str | None = None, start_workers: int = 1) -> str:
         """Run (or, given the id of an interrupted run, resume) an evaluation; returns the run id."""
-        bad = [m for m in config.methods if m not in EVAL_METHODS]
-        if bad:
-            raise InvalidInputError(f"unknown method(s) {bad}; choose from {', '.join(EVAL_METHODS)}")
+        config.methods = resolve_methods(config.task, config.methods)
         if config.lora:  # a resumed run trains exactly as it started, whatever this process's settings say
             self.p.settings = self.p.settings.model_copy(update={"lora": LoraSettings(**config.lora)})
         if run_id is None:
@@ -159,7 +211,7 @@ class EvaluationRunner:
         try:
             queries = select_queries(dataset, config.users, config.per_user)
             users = self.ingest(dataset, queries, config)
-            if any(m in ("peft", "rag+peft") for m in config.methods):
+            if any(m in ADAPTER_METHODS for m in config.methods):
                 self.train(users, config, start_workers)
             self.answer(run_id, queries, config)
         except BaseException as exc:
@@ -249,8 +301,13 @@ class EvaluationRunner:
         scoring = config.used_scoring()
         likelihood = scoring in ("likelihood", "calibrated")
         finished = total - len(todo)
+        label_counts = self._label_counts(task, queries, config) if any(is_baseline(m) for _, m in todo) else None
         for n, (query, method) in enumerate(_bar(todo, len(todo), "answer", self.show)):
             uid = eval_user_id(config.task, config.split, query.user_id)
+            if is_baseline(method):
+                prediction, timings = self._baseline(task, uid, query, method, config, label_counts or Counter())
+                self._store_answer(run_id, query, method, uid, prediction, timings)
+                continue
             if likelihood:
                 result = self.p.score_labels(
                     uid,
@@ -277,19 +334,62 @@ class EvaluationRunner:
                 "decoder": result.timings.extra.get("decoder", "likelihood"),
                 "raw": result.text[:2000],
             }
-            with self.p.store.session() as s:
-                s.add(
-                    EvalResult(
-                        run_id=run_id,
-                        user_external_id=query.user_id,
-                        query_id=query.id,
-                        method=method,
-                        profile_size=self.p.store.count_items(uid),
-                        prediction=prediction,
-                        gold=query.gold or "",
-                        scores=None,
-                        timings=timings,
-                    )
-                )
+            self._store_answer(run_id, query, method, uid, prediction, timings)
             if n % 10 == 0:
                 self._progress(run_id, (finished + n + 1) / max(total, 1))
+
+    def _store_answer(self, run_id: str, query: Query, method: str, uid: str, prediction: str, timings: dict) -> None:
+        with self.p.store.session() as s:
+            s.add(
+                EvalResult(
+                    run_id=run_id,
+                    user_external_id=query.user_id,
+                    query_id=query.id,
+                    method=method,
+                    profile_size=self.p.store.count_items(uid),
+                    prediction=prediction,
+                    gold=query.gold or "",
+                    scores=None,
+                    timings=timings,
+                )
+            )
+
+    def _label_counts(self, task: Task, queries: list[Query], config: EvalConfig) -> Counter[str]:
+        """Labels over the stored profiles of every user of the run (``majority``'s counts)."""
+        counts: Counter[str] = Counter()
+        if task.labels is None:
+            return counts
+        for user in dict.fromkeys(q.user_id for q in queries):
+            counts.update(labels_of(task, self.p.items(eval_user_id(config.task, config.split, user))))
+        return counts
+
+    def _baseline(
+        self, task: Task, uid: str, query: Query, method: str, config: EvalConfig, label_counts: Counter[str]
+    ) -> tuple[str, dict]:
+        """A baseline's answer from the user's stored profile (and the run's retriever and k where it needs them)."""
+        baseline = check_baseline(method, task)
+        start = time.perf_counter()
+        mode = retrieval_mode(method, task)
+        retrieved, candidate_scores = [], []
+        if mode == "query":
+            retrieved = self.p.retrieve(uid, task.query_text(query.input), config.k, config.retriever)
+        elif mode == "candidates":
+            for candidate in choice_candidates(query.input) or []:
+                hits = self.p.retrieve(uid, candidate, 1, config.retriever)
+                candidate_scores.append(hits[0].score if hits else float("-inf"))
+        retrieval_s = time.perf_counter() - start
+        data = BaselineInput(task, query.input, self.p.items(uid), label_counts, retrieved, candidate_scores)
+        answer = baseline.predict(data)
+        total_s = time.perf_counter() - start
+        timings = {
+            "retrieval_s": retrieval_s,
+            "prompt_s": 0.0,
+            "generation_s": 0.0,
+            "total_s": total_s,
+            "prompt_tokens": 0,
+            "method_used": method,
+            "decoder": "no model",
+            "raw": answer.prediction[:2000],
+            "note": answer.note,
+        }
+        return answer.prediction, timings

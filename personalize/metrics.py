@@ -80,7 +80,7 @@ def as_number(text: object) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _rating_pairs(preds: Sequence[object], golds: Sequence[object]) -> list[tuple[float, float]]:
+def rating_pairs(preds: Sequence[object], golds: Sequence[object]) -> list[tuple[float, float]]:
     low, high = RATING_RANGE
     out = []
     for n, (p, g) in enumerate(_pairs(preds, golds)):
@@ -95,11 +95,11 @@ def _rating_pairs(preds: Sequence[object], golds: Sequence[object]) -> list[tupl
 
 
 def mae(preds: Sequence[object], golds: Sequence[object]) -> float:
-    return _mean(abs(p - g) for p, g in _rating_pairs(preds, golds))
+    return _mean(abs(p - g) for p, g in rating_pairs(preds, golds))
 
 
 def rmse(preds: Sequence[object], golds: Sequence[object]) -> float:
-    return math.sqrt(_mean((p - g) ** 2 for p, g in _rating_pairs(preds, golds)))
+    return math.sqrt(_mean((p - g) ** 2 for p, g in rating_pairs(preds, golds)))
 
 
 # --------------------------------------------------------------------------------------------- generation
@@ -112,15 +112,20 @@ def _scorer():
     return rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=False)
 
 
-def rouge(preds: Sequence[object], golds: Sequence[object]) -> dict[str, float]:
-    """Plain means of ROUGE-1 and ROUGE-L F-measure (``rouge_score``, no stemming), gold as the target."""
-    pairs = _pairs(preds, golds)
+def rouge_per_example(preds: Sequence[object], golds: Sequence[object]) -> tuple[list[float], list[float]]:
+    """ROUGE-1 and ROUGE-L F-measure of each example (``rouge_score``, no stemming), gold as the target."""
     scorer = _scorer()
     r1, rl = [], []
-    for p, g in pairs:
+    for p, g in _pairs(preds, golds):
         result = scorer.score(g, p)
         r1.append(result["rouge1"].fmeasure)
         rl.append(result["rougeL"].fmeasure)
+    return r1, rl
+
+
+def rouge(preds: Sequence[object], golds: Sequence[object]) -> dict[str, float]:
+    """Plain means of ROUGE-1 and ROUGE-L F-measure over examples."""
+    r1, rl = rouge_per_example(preds, golds)
     return {"rouge-1": _mean(r1), "rouge-l": _mean(rl)}
 
 

@@ -1,5 +1,7 @@
-"""Reports of an evaluation run, computed from its stored predictions: the paper-style table, the same by
-profile-size bucket, the correlation between profile size and PEFT's gain, and cost next to quality."""
+"""Reports of an evaluation run, computed from its stored predictions: the paper-style table with 95% intervals
+over users, gains over ``none`` and over the best no-model baseline with paired tests, the same by profile-size
+bucket, the correlation between profile size and each method's per-user gain, the paper's claims checked, and cost
+next to quality. The statistics are scipy's (``personalize.significance``); a user is the unit of resampling."""
 
 from __future__ import annotations
 
@@ -8,20 +10,81 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sqlalchemy import func, select
 
+from personalize.baselines import BASELINES, is_baseline
 from personalize.errors import InvalidInputError
-from personalize.metrics import LOWER_IS_BETTER, relative_gain, score
+from personalize.metrics import relative_gain
 from personalize.schema import Adapter, EvalResult, EvalRun, User
+from personalize.settings import StatsSettings
+from personalize.significance import (
+    Interval,
+    MetricFamily,
+    correlation,
+    enough_users,
+    gain_intervals,
+    holm,
+    metric_intervals,
+    paired_pvalues,
+)
 from personalize.store import Store
 from personalize.tasks import get_task
 
-METHOD_ORDER = ("none", "rag", "peft", "rag+peft")
+MODEL_METHODS = ("none", "rag", "peft", "rag+peft")
+METHOD_ORDER = (*MODEL_METHODS, *BASELINES)
+
+
+def ordered_methods(methods: Iterable[str]) -> list[str]:
+    """Model methods first, then the baselines, in the registries' order; anything else after them, sorted."""
+    methods = set(methods)
+    return [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
+
+
+@dataclass
+class Estimate:
+    """A value with its confidence interval (``None`` bounds: no interval, e.g. too few users)."""
+
+    value: float | None
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+    @classmethod
+    def of(cls, interval: Interval) -> Estimate:
+        value = interval.value if math.isfinite(interval.value) else None
+        return cls(value, interval.low, interval.high)
+
+    def excludes_zero(self) -> bool:
+        return self.ci_low is not None and self.ci_high is not None and (self.ci_low > 0 or self.ci_high < 0)
+
+
+@dataclass
+class Comparison:
+    """``candidate`` against ``reference`` on one metric, over the same users: the relative gain (the paper's,
+    positive when the candidate is better) and the absolute difference, each with a paired bootstrap interval, and
+    the two-sided p-value of a within-user permutation test, raw and Holm-adjusted over the report's family."""
+
+    candidate: str
+    reference: str
+    metric: str
+    gain: Estimate
+    difference: Estimate
+    p_value: float | None
+    p_holm: float | None = None
+    significant: bool = False
+
+    def direction(self) -> str:
+        """'better' / 'worse' when significant and the interval agrees, else 'not significant' ('' untested)."""
+        if self.p_holm is None:
+            return ""
+        if self.significant and self.difference.excludes_zero():
+            return "better" if (self.difference.ci_low or 0) > 0 else "worse"
+        return "not significant"
 
 
 @dataclass
@@ -31,6 +94,23 @@ class MethodRow:
     metrics: dict[str, float]
     gains: dict[str, float]  # relative improvement over none, per metric (sign flipped for lower-is-better)
     average_gain: float | None
+    baseline: bool = False  # a no-model baseline
+    intervals: dict[str, Estimate] = field(default_factory=dict)
+    vs_none: dict[str, Comparison] = field(default_factory=dict)
+    vs_best_baseline: dict[str, Comparison] = field(default_factory=dict)
+
+
+@dataclass
+class Claim:
+    """One of the published claims, checked on this run: holds, fails, not significant, or not measured."""
+
+    claim: str
+    verdict: str
+    metric: str
+    estimate: Estimate  # the relative gain (or, for the size claim, Spearman's rho) that decides it
+    p_value: float | None = None
+    p_holm: float | None = None
+    detail: str = ""
 
 
 @dataclass
@@ -40,6 +120,9 @@ class BucketRow:
     max_items: int
     n_users: int
     rows: list[MethodRow]
+    comparisons: list[Comparison] = field(default_factory=list)
+    best_baseline: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -61,34 +144,98 @@ class RunReport:
     created_at: str
     partial: bool = False
     notes: list[str] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
+    best_baseline: str | None = None
+    baselines: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def row(self, method: str) -> MethodRow | None:
+        return next((r for r in self.table if r.method == method), None)
 
-def _method_rows(task: str, results: list[EvalResult], metrics: list[str]) -> list[MethodRow]:
-    by_method: dict[str, list[EvalResult]] = defaultdict(list)
-    for r in results:
-        by_method[r.method].append(r)
-    # compare methods on the queries every method answered (a partial run may have gaps)
-    common = set.intersection(*({r.query_id for r in rs} for rs in by_method.values())) if by_method else set()
-    values: dict[str, dict[str, float]] = {}
-    counts: dict[str, int] = {}
-    for method, rows in by_method.items():
-        rows = [r for r in rows if r.query_id in common]
-        if not rows:
-            continue
-        values[method] = score(task, [r.prediction for r in rows], [r.gold for r in rows])
-        counts[method] = len(rows)
-    out = []
-    base = values.get("none")
-    for method in [m for m in METHOD_ORDER if m in values]:
-        gains = {m: relative_gain(values[method][m], base[m], m) for m in metrics} if base else {}
-        finite = [g for g in gains.values() if g is not None and math.isfinite(g)]
-        out.append(
-            MethodRow(method, counts[method], values[method], gains, sum(finite) / len(finite) if finite else None)
+
+# --------------------------------------------------------------------------------------------- per-user samples
+
+
+@dataclass
+class RunSamples:
+    """Per method, one row of sufficient statistics per user (``MetricFamily``), on the queries every method of the
+    run answered, so that methods are compared on the same queries and the same users."""
+
+    task: str
+    family: MetricFamily
+    users: list[str]
+    sizes: np.ndarray
+    samples: dict[str, np.ndarray]
+    n_queries: dict[str, int]
+
+    def subset(self, members: set[str]) -> RunSamples:
+        keep = [i for i, u in enumerate(self.users) if u in members]
+        users = [self.users[i] for i in keep]
+        per_user_queries = {m: int(s[keep, 0].sum()) for m, s in self.samples.items()}
+        return replace(
+            self,
+            users=users,
+            sizes=self.sizes[keep],
+            samples={m: s[keep] for m, s in self.samples.items()},
+            n_queries=per_user_queries,
         )
-    return out
+
+    def per_user(self, method: str, metric: str) -> np.ndarray:
+        """Each user's own value of ``metric`` for ``method`` (on that user's queries)."""
+        index = self.family.metrics.index(metric)
+        return self.family.values(self.samples[method].T)[index]
+
+
+def load_samples(task: str, results: list[EvalResult]) -> RunSamples:
+    family = MetricFamily(task)
+    by_method: dict[str, set[str]] = defaultdict(set)
+    for r in results:
+        by_method[r.method].add(r.query_id)
+    common = set.intersection(*by_method.values()) if by_method else set()
+    answers: dict[str, dict[str, tuple[list[str], list[str]]]] = defaultdict(lambda: defaultdict(lambda: ([], [])))
+    sizes: dict[str, int] = {}
+    for r in sorted(results, key=lambda x: (x.user_external_id, x.query_id)):
+        sizes[r.user_external_id] = max(sizes.get(r.user_external_id, 0), r.profile_size)
+        if r.query_id in common:
+            preds, golds = answers[r.method][r.user_external_id]
+            preds.append(r.prediction)
+            golds.append(r.gold)
+    users = sorted({u for per in answers.values() for u in per})
+    samples = {
+        m: np.array([family.rows(*per[u]) if u in per else np.zeros(family.width) for u in users]).reshape(
+            len(users), family.width
+        )
+        for m, per in answers.items()
+    }
+    n_queries = {m: int(s[:, 0].sum()) for m, s in samples.items()}
+    return RunSamples(task, family, users, np.array([sizes[u] for u in users]), samples, n_queries)
+
+
+def _run_results(store: Store, run_id: str) -> tuple[EvalRun, list[EvalResult]]:
+    with store.session() as s:
+        run = s.get(EvalRun, run_id)
+        if run is None:
+            raise InvalidInputError(f"no evaluation run {run_id!r}; list them with `personalize eval list`")
+        return run, list(s.scalars(select(EvalResult).where(EvalResult.run_id == run_id)))
+
+
+def load_run_samples(store: Store, run_id: str) -> RunSamples:
+    """A stored run's per-user samples (``load_samples``)."""
+    run, results = _run_results(store, run_id)
+    if not results:
+        raise InvalidInputError(f"run {run_id!r} has no answers yet")
+    return load_samples(run.task, results)
+
+
+def profile_sizes(results: list[EvalResult]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for r in results:
+        sizes[r.user_external_id] = max(sizes.get(r.user_external_id, 0), r.profile_size)
+    return sizes
 
 
 def _quantile_buckets(sizes: dict[str, int], n_buckets: int) -> list[tuple[int, int, set[str]]]:
@@ -108,49 +255,201 @@ def _quantile_buckets(sizes: dict[str, int], n_buckets: int) -> list[tuple[int, 
     return buckets
 
 
-def _rank(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
+# --------------------------------------------------------------------------------------------- tables
 
 
-def _pearson(x: list[float], y: list[float]) -> float | None:
-    if len(x) < 3 or statistics.pstdev(x) == 0 or statistics.pstdev(y) == 0:
+def best_method(samples: RunSamples, methods: Iterable[str]) -> str | None:
+    """The method with the best primary-metric value among ``methods`` (first in order on a tie)."""
+    metric = samples.family.metrics[0]
+    sign = -1.0 if metric in ("mae", "rmse") else 1.0
+    present = [m for m in ordered_methods(methods) if m in samples.samples and samples.n_queries.get(m)]
+    if not present:
         return None
-    return float(np.corrcoef(x, y)[0, 1])
+    return max(present, key=lambda m: (sign * samples.family.point(samples.samples[m])[metric], -present.index(m)))
 
 
-def _correlation(task: str, results: list[EvalResult], sizes: dict[str, int], metric: str) -> dict[str, Any]:
-    """Per user: PEFT's (and RAG+PEFT's) gain over none on the primary metric, against profile size."""
+def compare(samples: RunSamples, candidate: str, reference: str, settings: StatsSettings) -> dict[str, Comparison]:
+    """``candidate`` against ``reference``, every metric, paired over the sample's users."""
+    cand, ref = samples.samples[candidate], samples.samples[reference]
+    relative = gain_intervals(cand, ref, samples.family, settings, relative=True)
+    absolute = gain_intervals(cand, ref, samples.family, settings, relative=False)
+    pvalues = paired_pvalues(cand, ref, samples.family, settings)
+    return {
+        m: Comparison(candidate, reference, m, Estimate.of(relative[m]), Estimate.of(absolute[m]), pvalues[m])
+        for m in samples.family.metrics
+    }
+
+
+def _rows(samples: RunSamples, settings: StatsSettings) -> tuple[list[MethodRow], list[Comparison], str | None]:
+    """The method table of one group of users, its comparisons, and the best baseline it was compared with."""
+    metrics = samples.family.metrics
+    methods = [m for m in ordered_methods(samples.samples) if samples.n_queries.get(m)]
+    baselines = [m for m in methods if is_baseline(m)]
+    best_baseline = best_method(samples, baselines)
+    points = {m: samples.family.point(samples.samples[m]) for m in methods}
+    base = points.get("none")
+    comparisons: list[Comparison] = []
+    rows = []
+    for method in methods:
+        values = points[method]
+        gains = {m: relative_gain(values[m], base[m], m) for m in metrics} if base else {}
+        finite = [g for g in gains.values() if g is not None and math.isfinite(g)]
+        row = MethodRow(
+            method,
+            samples.n_queries[method],
+            values,
+            gains,
+            sum(finite) / len(finite) if finite else None,
+            baseline=is_baseline(method),
+            intervals={
+                m: Estimate.of(i)
+                for m, i in metric_intervals(samples.samples[method], samples.family, settings).items()
+            },
+        )
+        if not row.baseline and method != "none" and base is not None:
+            row.vs_none = compare(samples, method, "none", settings)
+            comparisons += row.vs_none.values()
+        if not row.baseline and best_baseline is not None:
+            row.vs_best_baseline = compare(samples, method, best_baseline, settings)
+        rows.append(row)
+    for candidate, reference in (("rag", "peft"), ("rag+peft", "rag")):
+        if candidate in points and reference in points:
+            comparisons += compare(samples, candidate, reference, settings).values()
+    best_model = best_method(samples, [m for m in methods if not is_baseline(m)])
+    if best_model is not None and best_baseline is not None:
+        by_name = {r.method: r for r in rows}
+        comparisons += by_name[best_model].vs_best_baseline.values()
+    return rows, comparisons, best_baseline
+
+
+def _adjust(comparisons: list[Comparison], extra: list[float | None], alpha: float) -> list[float | None]:
+    """Holm over one family: the comparisons (each object once) and ``extra`` p-values; returns extra's adjusted."""
+    unique = list({id(c): c for c in comparisons}.values())
+    adjusted = holm([c.p_value for c in unique] + list(extra))
+    for c, p in zip(unique, adjusted[: len(unique)], strict=True):
+        c.p_holm = p
+        c.significant = p is not None and p < alpha
+    return adjusted[len(unique) :]
+
+
+# --------------------------------------------------------------------------------------------- correlation
+
+
+def _estimate(interval: Interval | None) -> dict[str, float | None]:
+    if interval is None:
+        return {"value": None, "ci_low": None, "ci_high": None}
+    return {"value": interval.value, "ci_low": interval.low, "ci_high": interval.high}
+
+
+def _correlation(samples: RunSamples, settings: StatsSettings) -> dict[str, Any]:
+    """Per user: each model method's absolute gain over none on the primary metric, against profile size
+    (absolute: relative gains explode where a user's none is near zero)."""
+    metric = samples.family.metrics[0]
+    sign = -1.0 if metric in ("mae", "rmse") else 1.0
     out: dict[str, Any] = {"metric": metric}
-    per_user: dict[str, dict[str, list[EvalResult]]] = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        per_user[r.user_external_id][r.method].append(r)
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    for method in ("peft", "rag+peft", "rag"):
-        xs, ys = [], []
-        for user, methods in per_user.items():
-            if method not in methods or "none" not in methods:
-                continue
-            mine = score(task, [r.prediction for r in methods[method]], [r.gold for r in methods[method]])[metric]
-            base = score(task, [r.prediction for r in methods["none"]], [r.gold for r in methods["none"]])[metric]
-            xs.append(float(sizes[user]))
-            ys.append(sign * (mine - base))  # absolute gain per user: relative gains explode near zero
+    if "none" not in samples.samples:
+        return out
+    base = samples.per_user("none", metric)
+    for method in ("rag", "peft", "rag+peft"):
+        if method not in samples.samples:
+            continue
+        gains = sign * (samples.per_user(method, metric) - base)
+        c = correlation(samples.sizes, gains, settings)
         out[method] = {
-            "n_users": len(xs),
-            "pearson": _pearson(xs, ys),
-            "spearman": _pearson(_rank(xs), _rank(ys)) if len(xs) >= 3 else None,
-            "pearson_log_size": _pearson([math.log(x) for x in xs], ys) if xs and min(xs) > 0 else None,
+            "n_users": c.n_users,
+            "spearman": c.spearman.value if c.spearman else None,
+            "spearman_ci": _estimate(c.spearman),
+            "spearman_p": c.spearman_p,
+            "pearson": c.pearson.value if c.pearson else None,
+            "pearson_ci": _estimate(c.pearson),
+            "pearson_p": c.pearson_p,
+            "pearson_log_size": c.pearson_log_size.value if c.pearson_log_size else None,
         }
     return out
+
+
+# --------------------------------------------------------------------------------------------- the paper's claims
+
+CLAIMS = (
+    ("RAG beats none", "rag", "none"),
+    ("PEFT beats none", "peft", "none"),
+    ("RAG+PEFT is at least as good as RAG", "rag+peft", "rag"),
+    ("RAG beats PEFT", "rag", "peft"),
+)
+
+
+def _find(comparisons: list[Comparison], candidate: str, reference: str, metric: str) -> Comparison | None:
+    return next(
+        (c for c in comparisons if (c.candidate, c.reference, c.metric) == (candidate, reference, metric)), None
+    )
+
+
+def _verdict(c: Comparison, at_least: bool = False) -> tuple[str, str]:
+    direction = c.direction()
+    if direction == "better":
+        return "holds", ""
+    if direction == "worse":
+        return "fails", f"{c.candidate} is significantly worse than {c.reference}"
+    if at_least:
+        return "not significant", "no significant difference: consistent with 'at least as good', not evidence of it"
+    return "not significant", "the interval covers 0 or the Holm-adjusted p is above the level"
+
+
+def _claims(report: RunReport, samples: RunSamples, settings: StatsSettings, size_p_holm: float | None) -> list[Claim]:
+    alpha = settings.alpha
+    metric = report.metrics[0]
+    claims = []
+    for text, candidate, reference in CLAIMS:
+        c = _find(report.comparisons, candidate, reference, metric)
+        if c is None:
+            missing = [m for m in (candidate, reference) if m not in samples.samples]
+            claims.append(Claim(text, "not measured", metric, Estimate(None), detail=f"the run has no {missing}"))
+            continue
+        if c.p_holm is None:
+            why = enough_users(len(samples.users), settings) or "no test"
+            claims.append(Claim(text, "not measured", metric, c.gain, detail=why))
+            continue
+        verdict, detail = _verdict(c, at_least=candidate == "rag+peft")
+        claims.append(Claim(text, verdict, metric, c.gain, c.p_value, c.p_holm, detail))
+    peft = report.correlation.get("peft")
+    text = "PEFT's gain rises with profile size (Spearman, per-user gain over none)"
+    if not peft or peft.get("spearman") is None:
+        claims.append(Claim(text, "not measured", metric, Estimate(None), detail="no peft and none answers per user"))
+    else:
+        ci = peft["spearman_ci"]
+        rho = Estimate(ci["value"], ci["ci_low"], ci["ci_high"])
+        if size_p_holm is None or rho.ci_low is None:
+            verdict, detail = "not measured", "too few users for an interval"
+        elif size_p_holm < alpha and rho.excludes_zero():
+            verdict, detail = ("holds", "") if rho.value > 0 else ("fails", "the gain falls with profile size")
+        else:
+            verdict, detail = (
+                "not significant",
+                "the interval of rho covers 0 or the Holm-adjusted p is above the level",
+            )
+        claims.append(Claim(text, verdict, metric, rho, peft["spearman_p"], size_p_holm, detail))
+    text = "The best model method beats the best baseline"
+    model = best_method(samples, [m for m in samples.samples if not is_baseline(m)])
+    if model is None or report.best_baseline is None:
+        claims.append(
+            Claim(text, "not measured", metric, Estimate(None), detail="the run has no baseline or no model method")
+        )
+    else:
+        c = _find(report.comparisons, model, report.best_baseline, metric)
+        verdict, detail = _verdict(c) if c and c.p_holm is not None else ("not measured", "too few users")
+        detail = f"{model} vs {report.best_baseline}" + (f": {detail}" if detail else "")
+        claims.append(
+            Claim(
+                text,
+                verdict,
+                metric,
+                c.gain if c else Estimate(None),
+                c.p_value if c else None,
+                c.p_holm if c else None,
+                detail,
+            )
+        )
+    return claims
 
 
 def _cost(store: Store, run: EvalRun, results: list[EvalResult]) -> dict[str, Any]:
@@ -187,32 +486,38 @@ def _cost(store: Store, run: EvalRun, results: list[EvalResult]) -> dict[str, An
     return {"latency": latency, "training": training}
 
 
-def build_report(store: Store, run_id: str, n_buckets: int = 4) -> RunReport:
-    with store.session() as s:
-        run = s.get(EvalRun, run_id)
-        if run is None:
-            raise InvalidInputError(f"no evaluation run {run_id!r}")
-        results = list(s.scalars(select(EvalResult).where(EvalResult.run_id == run_id)))
+# --------------------------------------------------------------------------------------------- the report
+
+
+def build_report(store: Store, run_id: str, n_buckets: int = 4, stats: StatsSettings | None = None) -> RunReport:
+    settings = stats or StatsSettings()
+    run, results = _run_results(store, run_id)
     task = get_task(run.task)
     metrics = list(task.metrics)
-    sizes: dict[str, int] = {}
-    for r in results:
-        sizes[r.user_external_id] = max(sizes.get(r.user_external_id, 0), r.profile_size)
-    table = _method_rows(run.task, results, metrics) if results else []
-    buckets = []
-    for i, (lo, hi, members) in enumerate(_quantile_buckets(sizes, n_buckets)):
-        rows = _method_rows(run.task, [r for r in results if r.user_external_id in members], metrics)
-        buckets.append(BucketRow(i + 1, lo, hi, len(members), rows))
+    sizes = profile_sizes(results)
+    samples = load_samples(run.task, results)
+    table, comparisons, best_baseline = _rows(samples, settings) if results else ([], [], None)
+    notes = []
     from personalize.evaluation import EvalConfig
 
     config = EvalConfig(**run.config)
-    notes = []
     if config.synthetic:
         notes.append("SYNTHETIC data: planted per-user signals, not a real benchmark")
     partial = run.state != "done"
     if partial:
         notes.append(f"run is {run.state} ({run.progress:.0%}): partial results")
-    return RunReport(
+    too_few = enough_users(len(samples.users), settings)
+    if results and too_few:
+        notes.append(too_few + ": values without intervals or tests")
+    buckets, bucket_family = [], []
+    for i, (lo, hi, members) in enumerate(_quantile_buckets(sizes, n_buckets)):
+        sub = samples.subset(members)
+        rows, bucket_comparisons, bucket_baseline = _rows(sub, settings)
+        bucket_notes = [why] if (why := enough_users(len(sub.users), settings)) else []
+        buckets.append(BucketRow(i + 1, lo, hi, len(members), rows, bucket_comparisons, bucket_baseline, bucket_notes))
+        bucket_family += bucket_comparisons
+    _adjust(bucket_family, [], settings.alpha)
+    report = RunReport(
         run_id=run.id,
         task=run.task,
         split=run.split,
@@ -224,13 +529,49 @@ def build_report(store: Store, run_id: str, n_buckets: int = 4) -> RunReport:
         metrics=metrics,
         table=table,
         buckets=buckets,
-        correlation=_correlation(run.task, results, sizes, metrics[0]) if results else {},
+        correlation=_correlation(samples, settings) if results else {},
         cost=_cost(store, run, results) if results else {},
         n_users=len(sizes),
         created_at=run.created_at.isoformat(timespec="seconds"),
         partial=partial,
         notes=notes,
+        comparisons=comparisons,
+        best_baseline=best_baseline,
+        baselines=[r.method for r in table if r.baseline],
+        stats={
+            "unit": "user",
+            "confidence": settings.confidence,
+            "resamples": settings.resamples,
+            "ci_method": settings.ci_method,
+            "test": "paired permutation (within-user swap), two-sided",
+            "permutations": settings.permutations,
+            "correction": "Holm over the report's comparisons (and the size correlation); buckets: one family",
+            "alpha": settings.alpha,
+            "seed": settings.seed,
+            "min_users": settings.min_users,
+        },
     )
+    peft_size = report.correlation.get("peft", {}).get("spearman_p") if results else None
+    (size_p_holm,) = _adjust(comparisons, [peft_size], settings.alpha)
+    report.claims = _claims(report, samples, settings, size_p_holm) if results else []
+    return report
+
+
+def per_user_scores(store: Store, run_id: str, metric: str) -> list[dict[str, Any]]:
+    """Per user of a run: profile size, each method's value of ``metric`` on the user's queries, and each method's
+    absolute gain over ``none`` (sign flipped for lower-is-better), as the correlation uses them."""
+    samples = load_run_samples(store, run_id)
+    sign = -1.0 if metric in ("mae", "rmse") else 1.0
+    values = {m: samples.per_user(m, metric) for m in samples.samples}
+    out = []
+    for i, user in enumerate(samples.users):
+        mine = {m: float(v[i]) for m, v in values.items()}
+        gains = {m: sign * (v - mine["none"]) for m, v in mine.items() if m != "none"} if "none" in mine else {}
+        out.append({"user": user, "profile_size": int(samples.sizes[i]), "values": mine, "gains": gains})
+    return sorted(out, key=lambda r: r["profile_size"])
+
+
+# --------------------------------------------------------------------------------------------- text
 
 
 def _fmt(value: float | None, pct: bool = False) -> str:
@@ -239,45 +580,108 @@ def _fmt(value: float | None, pct: bool = False) -> str:
     return f"{value:+.2%}" if pct else f"{value:.4f}"
 
 
+def _fmt_ci(e: Estimate | None, pct: bool = False) -> str:
+    if e is None or e.value is None:
+        return "-"
+    if e.ci_low is None or e.ci_high is None:
+        return _fmt(e.value, pct)
+    if pct:
+        return f"{e.value:+.1%} [{e.ci_low:+.1%}, {e.ci_high:+.1%}]"
+    return f"{e.value:.4f} [{e.ci_low:.4f}, {e.ci_high:.4f}]"
+
+
+def _fmt_p(c: Comparison | None) -> str:
+    if c is None or c.p_value is None:
+        return "-"
+    holm_p = "" if c.p_holm is None else f" (Holm {c.p_holm:.3g})"
+    return f"p={c.p_value:.3g}{holm_p}" + (" *" if c.significant else "")
+
+
+def _grid(lines: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+
+
 def format_table(rows: list[MethodRow], metrics: list[str]) -> str:
-    header = ["method", "n"] + metrics + [f"gain {m}" for m in metrics] + ["avg gain"]
-    lines = [header]
+    """Each method's metrics with 95% intervals over users; baselines marked 'no model'."""
+    lines = [["method", "kind", "n"] + metrics]
     for r in rows:
+        kind = "no model" if r.baseline else "model"
         lines.append(
-            [r.method, str(r.n_queries)]
-            + [_fmt(r.metrics.get(m)) for m in metrics]
-            + [_fmt(r.gains.get(m), pct=True) for m in metrics]
-            + [_fmt(r.average_gain, pct=True)]
+            [r.method, kind, str(r.n_queries)]
+            + [_fmt_ci(r.intervals.get(m)) or _fmt(r.metrics.get(m)) for m in metrics]
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+    return _grid(lines)
+
+
+def format_gains(rows: list[MethodRow], metrics: list[str], attr: str = "vs_none") -> str:
+    """Relative gains of the model methods (over none, or over the best baseline), with intervals and p-values."""
+    lines = [["method"] + [x for m in metrics for x in (f"gain {m}", f"p {m}")]]
+    for r in rows:
+        found: dict[str, Comparison] = getattr(r, attr)
+        if r.baseline or not found:
+            continue
+        lines.append([r.method] + [x for m in metrics for x in (_fmt_ci(found[m].gain, pct=True), _fmt_p(found[m]))])
+    return _grid(lines) if len(lines) > 1 else "(none)"
+
+
+def format_comparisons(comparisons: list[Comparison], metric: str) -> str:
+    lines = [["comparison", f"gain {metric}", f"difference {metric}", "p", "verdict"]]
+    for c in comparisons:
+        if c.metric != metric or c.reference == "none":
+            continue
+        lines.append(
+            [
+                f"{c.candidate} vs {c.reference}",
+                _fmt_ci(c.gain, pct=True),
+                _fmt_ci(c.difference),
+                _fmt_p(c),
+                c.direction() or "-",
+            ]
+        )
+    return _grid(lines) if len(lines) > 1 else "(none)"
+
+
+def _format_group(
+    rows: list[MethodRow], comparisons: list[Comparison], metrics: list[str], best: str | None
+) -> list[str]:
+    out = [format_table(rows, metrics), "", "gain over none (relative, sign flipped for lower-is-better):"]
+    out.append(format_gains(rows, metrics))
+    if best:
+        out += ["", f"gain over the best baseline ({best}, no model):", format_gains(rows, metrics, "vs_best_baseline")]
+    pairs = format_comparisons(comparisons, metrics[0])
+    if pairs != "(none)":
+        out += ["", "other comparisons:", pairs]
+    return out
 
 
 def format_report(report: RunReport) -> str:
+    st = report.stats
     out = [
         f"run {report.run_id}: task {report.task}, split {report.split}, {report.n_users} users, "
         f"state {report.state}, scoring {report.scoring}"
     ]
     out += [f"NOTE: {n}" for n in report.notes]
-    out += [
-        "",
-        "== methods (relative gain over none; sign flipped for lower-is-better) ==",
-        format_table(report.table, report.metrics),
-    ]
+    if st:
+        out.append(
+            f"intervals: {st['confidence']:.0%} {st['ci_method']} bootstrap over users ({st['resamples']} resamples, "
+            f"seed {st['seed']}); p: {st['test']} ({st['permutations']} permutations), {st['correction']}; "
+            f"* = significant at {st['alpha']}"
+        )
+    out += ["", "== methods ==", *_format_group(report.table, report.comparisons, report.metrics, report.best_baseline)]
     for b in report.buckets:
-        out += [
-            "",
-            f"== bucket {b.bucket}: profile size {b.min_items}..{b.max_items}, {b.n_users} users ==",
-            format_table(b.rows, report.metrics),
-        ]
+        out += ["", f"== bucket {b.bucket}: profile size {b.min_items}..{b.max_items}, {b.n_users} users =="]
+        out += [f"NOTE: {n}" for n in b.notes]
+        out += _format_group(b.rows, b.comparisons, report.metrics, b.best_baseline)
     if report.correlation:
         out += ["", f"== profile size vs per-user gain over none ({report.correlation['metric']}) =="]
         for method in ("rag", "peft", "rag+peft"):
             c = report.correlation.get(method)
             if c and c["n_users"]:
+                rho = Estimate(**c["spearman_ci"])
                 out.append(
-                    f"{method}: n={c['n_users']} pearson={_fmt(c['pearson'])} spearman={_fmt(c['spearman'])} "
-                    f"pearson(log size)={_fmt(c['pearson_log_size'])}"
+                    f"{method}: n={c['n_users']} spearman={_fmt_ci(rho)} (p={_fmt(c['spearman_p'])}) "
+                    f"pearson={_fmt(c['pearson'])} pearson(log size)={_fmt(c['pearson_log_size'])}"
                 )
     if report.cost:
         out += ["", "== cost =="]
@@ -292,6 +696,17 @@ def format_report(report: RunReport) -> str:
                 f"training: {tr['adapters']} adapters, {tr['train_seconds_per_user_mean']:.1f} s/user mean "
                 f"(max {tr['train_seconds_per_user_max']:.1f}), {tr['adapter_bytes_mean'] / 1e6:.2f} MB each"
             )
+    if report.claims:
+        out += ["", f"== the paper's claims, checked ({report.metrics[0]}) =="]
+        for c in report.claims:
+            pct = not c.claim.startswith("PEFT's gain rises")
+            p = (
+                ""
+                if c.p_value is None
+                else f", p={c.p_value:.3g}" + ("" if c.p_holm is None else f" (Holm {c.p_holm:.3g})")
+            )
+            detail = f" ({c.detail})" if c.detail else ""
+            out.append(f"{c.verdict.upper():<16} {c.claim}: {_fmt_ci(c.estimate, pct=pct)}{p}{detail}")
     return "\n".join(out)
 
 
@@ -360,33 +775,85 @@ def format_comparison(rows: list[MetricComparison], baseline_id: str, candidate_
     return f"baseline {baseline_id} vs candidate {candidate_id} (tolerance {tolerance:.1%} relative)\n{table}"
 
 
+def export_dict(report: RunReport) -> dict[str, Any]:
+    """The report as JSON for other tools: everything in ``RunReport``, plus ``methods.<name>.metrics.<metric>``
+    (value, ci_low, ci_high), ``methods.<name>.gain_vs_none`` (the primary metric's value, ci_low, ci_high, p_value,
+    p_holm, and ``by_metric``) and ``gain_vs_best_baseline`` for model methods, ``baselines`` and ``claims``."""
+    data = report.to_dict()
+    methods: dict[str, Any] = {}
+    primary = report.metrics[0] if report.metrics else None
+
+    def gain_block(found: dict[str, Comparison]) -> dict[str, Any]:
+        by_metric = {
+            m: {
+                "value": c.gain.value,
+                "ci_low": c.gain.ci_low,
+                "ci_high": c.gain.ci_high,
+                "p_value": c.p_value,
+                "p_holm": c.p_holm,
+                "significant": c.significant,
+            }
+            for m, c in found.items()
+        }
+        return {"metric": primary, **by_metric.get(primary, {}), "by_metric": by_metric}
+
+    for r in report.table:
+        entry: dict[str, Any] = {
+            "kind": "no model" if r.baseline else "model",
+            "n_queries": r.n_queries,
+            "metrics": {
+                m: {"value": r.metrics.get(m), "ci_low": e.ci_low, "ci_high": e.ci_high} for m, e in r.intervals.items()
+            },
+        }
+        if r.vs_none:
+            entry["gain_vs_none"] = gain_block(r.vs_none)
+        if r.vs_best_baseline:
+            entry["gain_vs_best_baseline"] = {"baseline": report.best_baseline, **gain_block(r.vs_best_baseline)}
+        methods[r.method] = entry
+    data["methods"] = methods
+    data["claims"] = [asdict(c) for c in report.claims]
+    data["baselines"] = list(report.baselines)
+    return data
+
+
+_CSV_COLUMNS = [
+    "run_id",
+    "task",
+    "bucket",
+    "min_items",
+    "max_items",
+    "n_users",
+    "method",
+    "kind",
+    "n_queries",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "gain",
+    "gain_ci_low",
+    "gain_ci_high",
+    "p_value",
+    "p_holm",
+]
+
+
 def export(report: RunReport, path: Path) -> Path:
+    """``.json``: ``export_dict``; anything else: CSV, one row per bucket x method x metric, with intervals."""
     path = Path(path)
     if path.suffix == ".json":
-        path.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        path.write_text(json.dumps(export_dict(report), indent=2, default=str))
         return path
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(
-            [
-                "run_id",
-                "task",
-                "bucket",
-                "min_items",
-                "max_items",
-                "n_users",
-                "method",
-                "n_queries",
-                "metric",
-                "value",
-                "gain",
-            ]
-        )
+        writer.writerow(_CSV_COLUMNS)
         groups = [(0, None, None, report.n_users, report.table)]
         groups += [(b.bucket, b.min_items, b.max_items, b.n_users, b.rows) for b in report.buckets]
         for bucket, lo, hi, n_users, rows in groups:
             for r in rows:
                 for m in report.metrics:
+                    e = r.intervals.get(m) or Estimate(r.metrics.get(m))
+                    c = r.vs_none.get(m)
                     writer.writerow(
                         [
                             report.run_id,
@@ -396,10 +863,17 @@ def export(report: RunReport, path: Path) -> Path:
                             hi,
                             n_users,
                             r.method,
+                            "no model" if r.baseline else "model",
                             r.n_queries,
                             m,
                             r.metrics.get(m),
+                            e.ci_low,
+                            e.ci_high,
                             r.gains.get(m),
+                            c.gain.ci_low if c else None,
+                            c.gain.ci_high if c else None,
+                            c.p_value if c else None,
+                            c.p_holm if c else None,
                         ]
                     )
     return path
@@ -423,15 +897,3 @@ def list_runs(store: Store) -> list[dict[str, Any]]:
             }
             for r in runs
         ]
-
-
-def calibration_buckets(report: RunReport) -> list[dict[str, Any]]:
-    metric = report.metrics[0]
-    return [
-        {
-            "min_items": b.min_items,
-            "max_items": b.max_items,
-            "methods": {r.method: r.metrics.get(metric) for r in b.rows},
-        }
-        for b in report.buckets
-    ]

@@ -2,22 +2,29 @@
 
 A policy is a list of profile-size bands per task, each with a method. Before any calibration the policy follows the
 paper's finding (RAG for cold-start and small profiles, RAG+PEFT once a user has enough data and an adapter).
-``calibrate`` replaces it from a run's per-bucket results: in each bucket, the cheapest method whose measured quality
-is within ``tolerance`` (relative) of the best. Peft methods need a current adapter; without one the router steps
-down to the same method without it.
+``calibrate`` replaces it from a run's per-bucket results, and moves only on evidence: a bucket starts at the
+cheapest method and moves to a costlier one only when that method's gain over the cheaper one is significant
+(a paired within-user permutation test over the bucket's users at ``RouterSettings.alpha``, Holm-adjusted over the
+bucket's candidates) and larger than ``tolerance`` (relative). Buckets with too few users to ever reach that level
+are merged with a neighbour first. Each band keeps the interval and p-value that chose it. Peft methods need a
+current adapter; without one the router steps down to the same method without it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from personalize.errors import InvalidInputError
 from personalize.schema import RouterCalibration
-from personalize.settings import RouterSettings
+from personalize.settings import RouterSettings, StatsSettings
+from personalize.significance import holm, smallest_pvalue
 from personalize.store import Store
+
+if TYPE_CHECKING:
+    from personalize.reports import Comparison, RunSamples
 
 COST_ORDER = ("none", "rag", "peft", "rag+peft")  # cheapest first: adapters cost training and memory
 DEFAULT_TASK = "*"
@@ -28,6 +35,7 @@ class Band:
     min_items: int
     method: str
     quality: dict[str, float] = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)  # the test that chose the method (or kept the cheaper)
 
 
 @dataclass
@@ -38,6 +46,7 @@ class Policy:
     created_at: str | None = None
     metric: str | None = None
     tolerance: float | None = None
+    alpha: float | None = None
 
     def method_for(self, n_items: int) -> Band:
         chosen = self.bands[0]
@@ -82,11 +91,12 @@ class Router:
         data = row.thresholds
         return Policy(
             row.task,
-            [Band(b["min_items"], b["method"], b.get("quality", {})) for b in data["bands"]],
+            [Band(b["min_items"], b["method"], b.get("quality", {}), b.get("evidence", {})) for b in data["bands"]],
             row.source_run_id,
             row.created_at.isoformat(timespec="seconds"),
             data.get("metric"),
             data.get("tolerance"),
+            data.get("alpha"),
         )
 
     def policies(self) -> list[Policy]:
@@ -117,46 +127,129 @@ class Router:
             "bands": [asdict(b) for b in policy.bands],
             "metric": policy.metric,
             "tolerance": policy.tolerance,
+            "alpha": policy.alpha,
         }
         with self.store.session() as s:
             s.add(RouterCalibration(task=policy.task, thresholds=thresholds, source_run_id=policy.source_run_id))
 
 
-def calibrate_bands(buckets: list[dict[str, Any]], metric: str, lower_is_better: bool, tolerance: float) -> list[Band]:
-    """``buckets``: ascending by size, each {"min_items", "methods": {method: metric value}}. In each bucket pick the
-    cheapest method within ``tolerance`` (relative) of the best; merge neighbouring buckets with the same method."""
+@dataclass(frozen=True)
+class Bucket:
+    """A group of users by profile size, with the per-user samples of the methods it can choose between."""
+
+    min_items: int
+    max_items: int
+    samples: RunSamples
+    run: RunSamples  # the whole run's samples, which merged buckets are cut from
+
+
+def merge_small_buckets(buckets: list[Bucket], min_users: int) -> list[Bucket]:
+    """Merge every bucket with fewer than ``min_users`` users into its smaller neighbour, until none is left."""
+    out = list(buckets)
+    while len(out) > 1:
+        small = [i for i, b in enumerate(out) if len(b.samples.users) < min_users]
+        if not small:
+            break
+        i = small[0]
+        neighbours = [j for j in (i - 1, i + 1) if 0 <= j < len(out)]
+        j = min(neighbours, key=lambda n: len(out[n].samples.users))
+        a, b = sorted((i, j))
+        users = set(out[a].samples.users) | set(out[b].samples.users)
+        merged = Bucket(out[a].min_items, out[b].max_items, out[a].run.subset(users), out[a].run)
+        out[a : b + 1] = [merged]
+    return out
+
+
+def users_needed(alpha: float, stats: StatsSettings) -> int:
+    """The fewest users with which a within-user swap test can reach ``alpha`` (and an interval is drawn)."""
+    n = 1
+    while smallest_pvalue(n) >= alpha:
+        n += 1
+    return max(n, stats.min_users)
+
+
+def _choose(bucket: Bucket, metric: str, alpha: float, tolerance: float, stats: StatsSettings) -> Band:
+    """Start at the cheapest method; move up only on a significant gain (over the cheapest, Holm-adjusted over the
+    candidates, and over the current choice) that is also above ``tolerance``."""
+    from personalize.reports import compare
+
+    samples = bucket.samples
+    present = [m for m in COST_ORDER if m in samples.samples]
+    values = {m: samples.family.point(samples.samples[m])[metric] for m in present}
+    cheapest = present[0]
+    tests = {m: compare(samples, m, cheapest, stats)[metric] for m in present[1:]}
+    for test, p in zip(tests.values(), holm([t.p_value for t in tests.values()]), strict=True):
+        test.p_holm = p
+        test.significant = p is not None and p < alpha
+
+    def moves(test: Comparison) -> bool:
+        gain = test.gain.value
+        return test.direction() == "better" and gain is not None and gain > tolerance
+
+    chosen, evidence = cheapest, None
+    for method in present[1:]:
+        if not moves(tests[method]):
+            continue
+        step = tests[method] if chosen == cheapest else compare(samples, method, chosen, stats)[metric]
+        if chosen != cheapest:
+            step.p_holm, step.significant = step.p_value, step.p_value is not None and step.p_value < alpha
+        if moves(step):
+            chosen, evidence = method, step
+    if evidence is None and tests:  # stayed cheapest: keep the strongest rejected candidate as the reason
+        evidence = min(tests.values(), key=lambda t: t.p_value if t.p_value is not None else 2.0)
+    record: dict[str, Any] = {"n_users": len(samples.users), "max_items": bucket.max_items}
+    if evidence is not None:
+        record |= {
+            "candidate": evidence.candidate,
+            "versus": evidence.reference,
+            "gain": evidence.gain.value,
+            "ci_low": evidence.gain.ci_low,
+            "ci_high": evidence.gain.ci_high,
+            "p_value": evidence.p_value,
+            "p_holm": evidence.p_holm,
+            "moved": chosen != cheapest,
+        }
+    return Band(bucket.min_items, chosen, {m: float(v) for m, v in values.items()}, record)
+
+
+def calibrate_bands(
+    buckets: list[Bucket], metric: str, alpha: float, tolerance: float, stats: StatsSettings
+) -> list[Band]:
+    """``buckets`` ascending by size. Merge the ones too small to ever be significant, choose per bucket with
+    ``_choose``, and merge neighbouring bands that chose the same method."""
+    usable = [b for b in buckets if any(m in b.samples.samples for m in COST_ORDER)]
     bands: list[Band] = []
-    for i, bucket in enumerate(buckets):
-        values = {m: v for m, v in bucket["methods"].items() if v is not None}
-        if not values:
+    for i, bucket in enumerate(merge_small_buckets(usable, users_needed(alpha, stats))):
+        band = _choose(bucket, metric, alpha, tolerance, stats)
+        band = Band(1 if i == 0 else band.min_items, band.method, band.quality, band.evidence)
+        if bands and bands[-1].method == band.method:
             continue
-        best = min(values.values()) if lower_is_better else max(values.values())
-        slack = abs(best) * tolerance
-        ok = [
-            m
-            for m in COST_ORDER
-            if m in values and (values[m] <= best + slack if lower_is_better else values[m] >= best - slack)
-        ]
-        method = ok[0]
-        start = 1 if i == 0 else int(bucket["min_items"])
-        if bands and bands[-1].method == method:
-            continue
-        bands.append(Band(start, method, {m: float(v) for m, v in values.items()}))
+        bands.append(band)
     if not bands:
         raise InvalidInputError(f"the run has no per-bucket results for {metric}; nothing to calibrate from")
     return bands
 
 
-def calibrate_from_run(store: Store, run_id: str, tolerance: float | None = None) -> Policy:
-    """Set a task's bands from a run's per-bucket results on the task's primary metric, and store them."""
-    from personalize.metrics import LOWER_IS_BETTER
-    from personalize.reports import build_report, calibration_buckets
+def calibrate_from_run(
+    store: Store,
+    run_id: str,
+    tolerance: float | None = None,
+    alpha: float | None = None,
+    stats: StatsSettings | None = None,
+    n_buckets: int = 4,
+) -> Policy:
+    """Set a task's bands from a run's profile-size buckets on the task's primary metric, and store them."""
+    from personalize.reports import _quantile_buckets, load_run_samples
 
-    report = build_report(store, run_id)
+    samples = load_run_samples(store, run_id)
     router = Router(store)
     tolerance = router.settings.tolerance if tolerance is None else tolerance
-    metric = report.metrics[0]
-    bands = calibrate_bands(calibration_buckets(report), metric, metric in LOWER_IS_BETTER, tolerance)
-    policy = Policy(report.task, bands, run_id, metric=metric, tolerance=tolerance)
+    alpha = router.settings.alpha if alpha is None else alpha
+    stats = stats or StatsSettings()
+    metric = samples.family.metrics[0]
+    sizes = {u: int(n) for u, n in zip(samples.users, samples.sizes, strict=True)}
+    buckets = [Bucket(lo, hi, samples.subset(m), samples) for lo, hi, m in _quantile_buckets(sizes, n_buckets)]
+    bands = calibrate_bands(buckets, metric, alpha, tolerance, stats)
+    policy = Policy(samples.task, bands, run_id, metric=metric, tolerance=tolerance, alpha=alpha)
     router.save(policy)
-    return router.policy(report.task)
+    return router.policy(samples.task)

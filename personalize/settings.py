@@ -69,6 +69,27 @@ class RouterSettings(BaseModel):
     tolerance: float = Field(
         0.01, ge=0, description="Calibration: a cheaper method within this relative distance of the best wins."
     )
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="Calibration: a bucket moves to a costlier method only when its gain over the cheaper one is "
+        "significant at this level (paired test over the bucket's users).",
+    )
+
+
+class StatsSettings(BaseModel):
+    """How reports draw their intervals and tests (personalize.significance)."""
+
+    resamples: int = Field(2000, ge=100, description="Bootstrap resamples of users per interval.")
+    permutations: int = Field(9999, ge=99, description="Within-user swaps per paired test (exact when fewer).")
+    confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of every interval.")
+    ci_method: Literal["BCa", "percentile", "basic"] = Field(
+        "BCa", description="scipy.stats.bootstrap's method; percentile where BCa is undefined."
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="Level at which a Holm-adjusted p-value counts as significant.")
+    min_users: int = Field(10, ge=2, description="Fewer users than this get no interval or test, and a note saying so.")
+    seed: int = Field(0, description="Seed of every resample: the same run gives the same intervals.")
 
 
 class Settings(BaseSettings):
@@ -136,6 +157,9 @@ class Settings(BaseSettings):
     train_time_limit_s: int = Field(3600, ge=10, description="Hard time limit of one training task.")
     router: RouterSettings = Field(
         default_factory=RouterSettings, description="Defaults of the uncalibrated router (PERSONALIZE_ROUTER__...)."
+    )
+    stats: StatsSettings = Field(
+        default_factory=StatsSettings, description="Intervals and tests of reports (PERSONALIZE_STATS__*)."
     )
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA training settings (PERSONALIZE_LORA__RANK=16)."

@@ -53,6 +53,7 @@ class Task:
     input_template: str | None = None
     lamp_name: str | None = None
     synthetic: bool = False
+    choice: bool = False  # the label picks one of the candidates in the input (LaMP-1): profile items carry no label
     compose: Callable[[Task, str, list[str]], str] | None = field(default=None, compare=False, repr=False)
 
     def item_values(self, item: ProfileItem) -> dict[str, Any]:
@@ -107,15 +108,21 @@ def _lamp1_compose(task: Task, prompt: str, rendered: list[str]) -> str:
     return f"{joined}. {prompt}"
 
 
-def _lamp1_query(prompt: str) -> str:
-    """The two quoted choices of a ``[1]: "..." [2]: "..."`` input (quotes inside a choice are kept)."""
+def choice_candidates(prompt: str) -> list[str] | None:
+    """The two quoted choices of a ``[1]: "..." [2]: "..."`` input (quotes inside a choice are kept), or ``None``."""
     first, second = prompt.find('[1]: "'), prompt.find('" [2]: "')
     if first < 0 or second < first:
-        return prompt
+        return None
     one = prompt[first + 6 : second]
     two = prompt[second + 8 :]
     two = two[: two.rfind('"')] if '"' in two else two
-    return f"{one} {two}"
+    return [one, two]
+
+
+def _lamp1_query(prompt: str) -> str:
+    """Both choices of a LaMP-1-style input, joined: what retrieval searches with."""
+    choices = choice_candidates(prompt)
+    return prompt if choices is None else " ".join(choices)
 
 
 class _Lamp1Task(Task):
@@ -172,6 +179,7 @@ register(
         rag_template='"{title}"',
         trunc_field="title",
         labels=("[1]", "[2]"),
+        choice=True,
         metrics=("accuracy", "f1"),
         input_template="Write an abstract for this title: {title}",
         output_field="abstract",
@@ -318,6 +326,7 @@ register(
         rag_template='"{title}" is the opening sentence for "{text}"',
         trunc_field="text",
         labels=("[1]", "[2]"),
+        choice=True,
         metrics=("accuracy", "f1"),
         output_field="title",
         input_template="Continue this article: {text}",
