@@ -390,7 +390,7 @@ def eval_run(
     resume: str | None = typer.Option(None, "--resume", help="Continue this interrupted run id"),
 ) -> None:
     """Ingest, train (workers), answer every query with every method, and store it all under a run id."""
-    from personalize.evaluation import EvalConfig, EvaluationRunner, code_version
+    from personalize.evaluation import EvalConfig, EvaluationRunner, code_version, default_methods, resolve_methods
     from personalize.reports import build_report, format_report
 
     with _client() as p:
@@ -411,15 +411,16 @@ def eval_run(
         else:
             if not task:
                 raise InvalidInputError("give --task (or --resume RUN_ID)")
+            chosen = resolve_methods(task, _method_list(methods)) if methods else default_methods(task)
             dataset, source = _load_dataset(task, split, data, synthetic_users)
             config = EvalConfig(
                 task=task,
                 split=split,
                 source=source,
                 synthetic=dataset.synthetic,
-                users=None if synthetic_users else users,
+                users=synthetic_users or users,  # a SYNTHETIC run of N users resumes with the same N
                 per_user=per_user,
-                methods=_method_list(methods) if methods else [],
+                methods=chosen,
                 retriever=retriever,
                 k=k,
                 scoring=scoring,

@@ -8,6 +8,7 @@ result as an uninterrupted run. Reports are computed from the stored rows (``per
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
@@ -94,7 +95,10 @@ class EvalConfig(BaseModel):
 
     @model_validator(mode="after")
     def _default_methods(self) -> EvalConfig:
-        self.methods = resolve_methods(self.task, self.methods) if self.methods else default_methods(self.task)
+        # checking names is ``resolve_methods``' job (the runner calls it), so its error stays a PersonalizeError
+        if not self.methods:
+            with contextlib.suppress(PersonalizeError):
+                self.methods = default_methods(self.task)
         return self
 
     def used_scoring(self) -> str:
