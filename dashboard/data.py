@@ -9,7 +9,6 @@ so a finished run is computed once and a running one is recomputed as answers ar
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,10 @@ from sqlalchemy import select
 from personalize.evaluation import eval_user_id
 from personalize.items import ProfileItem, UserInfo
 from personalize.jobs import AdapterInfo, JobInfo
-from personalize.metrics import LOWER_IS_BETTER, score
 from personalize.modeling import LoadedModel
 from personalize.personalizer import Personalizer
 from personalize.queue import describe_broker
-from personalize.reports import RunReport, build_report, list_runs
+from personalize.reports import RunReport, build_report, list_runs, per_user_scores
 from personalize.router import Decision, Policy
 from personalize.schema import EvalResult, EvalRun
 from personalize.settings import Settings
@@ -84,7 +82,8 @@ def run(run_id: str) -> dict[str, Any] | None:
 
 @st.cache_data(ttl=REPORT_TTL_S, show_spinner="Computing the report ...", max_entries=64)
 def _report(key: tuple, run_id: str, n_buckets: int, state: str, progress: float, results: int) -> RunReport:
-    return build_report(_personalizer(key).store, run_id, n_buckets)
+    p = _personalizer(key)
+    return build_report(p.store, run_id, n_buckets, p.settings.stats)
 
 
 def report(run_id: str, n_buckets: int = 4) -> RunReport:
@@ -118,34 +117,9 @@ def synthetic_users() -> set[str]:
 
 @st.cache_data(ttl=REPORT_TTL_S, show_spinner="Reading per-user results ...", max_entries=32)
 def _per_user(key: tuple, run_id: str, task: str, metric: str, state: str, progress: float) -> list[dict[str, Any]]:
-    """Per user of a run: profile size, each method's score on ``metric``, and each method's absolute gain over
-    ``none`` (sign flipped for lower-is-better), as ``reports`` computes it for the correlation."""
-    with _personalizer(key).store.session() as s:
-        rows = s.execute(
-            select(
-                EvalResult.user_external_id,
-                EvalResult.method,
-                EvalResult.profile_size,
-                EvalResult.prediction,
-                EvalResult.gold,
-            ).where(EvalResult.run_id == run_id)
-        ).all()
-    per_user: dict[str, dict[str, tuple[list[str], list[str]]]] = defaultdict(lambda: defaultdict(lambda: ([], [])))
-    sizes: dict[str, int] = {}
-    for user, method, size, prediction, gold in rows:
-        preds, golds = per_user[user][method]
-        preds.append(prediction)
-        golds.append(gold)
-        sizes[user] = max(sizes.get(user, 0), size)
-    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
-    out = []
-    for user, methods in per_user.items():
-        values = {m: score(task, p, g)[metric] for m, (p, g) in methods.items()}
-        row: dict[str, Any] = {"user": user, "profile_size": sizes[user], "values": values, "gains": {}}
-        if "none" in values:
-            row["gains"] = {m: sign * (v - values["none"]) for m, v in values.items() if m != "none"}
-        out.append(row)
-    return sorted(out, key=lambda r: r["profile_size"])
+    """Per user of a run: profile size, each method's value of ``metric`` and gain over ``none`` (the library's
+    ``per_user_scores``, as the correlation uses them)."""
+    return per_user_scores(_personalizer(key).store, run_id, metric)
 
 
 def per_user(run_id: str, task: str, metric: str) -> list[dict[str, Any]]:

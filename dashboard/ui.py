@@ -19,10 +19,25 @@ from personalize.errors import (
 )
 from personalize.jobs import JobInfo
 from personalize.metrics import LOWER_IS_BETTER
-from personalize.reports import METHOD_ORDER, MethodRow, RunReport
+from personalize.reports import Claim, Estimate, MethodRow, RunReport
+from personalize.reports import ordered_methods as _ordered_methods
 from personalize.store import redact_url
 
 SYNTHETIC = "SYNTHETIC"
+NO_MODEL = "no model"
+METHOD_COLORS = {
+    "none": "#7f7f7f",
+    "rag": "#1f77b4",
+    "peft": "#ff7f0e",
+    "rag+peft": "#2ca02c",
+    "majority": "#8c564b",
+    "user-majority": "#e377c2",
+    "user-mean": "#bcbd22",
+    "nearest": "#17becf",
+    "nearest-mean": "#9467bd",
+    "input-copy": "#d62728",
+}
+VERDICT_ICONS = {"holds": "✅ holds", "fails": "❌ fails", "not significant": "➖ not significant"}
 
 LOAD_DATA_HELP = """
 **Load data and start a run.** From the project folder (same `PERSONALIZE_*` settings as this dashboard):
@@ -158,24 +173,77 @@ def run_title(report: RunReport) -> str:
     return f"{report.run_id} ({', '.join(tags)})"
 
 
+def ci_text(e: Estimate | None, pct: bool = False) -> str:
+    """``[low, high]`` of an interval, or '-' when there is none (too few users)."""
+    if e is None or e.ci_low is None or e.ci_high is None:
+        return "-"
+    return f"[{e.ci_low:+.1%}, {e.ci_high:+.1%}]" if pct else f"[{e.ci_low:.4f}, {e.ci_high:.4f}]"
+
+
+def p_text(p: float | None, significant: bool = False) -> str:
+    return "-" if p is None else f"{p:.3g}" + (" *" if significant else "")
+
+
 def method_frame(rows: list[MethodRow], metrics: list[str]) -> pd.DataFrame:
-    """The report's method table as a frame: values, gains over none, average gain."""
+    """The report's method table as a frame: kind, values with 95% intervals over users, gains over none with
+    their intervals and Holm-adjusted p-values (* significant), average gain."""
     records = []
     for r in rows:
-        rec: dict[str, Any] = {"method": r.method, "queries": r.n_queries}
-        rec.update({m: r.metrics.get(m) for m in metrics})
-        rec.update({f"gain {m}": finite(r.gains.get(m)) for m in metrics})
-        rec["avg gain"] = finite(r.average_gain)
+        rec: dict[str, Any] = {"method": r.method, "kind": NO_MODEL if r.baseline else "model", "queries": r.n_queries}
+        for m in metrics:
+            e = r.intervals.get(m)
+            rec[m] = r.metrics.get(m)
+            rec[f"{m} ci low"] = e.ci_low if e else None
+            rec[f"{m} ci high"] = e.ci_high if e else None
+        for m in metrics:
+            c = r.vs_none.get(m)
+            rec[f"gain {m}"] = finite(r.gains.get(m)) if not r.baseline else None
+            rec[f"gain {m} CI"] = ci_text(c.gain, pct=True) if c else "-"
+            rec[f"p {m} (Holm)"] = p_text(c.p_holm, c.significant) if c else "-"
+        rec["avg gain"] = finite(r.average_gain) if not r.baseline else None
         records.append(rec)
     return pd.DataFrame.from_records(records)
 
 
 def metric_columns(metrics: list[str]) -> dict[str, Any]:
-    config: dict[str, Any] = {m: st.column_config.NumberColumn(m, format="%.4f") for m in metrics}
+    config: dict[str, Any] = {}
     for m in metrics:
+        config[m] = st.column_config.NumberColumn(m, format="%.4f")
+        config[f"{m} ci low"] = st.column_config.NumberColumn(f"{m} ci low", format="%.4f")
+        config[f"{m} ci high"] = st.column_config.NumberColumn(f"{m} ci high", format="%.4f")
         config[f"gain {m}"] = st.column_config.NumberColumn(f"gain {m}", format="percent")
     config["avg gain"] = st.column_config.NumberColumn("avg gain", format="percent")
     return config
+
+
+def claims_frame(claims: list[Claim]) -> pd.DataFrame:
+    """The paper's claims as checked on a run: verdict, the estimate that decides it, its interval and p-values."""
+    return pd.DataFrame.from_records(
+        [
+            {
+                "claim": c.claim,
+                "verdict": VERDICT_ICONS.get(c.verdict, c.verdict),
+                "metric": c.metric,
+                "estimate": c.estimate.value,
+                "ci low": c.estimate.ci_low,
+                "ci high": c.estimate.ci_high,
+                "p": c.p_value,
+                "p (Holm)": c.p_holm,
+                "detail": c.detail,
+            }
+            for c in claims
+        ]
+    )
+
+
+def error_bars(values: list[float | None], estimates: list[Estimate | None]) -> dict[str, Any]:
+    """Plotly's asymmetric ``error_y`` from intervals (no bar where there is no interval)."""
+    plus, minus = [], []
+    for v, e in zip(values, estimates, strict=True):
+        ok = v is not None and e is not None and e.ci_low is not None and e.ci_high is not None
+        plus.append(e.ci_high - v if ok else None)
+        minus.append(v - e.ci_low if ok else None)
+    return {"type": "data", "symmetric": False, "array": plus, "arrayminus": minus, "visible": True}
 
 
 def best_method(values: dict[str, float | None], metric: str) -> str | None:
@@ -187,7 +255,7 @@ def best_method(values: dict[str, float | None], metric: str) -> str | None:
 
 
 def ordered_methods(methods: set[str] | list[str]) -> list[str]:
-    return [m for m in METHOD_ORDER if m in methods] + sorted(set(methods) - set(METHOD_ORDER))
+    return _ordered_methods(methods)
 
 
 def refresh_button(key: str) -> None:

@@ -29,6 +29,7 @@ RUNNING = "reuters-lead-test-running"
 FAILED = "reuters-authorship-test-failed"
 FAILED_ERROR = "PersonalizeError: 2 adapter(s) failed to train: u1: disk full"
 METHODS = ("none", "rag", "peft", "rag+peft")
+BASELINE = "user-mean"  # the REAL run also carries a no-model baseline
 SIZES = (5, 8, 12, 20, 30, 45, 60, 90, 120, 200, 300, 500)
 T0 = datetime(2025, 1, 1, 12, 0, 0)
 
@@ -103,6 +104,18 @@ def seed_home(home: Path, model: str) -> None:
                                 timings=_timings(method, size),
                             )
                         )
+                    s.add(
+                        EvalResult(
+                            run_id=REAL,
+                            user_external_id=user,
+                            query_id=f"{user}-q{q}",
+                            method=BASELINE,
+                            profile_size=size,
+                            prediction=str(gold if q else min(5, gold + 1)),
+                            gold=str(gold),
+                            timings={"retrieval_s": 0.0, "total_s": 0.0001, "decoder": "no model"},
+                        )
+                    )
             for u, size in enumerate((10, 40, 160, 640)):
                 user = f"synth-{u:03d}"
                 for q in range(3):
@@ -266,11 +279,12 @@ def test_comparison_shows_the_paper_table_of_the_newest_done_run(app, seeded):
         for method in METHODS:
             assert table[method][i] == pytest.approx(by_method[method].metrics[metric])
         assert table[f"gain {method}"][i] == pytest.approx(by_method[method].gains[metric])
-        best = min(METHODS, key=lambda m: by_method[m].metrics[metric])  # MAE/RMSE: lower is better
+        best = min([*METHODS, BASELINE], key=lambda m: by_method[m].metrics[metric])  # MAE/RMSE: lower is better
         assert table["best"][i] == best
     methods = frame_with(at, "avg gain")
-    assert list(methods["method"]) == list(METHODS)
-    assert list(methods["queries"]) == [36] * 4
+    assert list(methods["method"]) == [*METHODS, BASELINE]
+    assert list(methods["queries"]) == [36] * 5
+    assert list(methods["kind"]) == ["model"] * 4 + ["no model"]
     assert methods["avg gain"][3] == pytest.approx(by_method["rag+peft"].average_gain)
     assert "SYNTHETIC" not in texts(at)
 
@@ -307,6 +321,32 @@ def test_a_run_in_progress_shows_partial_results_marked_as_such(app):
     assert "stands in for LaMP-4" in texts(at)
 
 
+def test_comparison_shows_intervals_significance_claims_and_baselines_as_the_library_computes_them(app, seeded):
+    at = app()
+    report = build_report(Personalizer(Settings(home=seeded, _env_file=None)).store, REAL)
+    methods = frame_with(at, "mae ci low")
+    for i, method in enumerate([*METHODS, BASELINE]):
+        row = report.row(method)
+        assert methods["mae ci low"][i] == pytest.approx(row.intervals["mae"].ci_low)
+        assert methods["mae ci high"][i] == pytest.approx(row.intervals["mae"].ci_high)
+        assert methods["mae ci low"][i] <= methods["mae"][i] <= methods["mae ci high"][i]
+    rag = report.row("rag").vs_none["mae"]
+    shown = methods["p mae (Holm)"][1]
+    assert shown.startswith(f"{rag.p_holm:.3g}") and shown.endswith("*") == rag.significant
+    paper = frame_with(at, "best")
+    assert paper[f"{BASELINE} CI"][0] == f"[{report.row(BASELINE).intervals['mae'].ci_low:.4f}, " + (
+        f"{report.row(BASELINE).intervals['mae'].ci_high:.4f}]"
+    )
+    claims = frame_with(at, "verdict")
+    assert list(claims["claim"]) == [c.claim for c in report.claims]
+    for verdict, claim in zip(claims["verdict"], report.claims, strict=True):
+        assert claim.verdict in verdict
+    assert claims["estimate"][0] == pytest.approx(report.claims[0].estimate.value)
+    charts = [c.proto.spec for c in at.get("plotly_chart")]
+    quality = next(c for c in charts if "95% intervals" in c)
+    assert '"arrayminus"' in quality and f"{BASELINE} (no model)" in quality
+
+
 # -- By data volume ----------------------------------------------------------------------------------------------
 
 
@@ -324,6 +364,11 @@ def test_volume_page_shows_buckets_with_user_counts_thresholds_and_correlation(a
     corr = frame_with(at, "spearman")
     assert list(corr["method"]) == ["rag", "peft", "rag+peft"]
     assert corr["spearman"][1] == pytest.approx(report.correlation["peft"]["spearman"])
+    ci = report.correlation["peft"]["spearman_ci"]
+    assert corr["spearman CI"][1] == f"[{ci['ci_low']:.4f}, {ci['ci_high']:.4f}]"
+    assert corr["spearman p"][1] == pytest.approx(report.correlation["peft"]["spearman_p"])
+    assert all("too few users for an interval" in n for n in buckets["note"])  # 3 users per bucket
+    assert set(buckets["peft CI"]) == {"-"}
     assert len(at.get("plotly_chart")) == 2
 
     at.slider(key="volume_buckets").set_value(2).run()
@@ -364,6 +409,7 @@ def test_calibrate_button_sets_thresholds_from_the_chosen_run(
     bands = frame_with(at, "from items")
     assert set(bands["task"]) == {"movielens-rating"}
     assert all(f"run {SYNTH} (SYNTHETIC)" == s for s in bands["source"])
+    assert "evidence" in bands.columns and "p (Holm)" in bands.columns
     assert any("calibrated from a **SYNTHETIC** run" in w.value for w in at.warning)
 
 
@@ -446,7 +492,8 @@ def test_cost_page_shows_training_adapter_size_and_latency_against_quality(app, 
     assert metrics["Training s / user (mean)"] == f"{report.cost['training']['train_seconds_per_user_mean']:.1f}"
     assert metrics["Adapter MB (mean)"] == "3.70"
     latency = frame_with(at, "total ms p50")
-    assert list(latency["method"]) == list(METHODS)
+    assert list(latency["method"]) == [*METHODS, BASELINE]
+    assert latency["kind"].iloc[-1] == "no model"
     for i, method in enumerate(METHODS):
         assert latency["total ms p50"][i] == pytest.approx(report.cost["latency"][method]["total_ms_p50"])
     per_user = frame_with(at, "train seconds")

@@ -10,8 +10,8 @@ import streamlit as st
 
 from dashboard import data, ui
 from dashboard.published import PUBLISHED_AVERAGE_GAIN, SOURCE, published_for
-from personalize.metrics import relative_gain
-from personalize.reports import RunReport
+from personalize.metrics import LOWER_IS_BETTER, relative_gain
+from personalize.reports import MethodRow, RunReport
 
 
 def paper_table(reports: list[RunReport]) -> pd.DataFrame:
@@ -26,8 +26,14 @@ def paper_table(reports: list[RunReport]) -> pd.DataFrame:
             values = {m: by_method[m].metrics.get(metric) if m in by_method else None for m in methods}
             rec.update(values)
             for m in methods:
-                if m != "none":
-                    rec[f"gain {m}"] = ui.finite(by_method[m].gains.get(metric)) if m in by_method else None
+                row = by_method.get(m)
+                rec[f"{m} CI"] = ui.ci_text(row.intervals.get(metric)) if row else "-"
+            for m in methods:
+                row = by_method.get(m)
+                if m != "none" and (row is None or not row.baseline):
+                    c = row.vs_none.get(metric) if row else None
+                    rec[f"gain {m}"] = ui.finite(row.gains.get(metric)) if row else None
+                    rec[f"p {m} (Holm)"] = ui.p_text(c.p_holm, c.significant) if c else "-"
             rec["best"] = ui.best_method(values, metric)
             records.append(rec)
     return pd.DataFrame.from_records(records)
@@ -72,10 +78,45 @@ def published_frame(rep: RunReport) -> tuple[str, pd.DataFrame] | None:
     return pub.label, pd.DataFrame.from_records(records)
 
 
+def quality_chart(rep: RunReport) -> go.Figure:
+    """The primary metric of each model method with its 95% interval over users; baselines as reference lines."""
+    metric = rep.metrics[0]
+    rows = [r for r in rep.table if not r.baseline]
+    values = [r.metrics.get(metric) for r in rows]
+    fig = go.Figure()
+    fig.add_bar(
+        x=[r.method for r in rows],
+        y=values,
+        error_y=ui.error_bars(values, [r.intervals.get(metric) for r in rows]),
+        marker_color=[ui.METHOD_COLORS.get(r.method) for r in rows],
+        text=[_sig_mark(r, metric) for r in rows],
+        textposition="outside",
+        name="model methods",
+    )
+    for r in rep.table:
+        if r.baseline:
+            fig.add_hline(
+                y=r.metrics.get(metric),
+                line_dash="dot",
+                line_color=ui.METHOD_COLORS.get(r.method, "#444"),
+                annotation_text=f"{r.method} ({ui.NO_MODEL})",
+                annotation_position="top right",
+            )
+    better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
+    title = f"{metric} with 95% intervals over users · {ui.run_title(rep)} (* significant vs none)"
+    fig.update_layout(title=title, yaxis_title=f"{metric} ({better})", showlegend=False)
+    return fig
+
+
+def _sig_mark(row: MethodRow, metric: str) -> str:
+    c = row.vs_none.get(metric)
+    return "*" if c is not None and c.significant else ""
+
+
 def gain_chart(reports: list[RunReport]) -> go.Figure:
     fig = go.Figure()
     for rep in reports:
-        rows = [r for r in rep.table if r.method != "none"]
+        rows = [r for r in rep.table if r.method != "none" and not r.baseline]
         fig.add_bar(
             name=ui.run_title(rep),
             x=[r.method for r in rows],
@@ -131,6 +172,30 @@ with ui.page("Comparison", "Every method on the same queries of the same users; 
         st.dataframe(mark_best(table, methods), hide_index=True, width="stretch")
 
     st.plotly_chart(gain_chart(reports), width="stretch")
+
+    for rep in reports:
+        st.plotly_chart(quality_chart(rep), width="stretch")
+        st.subheader(f"The paper's claims, checked · {ui.run_title(rep)}")
+        st.caption(
+            "Each published claim on this run's primary metric: holds or fails when the Holm-adjusted paired "
+            "test is significant and the 95% interval agrees; otherwise not significant. Estimates are relative gains "
+            "(Spearman's rho for the profile-size claim)."
+        )
+        if rep.claims:
+            st.dataframe(
+                ui.claims_frame(rep.claims),
+                hide_index=True,
+                width="stretch",
+                column_config={
+                    "estimate": st.column_config.NumberColumn(format="%.4f"),
+                    "ci low": st.column_config.NumberColumn(format="%.4f"),
+                    "ci high": st.column_config.NumberColumn(format="%.4f"),
+                    "p": st.column_config.NumberColumn(format="%.4f"),
+                    "p (Holm)": st.column_config.NumberColumn(format="%.4f"),
+                },
+            )
+        else:
+            st.info("No answers to check the claims on yet.")
 
     for rep in reports:
         st.subheader(f"Methods · {ui.run_title(rep)}")

@@ -10,7 +10,7 @@ from dashboard import data, ui
 from personalize.metrics import LOWER_IS_BETTER
 from personalize.reports import RunReport
 
-COLORS = {"none": "#7f7f7f", "rag": "#1f77b4", "peft": "#ff7f0e", "rag+peft": "#2ca02c"}
+COLORS = ui.METHOD_COLORS
 
 
 def latency_frame(rep: RunReport) -> pd.DataFrame:
@@ -26,8 +26,10 @@ def latency_frame(rep: RunReport) -> pd.DataFrame:
                 "retrieval ms p50": lat["retrieval_ms_p50"],
                 "generation ms p50": lat["generation_ms_p50"],
                 "total ms p50": lat["total_ms_p50"],
+                "kind": ui.NO_MODEL if row and row.baseline else "model",
                 metric: row.metrics.get(metric) if row else None,
-                f"gain {metric}": ui.finite(row.gains.get(metric)) if row else None,
+                f"{metric} CI": ui.ci_text(row.intervals.get(metric)) if row else "-",
+                f"gain {metric}": ui.finite(row.gains.get(metric)) if row and not row.baseline else None,
             }
         )
     return pd.DataFrame.from_records(records)
@@ -36,12 +38,17 @@ def latency_frame(rep: RunReport) -> pd.DataFrame:
 def latency_figure(rep: RunReport, frame: pd.DataFrame) -> go.Figure:
     metric = rep.metrics[0]
     fig = go.Figure()
+    rows = {r.method: r for r in rep.table}
     for rec in frame.to_dict("records"):
+        row = rows.get(rec["method"])
+        interval = row.intervals.get(metric) if row else None
+        label = rec["method"] + (f" ({ui.NO_MODEL})" if row and row.baseline else "")
         fig.add_scatter(
             x=[rec["total ms p50"]],
             y=[rec[metric]],
+            error_y=ui.error_bars([rec[metric]], [interval]),
             mode="markers+text",
-            text=[rec["method"]],
+            text=[label],
             textposition="top center",
             marker={"size": 14, "color": COLORS.get(rec["method"])},
             name=rec["method"],

@@ -7,10 +7,11 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import data, ui
+from personalize.reports import Estimate
 from personalize.router import DEFAULT_TASK, Policy, calibrate_from_run
 from personalize.tasks import task_names
 
-COLORS = {"none": "#7f7f7f", "rag": "#1f77b4", "peft": "#ff7f0e", "rag+peft": "#2ca02c"}
+COLORS = ui.METHOD_COLORS
 MAX_AXIS = 10_000
 
 
@@ -19,6 +20,16 @@ def origin(policy: Policy, synthetic: set[str]) -> str:
         return "default (paper-shaped)"
     tag = f" ({ui.SYNTHETIC})" if policy.source_run_id in synthetic else ""
     return f"run {policy.source_run_id}{tag}"
+
+
+def evidence_text(e: dict) -> str:
+    """The test that chose a band's method: the candidate's gain over the cheaper one, its interval, moved or not."""
+    if not e or "candidate" not in e:
+        return "-" if not e else "no costlier method measured"
+    verb = "moved (significant)" if e.get("moved") else "stayed (not significant)"
+    est = Estimate(e.get("gain"), e.get("ci_low"), e.get("ci_high"))
+    gain = "-" if est.value is None else f"{est.value:+.1%}"
+    return f"{verb}: {e['candidate']} vs {e['versus']} {gain} {ui.ci_text(est, pct=True)}"
 
 
 def policy_frame(policies: list[Policy], synthetic: set[str]) -> pd.DataFrame:
@@ -33,10 +44,15 @@ def policy_frame(policies: list[Policy], synthetic: set[str]) -> pd.DataFrame:
                     "to items": upper,
                     "method": band.method,
                     "measured quality": ", ".join(f"{m} {v:.4f}" for m, v in band.quality.items()) or "-",
+                    "evidence": evidence_text(band.evidence),
+                    "p": band.evidence.get("p_value"),
+                    "p (Holm)": band.evidence.get("p_holm"),
+                    "users": band.evidence.get("n_users"),
                     "source": origin(p, synthetic),
                     "calibrated at": p.created_at or "-",
                     "metric": p.metric or "-",
                     "tolerance": p.tolerance,
+                    "alpha": p.alpha,
                 }
             )
     return pd.DataFrame.from_records(records)
@@ -105,8 +121,10 @@ with ui.page("Router", "Which method the router picks from a user's data volume,
 
     st.subheader("Calibrate from a run")
     st.caption(
-        "Per profile-size bucket of the run, the cheapest method within the tolerance of the best on the task's "
-        "primary metric (`personalize router calibrate`). The new thresholds apply to the run's task at once."
+        "Per profile-size bucket of the run, on the task's primary metric (`personalize router calibrate`): the "
+        "cheapest method, unless a costlier one's gain over it is significant (paired within-user test over the "
+        "bucket's users, Holm-adjusted, at alpha) and above the tolerance. Buckets too small to ever be significant "
+        "merge with a neighbour. The new thresholds apply to the run's task at once."
     )
     (chosen,) = ui.pick_runs("router_calibrate_run", label="Run to calibrate from")
     if chosen["state"] != "done":
@@ -128,8 +146,19 @@ with ui.page("Router", "Which method the router picks from a user's data volume,
         format="%.3f",
         key="router_tolerance",
     )
+    settings = data.personalizer().settings
+    alpha = st.number_input(
+        "Significance level (alpha)",
+        min_value=0.001,
+        max_value=0.5,
+        value=float(settings.router.alpha),
+        step=0.01,
+        format="%.3f",
+        key="router_alpha",
+    )
     if st.button("Calibrate", type="primary", key="router_calibrate"):
-        new = calibrate_from_run(data.personalizer().store, chosen["run_id"], tolerance)
+        store = data.personalizer().store
+        new = calibrate_from_run(store, chosen["run_id"], tolerance, alpha, settings.stats)
         data.clear()
         bands = ", ".join(f"{b.method} from {b.min_items}" for b in new.bands)
         st.session_state["router_flash"] = f"Calibrated {new.task} from run {new.source_run_id}: {bands}"

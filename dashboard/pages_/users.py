@@ -8,7 +8,7 @@ import streamlit as st
 from dashboard import data, ui
 from personalize.errors import BrokerUnavailableError, PersonalizeError
 from personalize.personalizer import METHODS
-from personalize.reports import METHOD_ORDER
+from personalize.reports import MODEL_METHODS
 from personalize.results import GenerationResult
 from personalize.tasks import task_names
 
@@ -154,7 +154,7 @@ with ui.page("Users", "Per-user data, adapters and training; try a prompt with e
         prompt = st.text_area("Prompt", key="users_prompt_text")
         cols = st.columns([2, 1, 1, 1, 1])
         methods = cols[0].multiselect(
-            "Methods", [m for m in METHODS if m != "auto"], default=list(METHOD_ORDER), key="users_methods"
+            "Methods", [m for m in METHODS if m != "auto"], default=list(MODEL_METHODS), key="users_methods"
         )
         k = cols[1].number_input("k (retrieved items)", 0, 100, settings.k, key="users_k")
         max_new = cols[2].number_input("Max new tokens", 1, 1024, min(settings.max_new_tokens, 32), key="users_new")

@@ -11,10 +11,10 @@ from plotly.subplots import make_subplots
 
 from dashboard import data, ui
 from personalize.metrics import LOWER_IS_BETTER
-from personalize.reports import RunReport
+from personalize.reports import Estimate, RunReport
 from personalize.router import Policy
 
-COLORS = {"none": "#7f7f7f", "rag": "#1f77b4", "peft": "#ff7f0e", "rag+peft": "#2ca02c"}
+COLORS = ui.METHOD_COLORS
 
 
 def bucket_x(lo: int, hi: int) -> float:
@@ -56,18 +56,29 @@ def bucket_figure(rep: RunReport, metric: str, as_gain: bool, policy: Policy) ->
     for method in methods:
         if as_gain and method == "none":
             continue
-        ys, hover = [], []
+        ys, hover, intervals = [], [], []
+        baseline = False
         for b in rep.buckets:
             row = next((r for r in b.rows if r.method == method), None)
-            value = None if row is None else (row.gains.get(metric) if as_gain else row.metrics.get(metric))
+            baseline = baseline or bool(row and row.baseline)
+            value, interval = None, None
+            if row is not None and as_gain and not row.baseline:
+                c = row.vs_none.get(metric)
+                value, interval = row.gains.get(metric), (c.gain if c else None)
+            elif row is not None and not as_gain:
+                value, interval = row.metrics.get(metric), row.intervals.get(metric)
             ys.append(ui.finite(value))
+            intervals.append(interval)
             hover.append(f"bucket {b.bucket}: {b.min_items}..{b.max_items} items, {b.n_users} users")
+        if all(y is None for y in ys):
+            continue
         fig.add_scatter(
             x=xs,
             y=ys,
-            name=method,
+            name=f"{method} ({ui.NO_MODEL})" if baseline else method,
             mode="lines+markers",
-            line_color=COLORS.get(method),
+            line={"color": COLORS.get(method), "dash": "dot" if baseline else "solid"},
+            error_y=None if baseline else ui.error_bars(ys, intervals),
             hovertext=hover,
             row=1,
             col=1,
@@ -118,10 +129,16 @@ def bucket_frame(rep: RunReport, metric: str) -> pd.DataFrame:
         rows = {r.method: r for r in b.rows}
         rec = {"bucket": b.bucket, "min items": b.min_items, "max items": b.max_items, "users": b.n_users}
         rec |= {m: rows[m].metrics.get(metric) if m in rows else None for m in methods}
-        rec |= {
-            f"gain {m}": ui.finite(rows[m].gains.get(metric)) if m in rows else None for m in methods if m != "none"
-        }
+        rec |= {f"{m} CI": ui.ci_text(rows[m].intervals.get(metric)) if m in rows else "-" for m in methods}
+        for m in methods:
+            row = rows.get(m)
+            if m == "none" or (row is not None and row.baseline):
+                continue
+            c = row.vs_none.get(metric) if row else None
+            rec[f"gain {m}"] = ui.finite(row.gains.get(metric)) if row else None
+            rec[f"p {m} (Holm)"] = ui.p_text(c.p_holm, c.significant) if c else "-"
         rec["best"] = ui.best_method({m: rec[m] for m in methods}, metric)
+        rec["note"] = "; ".join(b.notes)
         records.append(rec)
     return pd.DataFrame.from_records(records)
 
@@ -136,7 +153,11 @@ def correlation_frame(rep: RunReport) -> pd.DataFrame:
                     "method": method,
                     "users": c["n_users"],
                     "pearson": c["pearson"],
+                    "pearson CI": ui.ci_text(Estimate(**c["pearson_ci"])),
+                    "pearson p": c["pearson_p"],
                     "spearman": c["spearman"],
+                    "spearman CI": ui.ci_text(Estimate(**c["spearman_ci"])),
+                    "spearman p": c["spearman_p"],
                     "pearson (log size)": c["pearson_log_size"],
                 }
             )
