@@ -28,7 +28,7 @@ from personalize.significance import (
     MetricFamily,
     correlation,
     enough_users,
-    gain_intervals,
+    gain_and_difference,
     holm,
     metric_intervals,
     paired_pvalues,
@@ -268,12 +268,14 @@ def best_method(samples: RunSamples, methods: Iterable[str]) -> str | None:
     return max(present, key=lambda m: (sign * samples.family.point(samples.samples[m])[metric], -present.index(m)))
 
 
-def compare(samples: RunSamples, candidate: str, reference: str, settings: StatsSettings) -> dict[str, Comparison]:
-    """``candidate`` against ``reference``, every metric, paired over the sample's users."""
+def compare(
+    samples: RunSamples, candidate: str, reference: str, settings: StatsSettings, test: bool = True
+) -> dict[str, Comparison]:
+    """``candidate`` against ``reference``, every metric, paired over the sample's users (``test=False``: intervals
+    only, for a comparison outside the report's family of tests)."""
     cand, ref = samples.samples[candidate], samples.samples[reference]
-    relative = gain_intervals(cand, ref, samples.family, settings, relative=True)
-    absolute = gain_intervals(cand, ref, samples.family, settings, relative=False)
-    pvalues = paired_pvalues(cand, ref, samples.family, settings)
+    relative, absolute = gain_and_difference(cand, ref, samples.family, settings)
+    pvalues = paired_pvalues(cand, ref, samples.family, settings) if test else dict.fromkeys(samples.family.metrics)
     return {
         m: Comparison(candidate, reference, m, Estimate.of(relative[m]), Estimate.of(absolute[m]), pvalues[m])
         for m in samples.family.metrics
@@ -309,13 +311,14 @@ def _rows(samples: RunSamples, settings: StatsSettings) -> tuple[list[MethodRow]
         if not row.baseline and method != "none" and base is not None:
             row.vs_none = compare(samples, method, "none", settings)
             comparisons += row.vs_none.values()
-        if not row.baseline and best_baseline is not None:
-            row.vs_best_baseline = compare(samples, method, best_baseline, settings)
         rows.append(row)
+    best_model = best_method(samples, [m for m in methods if not is_baseline(m)])
+    for row in rows:
+        if not row.baseline and best_baseline is not None:  # tested only for the best model method (the claim)
+            row.vs_best_baseline = compare(samples, row.method, best_baseline, settings, test=row.method == best_model)
     for candidate, reference in (("rag", "peft"), ("rag+peft", "rag")):
         if candidate in points and reference in points:
             comparisons += compare(samples, candidate, reference, settings).values()
-    best_model = best_method(samples, [m for m in methods if not is_baseline(m)])
     if best_model is not None and best_baseline is not None:
         by_name = {r.method: r for r in rows}
         comparisons += by_name[best_model].vs_best_baseline.values()

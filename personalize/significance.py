@@ -204,14 +204,30 @@ def gain_intervals(
 ) -> dict[str, Interval]:
     """The candidate's gain over the reference (relative by default; sign flipped for lower-is-better), with a
     paired bootstrap interval: each resample draws the same users for both methods."""
+    rel, absolute = gain_and_difference(candidate, reference, family, settings)
+    return rel if relative else absolute
+
+
+def gain_and_difference(
+    candidate: np.ndarray, reference: np.ndarray, family: MetricFamily, settings: StatsSettings
+) -> tuple[dict[str, Interval], dict[str, Interval]]:
+    """The relative gain and the absolute difference (both positive when the candidate is better), per metric, from
+    one paired bootstrap: each resample draws the same users for both methods."""
     if candidate.shape != reference.shape:
         raise InvalidInputError("paired samples need the same users in the same order")
-    statistic = _gain(family, relative)
+    rel, absolute = _gain(family, True), _gain(family, False)
+
+    def statistic(cand: np.ndarray, ref: np.ndarray, axis: int = -1) -> np.ndarray:
+        return np.concatenate([rel(cand, ref, axis), absolute(cand, ref, axis)])
+
     points = statistic(candidate.T, reference.T)
+    k = len(family.metrics)
     if enough_users(len(candidate), settings):
-        return {m: Interval(float(v), None, None) for m, v in zip(family.metrics, points, strict=True)}
-    low, high, method = _bootstrap((candidate, reference), statistic, settings)
-    return dict(zip(family.metrics, _intervals(points, low, high, method), strict=True))
+        out = [Interval(float(v), None, None) for v in points]
+    else:
+        low, high, method = _bootstrap((candidate, reference), statistic, settings)
+        out = _intervals(points, low, high, method)
+    return dict(zip(family.metrics, out[:k], strict=True)), dict(zip(family.metrics, out[k:], strict=True))
 
 
 def paired_pvalues(
@@ -223,14 +239,18 @@ def paired_pvalues(
         return dict.fromkeys(family.metrics)
     if np.array_equal(candidate, reference):
         return dict.fromkeys(family.metrics, 1.0)
-    # the samples are user indices into the stacked rows, so that a swap moves a user's whole row between methods
-    stacked = np.concatenate([candidate, reference])
+    # The samples are user indices: a "samples" permutation keeps position i for user i and swaps which method's
+    # row it takes, so the candidate's sum is the reference's total plus the swapped-in differences (one matmul).
     sign = signs(family.metrics)
     n = len(candidate)
+    delta = candidate - reference
+    ref_total, cand_total = reference.sum(axis=0), candidate.sum(axis=0)
 
     def statistic(cand_idx: np.ndarray, ref_idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        c = stacked[cand_idx.astype(int)].sum(axis=-2).T
-        r = stacked[ref_idx.astype(int)].sum(axis=-2).T
+        keep = (np.asarray(cand_idx) < n).astype(float)  # 1 where the user's candidate row stays the candidate's
+        moved = keep @ delta
+        c = (ref_total + moved).T
+        r = (cand_total - moved).T
         diff = family.values(c) - family.values(r)
         return (_expand(sign, diff) * diff).T  # permutation_test wants the batch axis first
 

@@ -7,6 +7,7 @@ Skips when /usr/bin/chromium or playwright is missing, and fails instead when ``
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -136,4 +137,8 @@ def test_every_page_renders_its_title_and_no_exception(server: str, browser, tmp
         assert page.locator('[data-testid="stException"]').count() == 0, f"{path}: {page.inner_text('body')[:2000]}"
         body = page.inner_text("body")
         assert "Traceback" not in body and "Page not found" not in body, f"{path}: {body[:2000]}"
+        if path == "":  # the comparison shows the claims panel and its no-model baseline
+            assert "The paper's claims, checked" in body and "no model" in body, body[:2000]
+        if os.environ.get("PERSONALIZE_SCREENSHOTS"):
+            shutil.copy(shot, Path(os.environ["PERSONALIZE_SCREENSHOTS"]) / shot.name)
     page.close()
