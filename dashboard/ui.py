@@ -37,7 +37,7 @@ METHOD_COLORS = {
     "nearest-mean": "#9467bd",
     "input-copy": "#d62728",
 }
-VERDICT_ICONS = {"holds": "✅ holds", "fails": "❌ fails", "not significant": "➖ not significant"}
+VERDICT_LABELS = {"holds": "HOLDS", "fails": "FAILS", "not significant": "not significant", "not measured": "not measured"}
 
 LOAD_DATA_HELP = """
 **Load data and start a run.** From the project folder (same `PERSONALIZE_*` settings as this dashboard):
@@ -222,7 +222,7 @@ def claims_frame(claims: list[Claim]) -> pd.DataFrame:
         [
             {
                 "claim": c.claim,
-                "verdict": VERDICT_ICONS.get(c.verdict, c.verdict),
+                "verdict": VERDICT_LABELS.get(c.verdict, c.verdict),
                 "metric": c.metric,
                 "estimate": c.estimate.value,
                 "ci low": c.estimate.ci_low,

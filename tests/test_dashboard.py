@@ -340,7 +340,7 @@ def test_comparison_shows_intervals_significance_claims_and_baselines_as_the_lib
     claims = frame_with(at, "verdict")
     assert list(claims["claim"]) == [c.claim for c in report.claims]
     for verdict, claim in zip(claims["verdict"], report.claims, strict=True):
-        assert claim.verdict in verdict
+        assert claim.verdict == verdict.lower()
     assert claims["estimate"][0] == pytest.approx(report.claims[0].estimate.value)
     charts = [c.proto.spec for c in at.get("plotly_chart")]
     quality = next(c for c in charts if "95% intervals" in c)
