@@ -37,7 +37,12 @@ METHOD_COLORS = {
     "nearest-mean": "#9467bd",
     "input-copy": "#d62728",
 }
-VERDICT_LABELS = {"holds": "HOLDS", "fails": "FAILS", "not significant": "not significant", "not measured": "not measured"}
+VERDICT_LABELS = {
+    "holds": "HOLDS",
+    "fails": "FAILS",
+    "not significant": "not significant",
+    "not measured": "not measured",
+}
 
 LOAD_DATA_HELP = """
 **Load data and start a run.** From the project folder (same `PERSONALIZE_*` settings as this dashboard):
