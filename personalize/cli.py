@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.ingest import read_jsonl, read_lamp_questions
@@ -51,8 +52,19 @@ def clear_errors(fn):  # noqa: ANN001, ANN201
         except PersonalizeError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except ValidationError as exc:  # a PERSONALIZE_* variable or .env entry that Settings refuses
+            typer.echo(f"error: {_setting_error(exc)}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _setting_error(exc: ValidationError) -> str:
+    """The first refused setting as its environment variable, e.g. ``PERSONALIZE_K: Input should be ...``."""
+    first = exc.errors()[0]
+    name = "PERSONALIZE_" + "__".join(str(part).upper() for part in first.get("loc", ()))
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"setting {name}: {first.get('msg', 'invalid')}{more}"
 
 
 def _client() -> Personalizer:
