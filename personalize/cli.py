@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
@@ -103,19 +102,10 @@ def users_import(
 ) -> None:
     """Add users and items from a JSONL file, or the profiles of a LaMP questions file."""
     users = read_lamp_questions(path, lamp_task) if lamp_task else read_jsonl(path)
-    added = updated = unchanged = 0
     with _client() as p:
-        for user_id, items in _progress(users.items(), "users"):
-            report = p.add_items(user_id, items)
-            added, updated, unchanged = added + report.added, updated + report.updated, unchanged + report.unchanged
+        reports = p.import_users(users, show_progress=True)
+    added, updated, unchanged = (sum(getattr(r, k) for r in reports) for k in ("added", "updated", "unchanged"))
     typer.echo(f"{len(users)} user(s): {added} item(s) added, {updated} updated, {unchanged} unchanged")
-
-
-def _progress(iterable, unit: str):  # noqa: ANN001, ANN202
-    from tqdm import tqdm
-
-    items = list(iterable)
-    return tqdm(items, unit=unit, disable=len(items) < 2 or not sys.stderr.isatty())
 
 
 @users_app.command("list")
@@ -341,13 +331,12 @@ def data_import_lamp(
 ) -> None:
     """Import the users' profiles of an official LaMP questions file (user-based or time-based)."""
     from personalize.datasets import read_lamp
+    from personalize.ingest import lamp_item
 
     dataset = read_lamp(questions, outputs, task)
+    users = {user_id: [lamp_item(task, r) for r in raw] for user_id, raw in dataset.users().items()}
     with _client() as p:
-        for user_id, raw in _progress(dataset.users().items(), "users"):
-            from personalize.ingest import lamp_item
-
-            p.add_items(user_id, [lamp_item(task, r) for r in raw])
+        p.import_users(users, show_progress=True)
     typer.echo(f"imported {len(dataset.users())} users of {task} ({len(dataset.queries)} queries)")
 
 

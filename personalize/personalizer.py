@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +23,7 @@ from personalize.errors import (
     BrokerUnavailableError,
     DatabaseUnavailableError,
     EmptyPromptError,
+    ImportIncompleteError,
     InvalidInputError,
     PersonalizeError,
     TrainingFailedError,
@@ -79,6 +80,17 @@ def _as_items(items: object) -> list[ProfileItem]:
     if isinstance(items, str | bytes | dict | ProfileItem) or not isinstance(items, Iterable):
         raise InvalidInputError(f"items must be a list of items, got {type(items).__name__}")
     return [_as_item(i) for i in items]
+
+
+def _progress(items: list, unit: str, show: bool) -> Iterable:
+    """A tqdm bar over ``items`` on an interactive stderr when asked, else the items themselves."""
+    if not show or len(items) < 2:
+        return items
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(items, unit=unit, disable=not sys.stderr.isatty())
 
 
 def check_max_new_tokens(value: object, default: int) -> int:
@@ -138,7 +150,35 @@ class Personalizer:
         Embeddings are computed before the SQL transaction opens, so a slow embedding never holds a write lock.
         """
         validate_user_id(user_id)
-        parsed = _as_items(items)
+        return self._add_checked(user_id, self.check_items(items), show_progress)
+
+    def check_items(self, items: object) -> list[ProfileItem]:
+        """Validate items as ``add_items`` would store them, without writing anything."""
+        return _as_items(items)
+
+    def import_users(self, users: Mapping[str, Iterable[ItemLike]], show_progress: bool = False) -> list[UpsertReport]:
+        """Add many users' items (one file's worth): all of them are validated before the first write, so a bad item
+        in the last user stores nothing of the first. Each user is then one transaction; if the backend fails midway
+        the error says how many users were stored, and importing again is safe (unchanged items are skipped)."""
+        checked: list[tuple[str, list[ProfileItem]]] = []
+        for user_id, items in users.items():
+            validate_user_id(user_id)
+            try:
+                checked.append((user_id, self.check_items(items)))
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"user {short(user_id)}: {exc}") from None
+        reports: list[UpsertReport] = []
+        for user_id, parsed in _progress(checked, "users", show_progress):
+            try:
+                reports.append(self._add_checked(user_id, parsed, False))
+            except PersonalizeError as exc:
+                raise ImportIncompleteError(
+                    f"{exc} (while storing user {short(user_id)}; {len(reports)} of {len(checked)} user(s) were "
+                    "stored before it; importing again is safe: unchanged items are skipped)"
+                ) from None
+        return reports
+
+    def _add_checked(self, user_id: str, parsed: list[ProfileItem], show_progress: bool) -> UpsertReport:
         stored = self.store.item_hashes(user_id, [i.id for i in parsed])
         todo = [i for i in parsed if stored.get(i.id) != i.content_hash()]
         vectors = dict(zip([i.id for i in todo], self._embed(todo, show_progress), strict=True))

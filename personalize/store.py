@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, delete, event, func, inspect, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from personalize.errors import DatabaseUnavailableError, InvalidInputError, UnknownUserError
@@ -189,6 +189,13 @@ class Store:
         except OperationalError as exc:
             raise DatabaseUnavailableError(
                 f"database {redact_url(self.url)} is unavailable ({type(exc.orig).__name__}); retry when it is back"
+            ) from None
+        except StatementError as exc:  # a value the backend refuses; SQLAlchemy's message would print the row
+            if isinstance(exc, DBAPIError) and not isinstance(exc, DataError):
+                raise  # IntegrityError (a concurrent writer: upsert_items retries) and server-side faults
+            raise InvalidInputError(
+                f"database {redact_url(self.url)} refused the write ({type(exc.orig).__name__}: "
+                f"{_first_line(exc.orig)}); nothing of it was stored"
             ) from None
 
     def close(self) -> None:
