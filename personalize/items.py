@@ -36,6 +36,21 @@ class ProfileItem:
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+def item_chars(item: ProfileItem) -> int:
+    """An item's size for ``Settings.max_item_chars``: characters of its text, output, and fields' keys and strings."""
+    return len(item.text) + len(item.output or "") + _json_chars(item.fields)
+
+
+def _json_chars(value: object) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(len(str(k)) + _json_chars(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(_json_chars(v) for v in value) + len(value)
+    return 0 if value is None else len(str(value))  # numbers and booleans, as JSON would write them (roughly)
+
+
 @dataclass(frozen=True)
 class UserInfo:
     user_id: str

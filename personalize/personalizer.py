@@ -30,7 +30,7 @@ from personalize.errors import (
     UnknownUserError,
 )
 from personalize.fastpath import FastDecoder, WeightFormat, fast_weights, get_fast_decoder, unsupported_reason
-from personalize.items import ProfileItem, UserInfo, make_item
+from personalize.items import ProfileItem, UserInfo, item_chars, make_item
 from personalize.jobs import AdapterInfo, Claim, JobInfo, Jobs
 from personalize.modeling import LoadedModel, get_model
 from personalize.naming import user_dir, user_key, validate_user_id
@@ -154,7 +154,16 @@ class Personalizer:
 
     def check_items(self, items: object) -> list[ProfileItem]:
         """Validate items as ``add_items`` would store them, without writing anything."""
-        return _as_items(items)
+        parsed = _as_items(items)
+        limit = self.settings.max_item_chars
+        for item in parsed:
+            size = item_chars(item)
+            if size > limit:
+                raise InvalidInputError(
+                    f"item {item.id!r} has {size:,} characters (text, output and fields together); the limit is "
+                    f"{limit:,} (PERSONALIZE_MAX_ITEM_CHARS)"
+                )
+        return parsed
 
     def import_users(self, users: Mapping[str, Iterable[ItemLike]], show_progress: bool = False) -> list[UpsertReport]:
         """Add many users' items (one file's worth): all of them are validated before the first write, so a bad item
