@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
@@ -218,11 +219,55 @@ def adapters(user_id: str, as_json: bool = typer.Option(False, "--json")) -> Non
         )
 
 
+STDIN = "-"
+
+
+def _read_prompt(text: str | None, path: Path | None, what: str, max_chars: int) -> str:
+    """The prompt (or query) from the argument, from stdin (``-``) or from a file; a long prompt breaks a shell.
+
+    At most what ``max_chars`` characters can take in UTF-8 is read, so a huge file is refused without loading it."""
+    if (text is None) == (path is None):
+        raise InvalidInputError(
+            f"give the {what} once: as an argument, '-' to read it from stdin, or --{what}-file PATH"
+            + ("" if text is None else ", not both")
+        )
+    if text is not None and text != STDIN:
+        return text
+    limit = 4 * max_chars + 4
+    source = "stdin" if path is None or str(path) == STDIN else str(path)
+    try:
+        if source == "stdin":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(limit + 1)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the {what} from {source}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise InvalidInputError(
+            f"the {what} in {source} is longer than {max_chars:,} characters (PERSONALIZE_MAX_PROMPT_CHARS)"
+        )
+    try:
+        value = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            f"the {what} in {source} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    return value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
+
+
 @app.command("retrieve")
 @clear_errors
-def retrieve(user_id: str, query: str, k: int | None = None, retriever: str | None = None) -> None:
+def retrieve(
+    user_id: str,
+    query: Annotated[str | None, typer.Argument(help="The query; '-' reads it from stdin")] = None,
+    query_file: Path | None = typer.Option(None, "--query-file", "--prompt-file", help="Read the query from a file"),
+    k: int | None = None,
+    retriever: str | None = None,
+) -> None:
     """Show the user's items most relevant to a query."""
     with _client() as p:
+        query = _read_prompt(query, query_file, "query", p.settings.max_prompt_chars)
         for hit in p.retrieve(user_id, query, k, retriever):
             typer.echo(f"{hit.score:8.4f}  [{hit.id}] {hit.item.text[:100]}")
 
@@ -231,7 +276,8 @@ def retrieve(user_id: str, query: str, k: int | None = None, retriever: str | No
 @clear_errors
 def generate(
     user_id: str,
-    prompt: str,
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads it from stdin")] = None,
+    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Read the prompt from a file ('-': stdin)"),
     method: str = "auto",
     k: int | None = None,
     retriever: str | None = None,
@@ -241,6 +287,7 @@ def generate(
 ) -> None:
     """Generate an answer for a user."""
     with _client() as p:
+        prompt = _read_prompt(prompt, prompt_file, "prompt", p.settings.max_prompt_chars)
         result = p.generate(user_id, prompt, method, k, max_new_tokens, retriever, task)
     if as_json:
         _print_json(result.to_dict())
