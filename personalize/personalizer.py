@@ -686,7 +686,8 @@ class Personalizer:
 
         ``only_if_queue_empty`` (the workers' periodic check) resends old queued jobs only when the broker's queue
         is empty: then their messages are certainly gone (a broker restarted without persistence), whereas a long
-        queue is just slow."""
+        queue is just slow. Temporary folders of adapter saves whose worker died are removed too."""
+        self.adapter_store.remove_stale_temp(self.settings.job_stale_after_s)
         requeued = set(self.jobs.recover_stale())
         lost = self.jobs.lost_queued()
         if lost and (not only_if_queue_empty or self.queued_messages() == 0):
@@ -734,6 +735,7 @@ class Personalizer:
             version = self.jobs.next_version(user_id)
             out = self.adapter_store.path_for(user_id, version)
             self.adapter_store.discard_incomplete(out)  # left by a crash between the rename and the SQL insert
+            self.adapter_store.remove_stale_temp(self.settings.job_stale_after_s, user_id)  # killed mid-save
             result = train_adapter(
                 self.model,
                 pairs,
