@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.ingest import read_jsonl, read_lamp_questions
@@ -51,8 +52,19 @@ def clear_errors(fn):  # noqa: ANN001, ANN201
         except PersonalizeError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
+        except ValidationError as exc:  # a PERSONALIZE_* variable or .env entry that Settings refuses
+            typer.echo(f"error: {_setting_error(exc)}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _setting_error(exc: ValidationError) -> str:
+    """The first refused setting as its environment variable, e.g. ``PERSONALIZE_K: Input should be ...``."""
+    first = exc.errors()[0]
+    name = "PERSONALIZE_" + "__".join(str(part).upper() for part in first.get("loc", ()))
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"setting {name}: {first.get('msg', 'invalid')}{more}"
 
 
 def _client() -> Personalizer:
@@ -91,19 +103,10 @@ def users_import(
 ) -> None:
     """Add users and items from a JSONL file, or the profiles of a LaMP questions file."""
     users = read_lamp_questions(path, lamp_task) if lamp_task else read_jsonl(path)
-    added = updated = unchanged = 0
     with _client() as p:
-        for user_id, items in _progress(users.items(), "users"):
-            report = p.add_items(user_id, items)
-            added, updated, unchanged = added + report.added, updated + report.updated, unchanged + report.unchanged
+        reports = p.import_users(users, show_progress=True)
+    added, updated, unchanged = (sum(getattr(r, k) for r in reports) for k in ("added", "updated", "unchanged"))
     typer.echo(f"{len(users)} user(s): {added} item(s) added, {updated} updated, {unchanged} unchanged")
-
-
-def _progress(iterable, unit: str):  # noqa: ANN001, ANN202
-    from tqdm import tqdm
-
-    items = list(iterable)
-    return tqdm(items, unit=unit, disable=len(items) < 2 or not sys.stderr.isatty())
 
 
 @users_app.command("list")
@@ -216,11 +219,55 @@ def adapters(user_id: str, as_json: bool = typer.Option(False, "--json")) -> Non
         )
 
 
+STDIN = "-"
+
+
+def _read_prompt(text: str | None, path: Path | None, what: str, max_chars: int) -> str:
+    """The prompt (or query) from the argument, from stdin (``-``) or from a file; a long prompt breaks a shell.
+
+    At most what ``max_chars`` characters can take in UTF-8 is read, so a huge file is refused without loading it."""
+    if (text is None) == (path is None):
+        raise InvalidInputError(
+            f"give the {what} once: as an argument, '-' to read it from stdin, or --{what}-file PATH"
+            + ("" if text is None else ", not both")
+        )
+    if text is not None and text != STDIN:
+        return text
+    limit = 4 * max_chars + 4
+    source = "stdin" if path is None or str(path) == STDIN else str(path)
+    try:
+        if source == "stdin":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(limit + 1)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read the {what} from {source}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise InvalidInputError(
+            f"the {what} in {source} is longer than {max_chars:,} characters (PERSONALIZE_MAX_PROMPT_CHARS)"
+        )
+    try:
+        value = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(
+            f"the {what} in {source} is not UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    return value[:-2] if value.endswith("\r\n") else value[:-1] if value.endswith("\n") else value
+
+
 @app.command("retrieve")
 @clear_errors
-def retrieve(user_id: str, query: str, k: int | None = None, retriever: str | None = None) -> None:
+def retrieve(
+    user_id: str,
+    query: Annotated[str | None, typer.Argument(help="The query; '-' reads it from stdin")] = None,
+    query_file: Path | None = typer.Option(None, "--query-file", "--prompt-file", help="Read the query from a file"),
+    k: int | None = None,
+    retriever: str | None = None,
+) -> None:
     """Show the user's items most relevant to a query."""
     with _client() as p:
+        query = _read_prompt(query, query_file, "query", p.settings.max_prompt_chars)
         for hit in p.retrieve(user_id, query, k, retriever):
             typer.echo(f"{hit.score:8.4f}  [{hit.id}] {hit.item.text[:100]}")
 
@@ -229,7 +276,8 @@ def retrieve(user_id: str, query: str, k: int | None = None, retriever: str | No
 @clear_errors
 def generate(
     user_id: str,
-    prompt: str,
+    prompt: Annotated[str | None, typer.Argument(help="The prompt; '-' reads it from stdin")] = None,
+    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Read the prompt from a file ('-': stdin)"),
     method: str = "auto",
     k: int | None = None,
     retriever: str | None = None,
@@ -239,6 +287,7 @@ def generate(
 ) -> None:
     """Generate an answer for a user."""
     with _client() as p:
+        prompt = _read_prompt(prompt, prompt_file, "prompt", p.settings.max_prompt_chars)
         result = p.generate(user_id, prompt, method, k, max_new_tokens, retriever, task)
     if as_json:
         _print_json(result.to_dict())
@@ -329,13 +378,12 @@ def data_import_lamp(
 ) -> None:
     """Import the users' profiles of an official LaMP questions file (user-based or time-based)."""
     from personalize.datasets import read_lamp
+    from personalize.ingest import lamp_item
 
     dataset = read_lamp(questions, outputs, task)
+    users = {user_id: [lamp_item(task, r) for r in raw] for user_id, raw in dataset.users().items()}
     with _client() as p:
-        for user_id, raw in _progress(dataset.users().items(), "users"):
-            from personalize.ingest import lamp_item
-
-            p.add_items(user_id, [lamp_item(task, r) for r in raw])
+        p.import_users(users, show_progress=True)
     typer.echo(f"imported {len(dataset.users())} users of {task} ({len(dataset.queries)} queries)")
 
 

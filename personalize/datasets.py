@@ -30,9 +30,10 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from personalize.checks import check_id, check_json, check_string
 from personalize.errors import InvalidInputError, MalformedFileError
-from personalize.ingest import lamp_item
-from personalize.naming import validate_user_id
+from personalize.ingest import lamp_item, lamp_user_id, load_json
+from personalize.naming import MAX_USER_ID_CHARS
 from personalize.tasks import get_task
 
 SPLITS = ("dev", "test")
@@ -122,14 +123,7 @@ def write_lamp(dataset: Dataset, out_dir: str | Path) -> tuple[Path, Path]:
 
 
 def _load_json(path: Path) -> Any:
-    if not path.is_file():
-        raise InvalidInputError(f"{path}: no such file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise MalformedFileError(path, "encoding", f"not UTF-8 ({exc.reason})") from None
-    except json.JSONDecodeError as exc:
-        raise MalformedFileError(path, f"line {exc.lineno}", f"not JSON ({exc.msg})") from None
+    return load_json(path)
 
 
 def _split_name(path: Path) -> str:
@@ -163,22 +157,19 @@ def read_lamp(questions_path: str | Path, outputs_path: str | Path | None, task:
         missing = [k for k in ("id", "input", "profile") if k not in question]
         if missing:
             raise MalformedFileError(questions_path, where, f"missing {', '.join(repr(k) for k in missing)}")
-        qid = question["id"]
-        if not isinstance(qid, str | int) or isinstance(qid, bool) or not str(qid).strip():
-            raise MalformedFileError(questions_path, where, "'id' must be a non-empty string")
-        qid = str(qid)
+        try:
+            qid = check_id(question["id"], "'id'", MAX_USER_ID_CHARS)
+            check_string(question["input"], "'input'")
+        except InvalidInputError as exc:
+            raise MalformedFileError(questions_path, where, str(exc)) from None
         if qid in seen:
             raise MalformedFileError(questions_path, where, f"duplicate question id {qid!r}")
         seen.add(qid)
-        if not isinstance(question["input"], str):
-            raise MalformedFileError(questions_path, where, "'input' must be a string")
         profile = question["profile"]
         if not isinstance(profile, list):
             raise MalformedFileError(questions_path, where, "'profile' must be a list of items")
-        user_id = question.get("user_id")
-        user_id = qid if user_id is None or user_id == "" else str(user_id)
         try:
-            validate_user_id(user_id)
+            user_id = lamp_user_id(question)
             for i, raw in enumerate(profile):
                 if not isinstance(raw, dict):
                     raise InvalidInputError(f"profile item {i} must be an object")
@@ -199,7 +190,11 @@ def read_lamp(questions_path: str | Path, outputs_path: str | Path | None, task:
                 raise MalformedFileError(outputs_path, where, "expected an object with 'id' and 'output'")
             if not isinstance(gold["output"], str | int | float) or isinstance(gold["output"], bool):
                 raise MalformedFileError(outputs_path, where, "'output' must be a string")
-            gid = str(gold["id"])
+            try:
+                gid = check_id(gold["id"], "'id'", MAX_USER_ID_CHARS)
+                check_json(gold["output"], "'output'")
+            except InvalidInputError as exc:
+                raise MalformedFileError(outputs_path, where, str(exc)) from None
             if gid in golds:
                 raise MalformedFileError(outputs_path, where, f"duplicate gold id {gid!r}")
             golds[gid] = str(gold["output"])

@@ -28,6 +28,7 @@ class Embedder:
         self.spec = spec
         self.batch_size = batch_size
         self._model = None
+        self._max_chars: int | None = None
         self._lock = threading.Lock()
 
     @property
@@ -51,11 +52,22 @@ class Embedder:
         getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         return int(getter())
 
+    def max_chars(self) -> int | None:
+        """Characters that surely hold the model's ``max_seq_length`` tokens (None: no limit known). The model
+        truncates to that many tokens anyway, but only after tokenizing the whole text."""
+        if self._max_chars is None:
+            tokens = getattr(self.model, "max_seq_length", None)
+            tokenizer = getattr(self.model, "tokenizer", None)
+            vocab = tokenizer.get_vocab() if tokens and hasattr(tokenizer, "get_vocab") else {}
+            self._max_chars = (tokens + 1) * max(16, max(map(len, vocab), default=0)) if vocab else 0
+        return self._max_chars or None
+
     def embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
+        limit = self.max_chars()
         vectors = self.model.encode(
-            list(texts),
+            [t[:limit] for t in texts] if limit else list(texts),
             batch_size=self.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,

@@ -32,6 +32,10 @@ class MalformedFileError(InvalidInputError):
         super().__init__(f"{path}: {where}: {why}; nothing from this file was stored")
 
 
+class ImportIncompleteError(PersonalizeError):
+    """The backend failed partway through storing a validated import; earlier users were stored."""
+
+
 class StoreBusyError(PersonalizeError):
     """Another process is writing the embedded Chroma folder."""
 

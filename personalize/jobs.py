@@ -66,7 +66,7 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _local_pid_alive(worker: str | None) -> bool | None:
+def local_pid_alive(worker: str | None) -> bool | None:
     """Whether ``worker`` (``host:pid``) is a live process of this host; None when it is not of this host."""
     if not worker or ":" not in worker:
         return None
@@ -218,6 +218,11 @@ class Jobs:
                 return Claim.GONE, _job_info(job, user.external_id)
             if job.state == "running" and not self._is_stale(job, now):
                 return Claim.DUPLICATE, _job_info(job, user.external_id)
+            if job.attempts >= self.max_attempts:  # a redelivery after the last allowed attempt's worker died
+                lost = f"worker {job.worker} lost" if job.state == "running" else "gave up"
+                job.state, job.finished_at = "failed", now
+                job.error = f"{lost} after {job.attempts} attempt(s) (job_max_attempts={self.max_attempts})"
+                return Claim.GONE, _job_info(job, user.external_id)
             others = s.scalars(
                 select(TrainingJob).where(
                     TrainingJob.user_pk == user.id, TrainingJob.id != job.id, TrainingJob.state == "running"
@@ -237,7 +242,7 @@ class Jobs:
         """A job's worker is lost when its process on this host is gone, or, for a worker on another host, when its
         heartbeat is older than ``stale_after``. A live process on this host is never judged by its heartbeat: on an
         oversubscribed CPU a step can outlast ``stale_after`` (hung workers are ended by the task time limit)."""
-        local = _local_pid_alive(job.worker)
+        local = local_pid_alive(job.worker)
         if local is not None:
             return not local
         beat = job.heartbeat_at or job.started_at

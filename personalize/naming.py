@@ -12,6 +12,7 @@ import hashlib
 import re
 from pathlib import Path
 
+from personalize.checks import check_unicode
 from personalize.errors import InvalidInputError
 
 MAX_USER_ID_CHARS = 1024
@@ -19,15 +20,14 @@ _UNSAFE = re.compile(r"[^a-z0-9]+")
 
 
 def validate_user_id(user_id: object) -> str:
+    """A user id is any non-blank string every backend can store (no lone surrogates, no NUL)."""
     if not isinstance(user_id, str):
-        raise InvalidInputError(f"a user id must be a string, got {type(user_id).__name__}")
+        raise InvalidInputError(f"user_id must be a string, got {type(user_id).__name__}")
     if not user_id or not user_id.strip():
-        raise InvalidInputError("a user id must not be empty")
+        raise InvalidInputError("user_id must not be empty")
     if len(user_id) > MAX_USER_ID_CHARS:
-        raise InvalidInputError(f"a user id is at most {MAX_USER_ID_CHARS} characters, got {len(user_id)}")
-    if "\x00" in user_id:
-        raise InvalidInputError("a user id must not contain NUL characters")
-    return user_id
+        raise InvalidInputError(f"user_id is at most {MAX_USER_ID_CHARS} characters, got {len(user_id)}")
+    return check_unicode(user_id, "user_id")
 
 
 def user_key(user_id: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,19 +16,21 @@ from personalize.adapter_store import LocalAdapterStore
 from personalize.adapters import AdapterCache
 from personalize.adapters import generate_batch as batch_generate
 from personalize.batching import Coalescer, Request
+from personalize.checks import check_int, check_unicode, short
 from personalize.embedding import get_embedder
 from personalize.errors import (
     AdapterOwnershipError,
     BrokerUnavailableError,
     DatabaseUnavailableError,
     EmptyPromptError,
+    ImportIncompleteError,
     InvalidInputError,
     PersonalizeError,
     TrainingFailedError,
     UnknownUserError,
 )
 from personalize.fastpath import FastDecoder, WeightFormat, fast_weights, get_fast_decoder, unsupported_reason
-from personalize.items import ProfileItem, UserInfo, make_item
+from personalize.items import ProfileItem, UserInfo, item_chars, make_item
 from personalize.jobs import AdapterInfo, Claim, JobInfo, Jobs
 from personalize.modeling import LoadedModel, get_model
 from personalize.naming import user_dir, user_key, validate_user_id
@@ -56,16 +58,44 @@ METHODS = ("auto", "none", "rag", "peft", "rag+peft")
 ItemLike = ProfileItem | dict[str, Any]
 
 
+MAX_K = 1000
+MAX_NEW_TOKENS = 4096  # the bound of Settings.max_new_tokens
+
+
 def _as_item(value: ItemLike) -> ProfileItem:
+    """Validate one item; a ``ProfileItem`` is checked again, since its constructor checks nothing."""
     if isinstance(value, ProfileItem):
-        return value
+        return make_item(value.id, value.text, value.fields, value.output, value.timestamp, value.task)
     if not isinstance(value, dict):
         raise InvalidInputError(f"an item must be a ProfileItem or a dict, got {type(value).__name__}")
-    known = {"id", "text", "fields", "output", "timestamp", "task"}
-    extra = set(value) - known - {"user_id"}
+    known = ("id", "text", "fields", "output", "timestamp", "task")
+    extra = set(value) - set(known) - {"user_id"}
     if extra:
-        raise InvalidInputError(f"unknown item field(s) {sorted(extra)}; known: {sorted(known)}")
-    return make_item(**{k: v for k, v in value.items() if k in known})
+        raise InvalidInputError(f"unknown item field(s) {[short(k) for k in extra]}; known: {sorted(known)}")
+    return make_item(*(value.get(k) for k in known))
+
+
+def _as_items(items: object) -> list[ProfileItem]:
+    """A list of validated items; a lone item, a string or a mapping in place of a list is refused."""
+    if isinstance(items, str | bytes | dict | ProfileItem) or not isinstance(items, Iterable):
+        raise InvalidInputError(f"items must be a list of items, got {type(items).__name__}")
+    return [_as_item(i) for i in items]
+
+
+def _progress(items: list, unit: str, show: bool) -> Iterable:
+    """A tqdm bar over ``items`` on an interactive stderr when asked, else the items themselves."""
+    if not show or len(items) < 2:
+        return items
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(items, unit=unit, disable=not sys.stderr.isatty())
+
+
+def check_max_new_tokens(value: object, default: int) -> int:
+    """``None`` means the default; 0 or a negative number is an error, never silently the default."""
+    return default if value is None else check_int(value, "max_new_tokens", 1, MAX_NEW_TOKENS)
 
 
 class Personalizer:
@@ -120,7 +150,44 @@ class Personalizer:
         Embeddings are computed before the SQL transaction opens, so a slow embedding never holds a write lock.
         """
         validate_user_id(user_id)
-        parsed = [_as_item(i) for i in items]
+        return self._add_checked(user_id, self.check_items(items), show_progress)
+
+    def check_items(self, items: object) -> list[ProfileItem]:
+        """Validate items as ``add_items`` would store them, without writing anything."""
+        parsed = _as_items(items)
+        limit = self.settings.max_item_chars
+        for item in parsed:
+            size = item_chars(item)
+            if size > limit:
+                raise InvalidInputError(
+                    f"item {item.id!r} has {size:,} characters (text, output and fields together); the limit is "
+                    f"{limit:,} (PERSONALIZE_MAX_ITEM_CHARS)"
+                )
+        return parsed
+
+    def import_users(self, users: Mapping[str, Iterable[ItemLike]], show_progress: bool = False) -> list[UpsertReport]:
+        """Add many users' items (one file's worth): all of them are validated before the first write, so a bad item
+        in the last user stores nothing of the first. Each user is then one transaction; if the backend fails midway
+        the error says how many users were stored, and importing again is safe (unchanged items are skipped)."""
+        checked: list[tuple[str, list[ProfileItem]]] = []
+        for user_id, items in users.items():
+            validate_user_id(user_id)
+            try:
+                checked.append((user_id, self.check_items(items)))
+            except InvalidInputError as exc:
+                raise InvalidInputError(f"user {short(user_id)}: {exc}") from None
+        reports: list[UpsertReport] = []
+        for user_id, parsed in _progress(checked, "users", show_progress):
+            try:
+                reports.append(self._add_checked(user_id, parsed, False))
+            except PersonalizeError as exc:
+                raise ImportIncompleteError(
+                    f"{exc} (while storing user {short(user_id)}; {len(reports)} of {len(checked)} user(s) were "
+                    "stored before it; importing again is safe: unchanged items are skipped)"
+                ) from None
+        return reports
+
+    def _add_checked(self, user_id: str, parsed: list[ProfileItem], show_progress: bool) -> UpsertReport:
         stored = self.store.item_hashes(user_id, [i.id for i in parsed])
         todo = [i for i in parsed if stored.get(i.id) != i.content_hash()]
         vectors = dict(zip([i.id for i in todo], self._embed(todo, show_progress), strict=True))
@@ -207,27 +274,28 @@ class Personalizer:
     ) -> list[RetrievedItem]:
         """The user's top-k items for ``query``; only ever this user's items, as stored in SQL."""
         validate_user_id(user_id)
+        query = self._check_prompt(query, "query")
+        k = self.settings.k if k is None else check_int(k, "k", 0, MAX_K)
         self.store.get_user(user_id)
-        k = self.settings.k if k is None else k
-        if k < 0:
-            raise InvalidInputError("k must be >= 0")
         hits = self.retriever(retriever).search(user_id, query, k) if k else []
         by_id = {i.id: i for i in self.store.items(user_id, [h[0] for h in hits])} if hits else {}
         return [RetrievedItem(item_id, score, by_id[item_id]) for item_id, score in hits if item_id in by_id]
 
     # -- generation --------------------------------------------------------------------------------------------
 
-    def _check_prompt(self, prompt: object) -> str:
+    def _check_prompt(self, prompt: object, field: str = "prompt") -> str:
         if not isinstance(prompt, str):
-            raise InvalidInputError(f"the prompt must be a string, got {type(prompt).__name__}")
+            raise InvalidInputError(f"the {field} must be a string, got {type(prompt).__name__}")
         if not prompt.strip():
-            raise EmptyPromptError()
+            if field == "prompt":
+                raise EmptyPromptError()
+            raise InvalidInputError(f"the {field} is empty: pass some text to search for")
         if len(prompt) > self.settings.max_prompt_chars:
             raise InvalidInputError(
-                f"the prompt has {len(prompt):,} characters; the limit is {self.settings.max_prompt_chars:,} "
+                f"the {field} has {len(prompt):,} characters; the limit is {self.settings.max_prompt_chars:,} "
                 "(PERSONALIZE_MAX_PROMPT_CHARS)"
             )
-        return prompt
+        return check_unicode(prompt, f"the {field}")
 
     def _task_for(self, info: UserInfo, task: str | Task | None) -> Task:
         if isinstance(task, Task):
@@ -239,7 +307,7 @@ class Personalizer:
     def choose_method(self, info: UserInfo, method: str, adapter: AdapterInfo | None) -> tuple[str, list[str]]:
         """Resolve ``auto`` and fall back when the requested method cannot run; say why in notes."""
         if method not in METHODS:
-            raise InvalidInputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+            raise InvalidInputError(f"unknown method {short(method)}; choose one of {', '.join(METHODS)}")
         notes: list[str] = []
         if method == "auto":
             decision = self.router.choose(self._task_for(info, None).name, info.n_items, adapter is not None)
@@ -268,6 +336,10 @@ class Personalizer:
         start = time.perf_counter()
         validate_user_id(user_id)
         prompt = self._check_prompt(prompt)
+        if k is not None:
+            check_int(k, "k", 0, MAX_K)
+        if retriever is not None:
+            check_retriever(retriever)
         info = self.store.get_user(user_id)
         wants_adapter = method in ("peft", "rag+peft", "auto")
         adapter = self.current_adapter(user_id) if wants_adapter else None
@@ -325,7 +397,7 @@ class Personalizer:
     ) -> GenerationResult:
         """Answer ``prompt`` for ``user_id`` with the base model (``none``), retrieval (``rag``), the user's adapter
         (``peft``) or both (``rag+peft``); ``auto`` picks by the user's data."""
-        max_new_tokens = max_new_tokens or self.settings.max_new_tokens
+        max_new_tokens = check_max_new_tokens(max_new_tokens, self.settings.max_new_tokens)
         prep = self._prepare(user_id, prompt, method, k, max_new_tokens, retriever, task)
         t0 = time.perf_counter()
         adapter = (adapter_name(prep.user_id), Path(prep.adapter.path)) if prep.adapter is not None else None
@@ -441,7 +513,7 @@ class Personalizer:
     ) -> list[GenerationResult]:
         """Serve many (user_id, prompt) requests in batched forward passes, each row with its own user's adapter
         (peft's mixed-adapter batching); greedy results equal one-at-a-time ``generate``."""
-        max_new_tokens = max_new_tokens or self.settings.max_new_tokens
+        max_new_tokens = check_max_new_tokens(max_new_tokens, self.settings.max_new_tokens)
         preps = [self._prepare(u, p, method, k, max_new_tokens, retriever, task) for u, p in requests]
         results: list[GenerationResult | None] = [None] * len(preps)
         cache = self.adapter_cache
@@ -614,7 +686,8 @@ class Personalizer:
 
         ``only_if_queue_empty`` (the workers' periodic check) resends old queued jobs only when the broker's queue
         is empty: then their messages are certainly gone (a broker restarted without persistence), whereas a long
-        queue is just slow."""
+        queue is just slow. Temporary folders of adapter saves whose worker died are removed too."""
+        self.adapter_store.remove_stale_temp(self.settings.job_stale_after_s)
         requeued = set(self.jobs.recover_stale())
         lost = self.jobs.lost_queued()
         if lost and (not only_if_queue_empty or self.queued_messages() == 0):
@@ -662,6 +735,7 @@ class Personalizer:
             version = self.jobs.next_version(user_id)
             out = self.adapter_store.path_for(user_id, version)
             self.adapter_store.discard_incomplete(out)  # left by a crash between the rename and the SQL insert
+            self.adapter_store.remove_stale_temp(self.settings.job_stale_after_s, user_id)  # killed mid-save
             result = train_adapter(
                 self.model,
                 pairs,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from personalize.errors import InvalidInputError
 from personalize.modeling import LoadedModel
@@ -38,6 +39,26 @@ def _cut_tokens(loaded: LoadedModel, text: str, max_tokens: int, from_left: bool
     return loaded.tokenizer.decode(kept, skip_special_tokens=True)
 
 
+_TOKEN_CHARS: dict[int, tuple[Any, int]] = {}  # id(tokenizer) -> (tokenizer, bound); the ref keeps the id unique
+
+
+def max_token_chars(loaded: LoadedModel) -> int:
+    """An upper bound on the characters one token covers: the longest vocabulary entry (a byte-level entry is at
+    least as long as the text it stands for), at least 16. ``share`` tokens never need more than ``share`` times it."""
+    tok = loaded.tokenizer
+    cached = _TOKEN_CHARS.get(id(tok))
+    if cached is None:
+        longest = max((len(t) for t in tok.get_vocab()), default=0)
+        cached = _TOKEN_CHARS[id(tok)] = (tok, max(16, longest))
+    return cached[1]
+
+
+def clip_values(values: dict[str, Any], max_chars: int) -> dict[str, Any]:
+    """Each string value cut to ``max_chars`` characters before anything tokenizes it: an item is cut to its token
+    share anyway, and tokenizing a whole 50 MB item for a 100-token share took minutes and gigabytes."""
+    return {k: v[:max_chars] if isinstance(v, str) and len(v) > max_chars else v for k, v in values.items()}
+
+
 def encode(loaded: LoadedModel, text: str) -> list[int]:
     """Token ids fed to the model: the chat template for chat models, the plain tokenizer otherwise."""
     tok = loaded.tokenizer
@@ -55,7 +76,7 @@ def render_items(
     remaining = item_budget
     for position, hit in enumerate(retrieved):
         share = remaining // (len(retrieved) - position)
-        values = task.item_values(hit.item)
+        values = clip_values(task.item_values(hit.item), (share + 1) * max_token_chars(loaded))
         rendered = task.render_item(values)
         n = count_tokens(loaded, rendered)
         if n > share:

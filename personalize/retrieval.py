@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from personalize.checks import short
 from personalize.embedding import Embedder
 from personalize.errors import InvalidInputError
 from personalize.items import ProfileItem
@@ -140,5 +141,5 @@ RETRIEVER_NAMES = ("dense", "bm25", "recency")
 
 def check_retriever(name: str) -> str:
     if name not in RETRIEVER_NAMES:
-        raise InvalidInputError(f"unknown retriever {name!r}; choose one of {', '.join(RETRIEVER_NAMES)}")
+        raise InvalidInputError(f"unknown retriever {short(name)}; choose one of {', '.join(RETRIEVER_NAMES)}")
     return name

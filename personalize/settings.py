@@ -164,6 +164,14 @@ class Settings(BaseSettings):
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA training settings (PERSONALIZE_LORA__RANK=16)."
     )
+    max_item_chars: int = Field(
+        200_000,
+        ge=1,
+        description=(
+            "Largest item accepted, in characters of its text, output and fields together: one 52 MB item took 9.7 "
+            "GB to import. Longer items are refused with an error naming this setting."
+        ),
+    )
 
     @property
     def resolved_home(self) -> Path:

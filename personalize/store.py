@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, delete, event, func, inspect, select
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
-from personalize.errors import DatabaseUnavailableError, UnknownUserError
+from personalize.errors import DatabaseUnavailableError, InvalidInputError, UnknownUserError
 from personalize.items import ProfileItem, UserInfo
 from personalize.naming import validate_user_id
 from personalize.schema import Adapter, Item, TrainingJob, User, utcnow
@@ -64,7 +64,41 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
     cur.close()
 
 
+def check_database_url(url: object) -> str:
+    """Refuse a URL SQLAlchemy cannot parse, or whose driver is not installed, with one line naming the setting."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    where = "the database URL (PERSONALIZE_DATABASE_URL)"
+    if not isinstance(url, str):
+        raise InvalidInputError(f"{where} must be a string, got {type(url).__name__}")
+    try:
+        make_url(url).get_dialect()
+    except NoSuchModuleError:
+        raise InvalidInputError(f"{where} {redact_url(url)!r} names an unknown database dialect") from None
+    except (ArgumentError, ValueError) as exc:
+        reason = "not a SQLAlchemy URL" if isinstance(exc, ArgumentError) else _first_line(exc)
+        raise InvalidInputError(f"{where} {redact_url(url)!r} is unusable: {reason}") from None
+    return url
+
+
 def make_engine(url: str) -> Engine:
+    check_database_url(url)
+    try:
+        return _make_engine(url)
+    except ImportError as exc:  # a dialect whose DBAPI driver is not installed, e.g. mysql:// without mysqlclient
+        raise InvalidInputError(
+            f"the database URL (PERSONALIZE_DATABASE_URL) {redact_url(url)!r} needs a driver that is not installed "
+            f"({exc.name or exc})"
+        ) from None
+    except OSError as exc:  # the SQLite file's folder cannot be created
+        raise InvalidInputError(
+            f"the database URL (PERSONALIZE_DATABASE_URL) {redact_url(url)!r}: cannot create its folder "
+            f"({exc.strerror or exc})"
+        ) from None
+
+
+def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -76,10 +110,12 @@ def make_engine(url: str) -> Engine:
 
 
 def upgrade_database(url: str, revision: str = "head") -> None:
-    """Run the Alembic migrations in ``migrations/`` against ``url``."""
+    """Run the Alembic migrations in ``migrations/`` against ``url``; a bad URL or a server that is down is one
+    ``PersonalizeError``, not a traceback."""
     from alembic import command
     from alembic.config import Config
 
+    make_engine(url).dispose()  # refuses a garbage URL or a missing driver before Alembic sees it
     path = url.split("///", 1)[-1]
     if url.startswith("sqlite") and path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +123,12 @@ def upgrade_database(url: str, revision: str = "head") -> None:
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["skip_logging"] = True
-    command.upgrade(cfg, revision)
+    try:
+        command.upgrade(cfg, revision)
+    except OperationalError as exc:
+        raise DatabaseUnavailableError(
+            f"cannot reach database {redact_url(url)}: {type(exc.orig).__name__}: {_first_line(exc.orig)}"
+        ) from None
 
 
 def _first_line(exc: BaseException | None) -> str:
@@ -148,6 +189,13 @@ class Store:
         except OperationalError as exc:
             raise DatabaseUnavailableError(
                 f"database {redact_url(self.url)} is unavailable ({type(exc.orig).__name__}); retry when it is back"
+            ) from None
+        except StatementError as exc:  # a value the backend refuses; SQLAlchemy's message would print the row
+            if isinstance(exc, DBAPIError) and not isinstance(exc, DataError):
+                raise  # IntegrityError (a concurrent writer: upsert_items retries) and server-side faults
+            raise InvalidInputError(
+                f"database {redact_url(self.url)} refused the write ({type(exc.orig).__name__}: "
+                f"{_first_line(exc.orig)}); nothing of it was stored"
             ) from None
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from personalize.checks import short
 from personalize.errors import InvalidInputError
 from personalize.items import ProfileItem
 
@@ -144,9 +145,11 @@ def register(task: Task) -> Task:
 
 
 def get_task(name: str | None) -> Task:
+    if name is not None and not isinstance(name, str):
+        raise InvalidInputError(f"task must be a string, got {type(name).__name__}")
     key = (name or "generic").lower().replace("_", "-")
     if key not in _TASKS:
-        raise InvalidInputError(f"unknown task {name!r}; known tasks: {', '.join(sorted(_TASKS))}")
+        raise InvalidInputError(f"unknown task {short(name)}; known tasks: {', '.join(sorted(_TASKS))}")
     return _TASKS[key]
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personalize.adapter_store import temp_prefix
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.items import ProfileItem
 from personalize.modeling import LoadedModel
@@ -420,7 +421,7 @@ def _fsync(path: Path) -> None:
 def _write_atomically(model: Any, out_dir: Path, metadata: dict[str, Any]) -> None:
     """Save into a temporary folder beside ``out_dir``, metadata last, fsync, then rename it into place."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir.name), dir=out_dir.parent))
     try:
         model.save_pretrained(str(tmp))
         (tmp / ADAPTER_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True), encoding="utf-8")
