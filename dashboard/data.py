@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import streamlit as st
 from sqlalchemy import select
 
@@ -21,7 +22,7 @@ from personalize.jobs import AdapterInfo, JobInfo
 from personalize.modeling import LoadedModel
 from personalize.personalizer import Personalizer
 from personalize.queue import describe_broker
-from personalize.reports import RunReport, build_report, list_runs, per_user_scores
+from personalize.reports import RunReport, build_report, compare_runs, list_runs, per_user_scores
 from personalize.router import Decision, Policy
 from personalize.schema import EvalResult, EvalRun
 from personalize.settings import Settings
@@ -235,3 +236,31 @@ def _broker_status(key: tuple) -> tuple[bool, str]:
 def broker_status() -> tuple[bool, str]:
     """Whether the Celery broker answers (the library only finds out when it queues a job)."""
     return _broker_status(settings_key())
+
+
+@st.cache_data(ttl=REPORT_TTL_S, show_spinner="Comparing the runs ...", max_entries=16)
+def _run_differences(key: tuple, first: str, second: str, state: tuple) -> pd.DataFrame:
+    p = _personalizer(key)
+    rows = compare_runs(p.store, first, second, stats=p.settings.stats)
+    return pd.DataFrame.from_records(
+        [
+            {
+                "method": r.method,
+                "metric": r.metric,
+                "first": r.baseline,
+                "second": r.candidate,
+                "difference": r.difference.value if r.difference else r.candidate - r.baseline,
+                "ci low": r.difference.ci_low if r.difference else None,
+                "ci high": r.difference.ci_high if r.difference else None,
+                "same answers": r.same_predictions,
+                "queries": r.n_queries,
+            }
+            for r in rows
+        ]
+    )
+
+
+def run_differences(first: str, second: str) -> pd.DataFrame:
+    """Every metric of every method of two runs, second minus first, paired over users (``eval compare``)."""
+    state = tuple((r["state"], r["progress"], r["results"]) for r in map(run, (first, second)) if r)
+    return _run_differences(settings_key(), first, second, state)

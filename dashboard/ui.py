@@ -206,6 +206,7 @@ def method_frame(rows: list[MethodRow], metrics: list[str]) -> pd.DataFrame:
             rec[f"gain {m} CI"] = ci_text(c.gain, pct=True) if c else "-"
             rec[f"p {m} (Holm)"] = p_text(c.p_holm, c.significant) if c else "-"
         rec["avg gain"] = finite(r.average_gain) if not r.baseline else None
+        rec["avg gain CI"] = ci_text(r.average_gain_ci, pct=True)
         records.append(rec)
     return pd.DataFrame.from_records(records)
 

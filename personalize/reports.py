@@ -32,6 +32,7 @@ from personalize.significance import (
     holm,
     metric_intervals,
     paired_pvalues,
+    signs,
 )
 from personalize.store import Store
 from personalize.tasks import get_task
@@ -77,6 +78,7 @@ class Comparison:
     p_value: float | None
     p_holm: float | None = None
     significant: bool = False
+    average_gain: Estimate | None = None  # the relative gain averaged over the task's metrics, same resamples
 
     def direction(self) -> str:
         """'better' / 'worse' when significant and the interval agrees, else 'not significant' ('' untested)."""
@@ -96,6 +98,7 @@ class MethodRow:
     average_gain: float | None
     baseline: bool = False  # a no-model baseline
     intervals: dict[str, Estimate] = field(default_factory=dict)
+    average_gain_ci: Estimate | None = None  # the average gain over none with its paired interval
     vs_none: dict[str, Comparison] = field(default_factory=dict)
     vs_best_baseline: dict[str, Comparison] = field(default_factory=dict)
 
@@ -274,10 +277,13 @@ def compare(
     """``candidate`` against ``reference``, every metric, paired over the sample's users (``test=False``: intervals
     only, for a comparison outside the report's family of tests)."""
     cand, ref = samples.samples[candidate], samples.samples[reference]
-    relative, absolute = gain_and_difference(cand, ref, samples.family, settings)
+    relative, absolute, average = gain_and_difference(cand, ref, samples.family, settings)
     pvalues = paired_pvalues(cand, ref, samples.family, settings) if test else dict.fromkeys(samples.family.metrics)
+    avg = Estimate.of(average)
     return {
-        m: Comparison(candidate, reference, m, Estimate.of(relative[m]), Estimate.of(absolute[m]), pvalues[m])
+        m: Comparison(
+            candidate, reference, m, Estimate.of(relative[m]), Estimate.of(absolute[m]), pvalues[m], average_gain=avg
+        )
         for m in samples.family.metrics
     }
 
@@ -310,6 +316,7 @@ def _rows(samples: RunSamples, settings: StatsSettings) -> tuple[list[MethodRow]
         )
         if not row.baseline and method != "none" and base is not None:
             row.vs_none = compare(samples, method, "none", settings)
+            row.average_gain_ci = next(iter(row.vs_none.values())).average_gain
             comparisons += row.vs_none.values()
         rows.append(row)
     best_model = best_method(samples, [m for m in methods if not is_baseline(m)])
@@ -619,12 +626,13 @@ def format_table(rows: list[MethodRow], metrics: list[str]) -> str:
 
 def format_gains(rows: list[MethodRow], metrics: list[str], attr: str = "vs_none") -> str:
     """Relative gains of the model methods (over none, or over the best baseline), with intervals and p-values."""
-    lines = [["method"] + [x for m in metrics for x in (f"gain {m}", f"p {m}")]]
+    lines = [["method"] + [x for m in metrics for x in (f"gain {m}", f"p {m}")] + ["avg gain"]]
     for r in rows:
         found: dict[str, Comparison] = getattr(r, attr)
         if r.baseline or not found:
             continue
-        lines.append([r.method] + [x for m in metrics for x in (_fmt_ci(found[m].gain, pct=True), _fmt_p(found[m]))])
+        cells = [x for m in metrics for x in (_fmt_ci(found[m].gain, pct=True), _fmt_p(found[m]))]
+        lines.append([r.method, *cells, _fmt_ci(found[metrics[0]].average_gain, pct=True)])
     return _grid(lines) if len(lines) > 1 else "(none)"
 
 
@@ -722,10 +730,33 @@ class MetricComparison:
     relative_change: float  # (candidate - baseline) / |baseline|; 0 when both are 0
     same_predictions: float  # share of the method's queries answered identically by both runs
     n_queries: int
+    difference: Estimate | None = None  # candidate - baseline, paired over the users and queries both answered
+
+
+def _paired_across_runs(
+    task: str, base: list[EvalResult], cand: list[EvalResult], method: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user rows of one method in two runs, on the (user, query) pairs both runs answered."""
+    family = MetricFamily(task)
+    mine = {(r.user_external_id, r.query_id): r for r in base if r.method == method}
+    theirs = {(r.user_external_id, r.query_id): r for r in cand if r.method == method}
+    shared = sorted(set(mine) & set(theirs))
+    users = sorted({u for u, _ in shared})
+    rows_a, rows_b = [], []
+    for user in users:
+        keys = [k for k in shared if k[0] == user]
+        rows_a.append(family.rows([mine[k].prediction for k in keys], [mine[k].gold for k in keys]))
+        rows_b.append(family.rows([theirs[k].prediction for k in keys], [theirs[k].gold for k in keys]))
+    width = family.width
+    return np.array(rows_a).reshape(-1, width), np.array(rows_b).reshape(-1, width)
 
 
 def compare_runs(
-    store: Store, baseline_id: str, candidate_id: str, candidate_store: Store | None = None
+    store: Store,
+    baseline_id: str,
+    candidate_id: str,
+    candidate_store: Store | None = None,
+    stats: StatsSettings | None = None,
 ) -> list[MetricComparison]:
     """Every metric of every method of two runs of the same task and queries, side by side: how far the candidate
     (e.g. the fast decoder) moved from the baseline (the plain path), and how many answers are identical. The
@@ -737,10 +768,13 @@ def compare_runs(
             f"runs of different tasks or splits: {base.task}/{base.split} vs {cand.task}/{cand.split}"
         )
     answers: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    results: dict[str, list[EvalResult]] = {}
     for source, run_id in ((store, baseline_id), (other_store, candidate_id)):
-        with source.session() as s:
-            for r in s.scalars(select(EvalResult).where(EvalResult.run_id == run_id)):
-                answers[(r.method, r.query_id)][r.run_id] = r.prediction
+        results[run_id] = _run_results(source, run_id)[1]
+        for r in results[run_id]:
+            answers[(r.method, r.query_id)][r.run_id] = r.prediction
+    family = MetricFamily(base.task)
+    settings = stats or StatsSettings()
     out = []
     cand_rows = {r.method: r for r in cand.table}
     for row in base.table:
@@ -749,24 +783,44 @@ def compare_runs(
             continue
         pairs = [v for (m, _), v in answers.items() if m == row.method and len(v) == 2]
         same = sum(1 for v in pairs if v[baseline_id] == v[candidate_id]) / len(pairs) if pairs else float("nan")
-        for metric in base.metrics:
+        a_rows, b_rows = _paired_across_runs(base.task, results[baseline_id], results[candidate_id], row.method)
+        differences: dict[str, Interval] = {}
+        if len(a_rows):
+            _, differences, _ = gain_and_difference(b_rows, a_rows, family, settings)
+        sign = signs(family.metrics)
+        for i, metric in enumerate(base.metrics):
             a, b = row.metrics.get(metric), other.metrics.get(metric)
             if a is None or b is None:
                 continue
             change = 0.0 if a == b else (b - a) / abs(a) if a else float("inf")
-            out.append(MetricComparison(row.method, metric, a, b, change, same, len(pairs)))
+            diff = differences.get(metric)
+            raw = None
+            if diff is not None:  # gain_and_difference is signed 'better'; report candidate - baseline as is
+                lo, hi = (diff.low, diff.high) if sign[i] > 0 else (_neg(diff.high), _neg(diff.low))
+                raw = Estimate(sign[i] * diff.value, lo, hi)
+            out.append(MetricComparison(row.method, metric, a, b, change, same, len(pairs), raw))
     return out
 
 
+def _neg(x: float | None) -> float | None:
+    return None if x is None else -x
+
+
 def format_comparison(rows: list[MetricComparison], baseline_id: str, candidate_id: str, tolerance: float) -> str:
-    lines = [["method", "metric", "baseline", "candidate", "relative change", "within", "same answers", "n"]]
+    lines = [["method", "metric", "baseline", "candidate", "difference [95% CI]", "relative change", "within"]]
+    lines[0] += ["same answers", "n"]
     for r in rows:
+        d = r.difference
+        diff = "-" if d is None or d.value is None else f"{d.value:+.4f}"
+        if d is not None and d.ci_low is not None and d.ci_high is not None:
+            diff += f" [{d.ci_low:+.4f}, {d.ci_high:+.4f}]"
         lines.append(
             [
                 r.method,
                 r.metric,
                 f"{r.baseline:.4f}",
                 f"{r.candidate:.4f}",
+                diff,
                 f"{r.relative_change:+.2%}",
                 "yes" if abs(r.relative_change) <= tolerance else "NO",
                 f"{r.same_predictions:.1%}",
@@ -798,7 +852,9 @@ def export_dict(report: RunReport) -> dict[str, Any]:
             }
             for m, c in found.items()
         }
-        return {"metric": primary, **by_metric.get(primary, {}), "by_metric": by_metric}
+        first = next(iter(found.values()), None)
+        average = asdict(first.average_gain) if first is not None and first.average_gain is not None else None
+        return {"metric": primary, **by_metric.get(primary, {}), "by_metric": by_metric, "average_gain": average}
 
     for r in report.table:
         entry: dict[str, Any] = {

@@ -204,30 +204,34 @@ def gain_intervals(
 ) -> dict[str, Interval]:
     """The candidate's gain over the reference (relative by default; sign flipped for lower-is-better), with a
     paired bootstrap interval: each resample draws the same users for both methods."""
-    rel, absolute = gain_and_difference(candidate, reference, family, settings)
+    rel, absolute, _ = gain_and_difference(candidate, reference, family, settings)
     return rel if relative else absolute
 
 
 def gain_and_difference(
     candidate: np.ndarray, reference: np.ndarray, family: MetricFamily, settings: StatsSettings
-) -> tuple[dict[str, Interval], dict[str, Interval]]:
-    """The relative gain and the absolute difference (both positive when the candidate is better), per metric, from
-    one paired bootstrap: each resample draws the same users for both methods."""
+) -> tuple[dict[str, Interval], dict[str, Interval], Interval]:
+    """The relative gain and the absolute difference (both positive when the candidate is better) per metric, and
+    the relative gain averaged over the metrics (the paper's headline number), from one paired bootstrap: each
+    resample draws the same users for both methods."""
     if candidate.shape != reference.shape:
         raise InvalidInputError("paired samples need the same users in the same order")
     rel, absolute = _gain(family, True), _gain(family, False)
 
     def statistic(cand: np.ndarray, ref: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.concatenate([rel(cand, ref, axis), absolute(cand, ref, axis)])
+        gains = rel(cand, ref, axis)
+        return np.concatenate([gains, absolute(cand, ref, axis), gains.mean(axis=0, keepdims=True)])
 
-    points = statistic(candidate.T, reference.T)
+    with np.errstate(invalid="ignore"):
+        points = statistic(candidate.T, reference.T)
     k = len(family.metrics)
     if enough_users(len(candidate), settings):
         out = [Interval(float(v), None, None) for v in points]
     else:
         low, high, method = _bootstrap((candidate, reference), statistic, settings)
         out = _intervals(points, low, high, method)
-    return dict(zip(family.metrics, out[:k], strict=True)), dict(zip(family.metrics, out[k:], strict=True))
+    by_metric = dict(zip(family.metrics, out[:k], strict=True))
+    return by_metric, dict(zip(family.metrics, out[k : 2 * k], strict=True)), out[-1]
 
 
 def paired_pvalues(

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from personalize.cli import app
 from personalize.metrics import score
-from personalize.reports import build_report, export, export_dict, format_report
+from personalize.reports import build_report, compare_runs, export, export_dict, format_comparison, format_report
 from personalize.router import Router, calibrate_from_run
 from personalize.schema import EvalResult, EvalRun
 from personalize.settings import StatsSettings
@@ -273,3 +273,23 @@ def test_router_show_prints_the_evidence(store, tmp_path, monkeypatch):
     assert out.exit_code == 0, out.output
     out = runner.invoke(app, ["router", "show", "--task", "movielens-rating"])
     assert "moved: significant" in out.output and "p=" in out.output and "CI [" in out.output
+
+
+def test_compare_runs_pairs_the_difference_over_users(store):
+    store_run(store, "first", "movielens-rating", rating_run(30, {"rag": 0.2}))
+    store_run(store, "second", "movielens-rating", rating_run(30, {"rag": 0.9}))  # same golds, better rag
+    rows = {(r.method, r.metric): r for r in compare_runs(store, "first", "second")}
+    rag = rows[("rag", "mae")]
+    assert rag.difference.value == pytest.approx(rag.candidate - rag.baseline)
+    assert rag.difference.ci_high < 0 < -rag.difference.ci_low  # MAE fell: the whole interval is below 0
+    same = rows[("none", "mae")]
+    assert (same.difference.value, same.difference.ci_low, same.difference.ci_high) == (0.0, 0.0, 0.0)
+    assert same.same_predictions == 1.0
+    assert "difference [95% CI]" in format_comparison(list(rows.values()), "first", "second", 0.01)
+
+
+def test_average_gain_has_a_paired_interval(store):
+    store_run(store, "avg", "movielens-rating", rating_run(30, {"rag": 0.9}))
+    rag = build_report(store, "avg").row("rag")
+    assert rag.average_gain_ci.ci_low < rag.average_gain < rag.average_gain_ci.ci_high
+    assert rag.average_gain == pytest.approx(rag.average_gain_ci.value)

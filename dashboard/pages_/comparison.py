@@ -121,6 +121,7 @@ def gain_chart(reports: list[RunReport]) -> go.Figure:
             name=ui.run_title(rep),
             x=[r.method for r in rows],
             y=[ui.finite(r.average_gain) for r in rows],
+            error_y=ui.error_bars([ui.finite(r.average_gain) for r in rows], [r.average_gain_ci for r in rows]),
             text=[ui.fmt_pct(r.average_gain) for r in rows],
         )
     methods = list(PUBLISHED_AVERAGE_GAIN)
@@ -132,7 +133,7 @@ def gain_chart(reports: list[RunReport]) -> go.Figure:
         marker_pattern_shape="/",
         opacity=0.6,
     )
-    title = "Average relative gain over non-personalized"
+    title = "Average relative gain over non-personalized (ours: 95% paired intervals over users)"
     if any(r.synthetic for r in reports):
         title += f" ({ui.SYNTHETIC} data included)"
     fig.update_layout(
@@ -227,10 +228,18 @@ with ui.page("Comparison", "Every method on the same queries of the same users; 
     if len(reports) == 2 and reports[0].task == reports[1].task:
         a, b = reports
         st.subheader("Difference (second run − first run)")
-        rows_a = {r.method: r for r in a.table}
-        diff = [
-            {"method": r.method} | {m: r.metrics.get(m, 0) - rows_a[r.method].metrics.get(m, 0) for m in a.metrics}
-            for r in b.table
-            if r.method in rows_a
-        ]
-        st.dataframe(pd.DataFrame.from_records(diff), hide_index=True, width="stretch")
+        st.caption(
+            "Paired over the users and queries both runs answered (`personalize eval compare`): the difference with "
+            "its 95% bootstrap interval, and the share of identical answers."
+        )
+        if a.split == b.split:
+            st.dataframe(data.run_differences(a.run_id, b.run_id), hide_index=True, width="stretch")
+        else:
+            st.caption(f"Different splits ({a.split}, {b.split}): other queries, so no pairing and no interval.")
+            rows_a = {r.method: r for r in a.table}
+            diff = [
+                {"method": r.method} | {m: r.metrics.get(m, 0) - rows_a[r.method].metrics.get(m, 0) for m in a.metrics}
+                for r in b.table
+                if r.method in rows_a
+            ]
+            st.dataframe(pd.DataFrame.from_records(diff), hide_index=True, width="stretch")
