@@ -57,6 +57,7 @@ class ForgetReport:
     jobs: int = 0
     collection: bool = False
     files: list[str] = field(default_factory=list)
+    wal_truncated: bool = True  # SQLite: no copy of the deleted rows is left in the WAL (False: a reader held it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -43,6 +43,7 @@ class DeletedRows:
     adapters: int = 0
     jobs: int = 0
     adapter_paths: list[str] = field(default_factory=list)
+    scrubbed: bool = True  # SQLite: the WAL was truncated, so no copy of the deleted rows is left in it
 
 
 def redact_url(url: str) -> str:
@@ -332,4 +333,19 @@ class Store:
             out.jobs = s.execute(delete(TrainingJob).where(TrainingJob.user_pk == user.id)).rowcount or 0
             out.adapters = s.execute(delete(Adapter).where(Adapter.user_pk == user.id)).rowcount or 0
             s.execute(delete(User).where(User.id == user.id))
-            return out
+        out.scrubbed = self.scrub_wal()
+        return out
+
+    def scrub_wal(self) -> bool:
+        """Copy SQLite's WAL into the database and truncate it to zero bytes; False when a reader kept it busy.
+
+        ``secure_delete`` zeroes deleted rows in the database file, but the WAL still holds the pages as they were
+        before the delete (the rows as inserted) until it is truncated, and it is only removed when the last
+        connection of every process closes. Readers are waited for (``busy_timeout``). Other databases: True.
+        """
+        if not self.url.startswith("sqlite"):
+            return True
+        self._ensure_schema()
+        with self.engine.connect() as conn:
+            busy, _log, _done = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        return busy == 0
