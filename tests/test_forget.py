@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from personalize import Personalizer, Settings
@@ -169,3 +170,6 @@ def test_forget_on_postgres_and_a_chroma_server_is_all_or_nothing(
             p.user(VICTIM)
         assert p.vectors.count(VICTIM) == 0 and collection_name(VICTIM) not in p.vectors.collection_names()
         assert p.check().problems == 0 and p.count_items() == 1
+        p.vectors.upsert(VICTIM, ["zebracorn-id-0"], np.ones((1, 384), dtype=np.float32))  # as a crash leaves it
+        assert p.check().orphan_collections == [collection_name(VICTIM)]
+        assert p.check(repair=True).repaired and p.check().problems == 0  # the writers' lock works on PostgreSQL
