@@ -126,6 +126,9 @@ def test_forget_while_another_process_writes_chroma_changes_nothing(settings, ho
 def test_forget_killed_half_way_is_completed_by_repair(settings, home, step):
     with Personalizer(settings) as p:
         p.add_items(VICTIM, _victim_items(20))
+        folder = user_dir(p.settings.users_dir, VICTIM)  # the user's files, removed after Chroma
+        folder.mkdir(parents=True)
+        (folder / "note.txt").write_text(MARKER)
     env = {**os.environ, "PERSONALIZE_HOME": str(home), CRASH_ENV: step}
     proc = subprocess.run([sys.executable, "-m", "personalize.cli", "users", "forget", VICTIM], env=env)
     assert proc.returncode == -signal.SIGKILL
@@ -134,6 +137,7 @@ def test_forget_killed_half_way_is_completed_by_repair(settings, home, step):
             p.user(VICTIM)  # the SQL delete had committed
         found = p.check()
         assert found.orphan_collections == ([collection_name(VICTIM)] if step == "forget-sql-deleted" else [])
+        assert found.orphan_user_folders == [str(folder)]
         assert p.check(repair=True).problems == found.problems
         assert p.check().problems == 0 and p.vectors.count(VICTIM) == 0
     assert _leftovers(home) == {}
