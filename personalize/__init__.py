@@ -23,6 +23,7 @@ from personalize.errors import (
     PersonalizeError,
     StoreBusyError,
     UnknownUserError,
+    VectorStoreUnavailableError,
 )
 from personalize.items import ProfileItem, UserInfo
 from personalize.personalizer import Personalizer
@@ -85,6 +86,7 @@ __all__ = [
     "Timings",
     "UnknownUserError",
     "UserInfo",
+    "VectorStoreUnavailableError",
     "add_items",
     "forget",
     "generate",

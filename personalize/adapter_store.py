@@ -38,26 +38,7 @@ class AdapterStore(Protocol):
 
     def path_for(self, user_id: str, version: int) -> Path: ...
 
-    def remove_stale_temp(self, older_than_s: float, user_id: str | None = None) -> list[str]:
-        """Remove temporary folders of saves that will never finish (a worker killed mid-save): those whose writer
-        process on this host is gone, and any older than ``older_than_s`` (writers on other hosts, older names)."""
-        from personalize.jobs import local_pid_alive
-
-        if user_id is not None:
-            base, pattern = self.user_root(user_id), f".v*{TEMP_MARK}*"
-        else:
-            base, pattern = self.root, f"*/.v*{TEMP_MARK}*"
-        removed: list[str] = []
-        for folder in base.glob(pattern):
-            alive = local_pid_alive(_temp_writer(folder.name))
-            try:
-                old = time.time() - folder.stat().st_mtime > older_than_s
-            except FileNotFoundError:  # renamed into place or removed meanwhile
-                continue
-            if folder.is_dir() and (alive is False or (alive is None and old)):
-                shutil.rmtree(folder, ignore_errors=True)
-                removed.append(str(folder))
-        return removed
+    def remove_stale_temp(self, older_than_s: float, user_id: str | None = None) -> list[str]: ...
 
     def delete_user(self, user_id: str) -> list[str]: ...
 

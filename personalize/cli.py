@@ -84,6 +84,24 @@ def db_upgrade() -> None:
     typer.echo(f"database {redact_url(url)} is at the latest schema")
 
 
+@db_app.command("check")
+@clear_errors
+def db_check(
+    repair: bool = typer.Option(False, "--repair", help="Fix what disagrees (SQL is the truth)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Do SQL, Chroma and the adapter folders agree? Exit 1 when they do not (and --repair was not given)."""
+    with _client() as p:
+        report = p.check(repair=repair)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        for line in report.lines():
+            typer.echo(line)
+    if report.problems and not repair:
+        raise typer.Exit(1)
+
+
 @users_app.command("add")
 @clear_errors
 def users_add(user_id: str) -> None:
@@ -192,15 +210,19 @@ def train(
 @clear_errors
 def jobs(user_id: str | None = None, limit: int = 20, as_json: bool = typer.Option(False, "--json")) -> None:
     """Training jobs, newest first, with state, progress, loss and errors."""
+    from personalize.consistency import lost_jobs
+
     with _client() as p:
         rows = p.training_jobs(user_id, limit)
+        lost = lost_jobs(p, [j.id for j in rows if j.state == "running"])
     if as_json:
-        _print_json([asdict(r) for r in rows])
+        _print_json([{**asdict(r), "worker_gone": r.id in lost} for r in rows])
         return
     for j in rows:
         loss = f"{j.loss:.3f}" if j.loss is not None else "-"
         error = f"  error: {j.error}" if j.error else ""
-        typer.echo(f"job {j.id}\t{j.user_id}\t{j.state}\t{j.progress:.0%}\tloss {loss}\tattempts {j.attempts}{error}")
+        state = f"{j.state} (worker {j.worker} is gone: requeued when a worker starts)" if j.id in lost else j.state
+        typer.echo(f"job {j.id}\t{j.user_id}\t{state}\t{j.progress:.0%}\tloss {loss}\tattempts {j.attempts}{error}")
 
 
 @app.command("adapters")

@@ -40,6 +40,10 @@ class StoreBusyError(PersonalizeError):
     """Another process is writing the embedded Chroma folder."""
 
 
+class VectorStoreUnavailableError(PersonalizeError):
+    """The Chroma server could not be reached (or its answer could not be used)."""
+
+
 class ModelLoadError(PersonalizeError):
     """The configured model could not be found or loaded."""
 

@@ -26,6 +26,7 @@ from personalize.datasets import Dataset, Query
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.ingest import lamp_item
 from personalize.metrics import parse_prediction
+from personalize.naming import eval_user_id
 from personalize.personalizer import Personalizer
 from personalize.schema import EvalResult, EvalRun, utcnow
 from personalize.settings import LoraSettings
@@ -120,11 +121,6 @@ def code_version() -> str:
         return version + ("+dirty" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
-
-
-def eval_user_id(task: str, split: str, user: str) -> str:
-    """Evaluation users are namespaced: the dev and test profiles of one person differ (no leakage)."""
-    return f"eval/{task}/{split}/{user}"
 
 
 def _bar(iterable: Iterable, total: int, desc: str, show: bool):  # noqa: ANN202

@@ -48,3 +48,19 @@ def user_dir(root: Path, user_id: str) -> Path:
     if path.parent != root.resolve():
         raise InvalidInputError(f"user id {user_id!r} does not map to a folder under {root}")
     return path
+
+
+EVAL_PREFIX = "eval/"
+
+
+def eval_user_id(task: str, split: str, user: str) -> str:
+    """Evaluation users are namespaced: the dev and test profiles of one person differ (no leakage)."""
+    return f"{EVAL_PREFIX}{task}/{split}/{user}"
+
+
+def parse_eval_user_id(user_id: str) -> tuple[str, str, str] | None:
+    """``(task, split, user)`` of an ``eval_user_id``, or ``None`` for any other user id."""
+    if not user_id.startswith(EVAL_PREFIX):
+        return None
+    parts = user_id[len(EVAL_PREFIX) :].split("/", 2)
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 and all(parts) else None

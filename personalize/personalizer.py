@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from personalize.adapters import AdapterCache
 from personalize.adapters import generate_batch as batch_generate
 from personalize.batching import Coalescer, Request
 from personalize.checks import check_int, check_unicode, short
+from personalize.crashpoints import crash_point
 from personalize.embedding import get_embedder
 from personalize.errors import (
     AdapterOwnershipError,
@@ -52,6 +53,9 @@ from personalize.store import Store, UpsertReport
 from personalize.tasks import Task, get_task
 from personalize.training import TrainingCancelled, eos_token_ids, read_metadata, train_adapter, training_pairs
 from personalize.vectorstore import VectorStore
+
+if TYPE_CHECKING:
+    from personalize.consistency import ConsistencyReport
 
 Method = Literal["auto", "none", "rag", "peft", "rag+peft"]
 METHODS = ("auto", "none", "rag", "peft", "rag+peft")
@@ -148,6 +152,8 @@ class Personalizer:
         """Upsert items for a user (created if new) and index the changed ones; atomic per call.
 
         Embeddings are computed before the SQL transaction opens, so a slow embedding never holds a write lock.
+        Vectors are written before the SQL commit: a crash between the two leaves vectors without rows, which
+        retrieval skips and ``check(repair=True)`` removes, never rows that dense retrieval cannot find.
         """
         validate_user_id(user_id)
         return self._add_checked(user_id, self.check_items(items), show_progress)
@@ -191,16 +197,23 @@ class Personalizer:
         stored = self.store.item_hashes(user_id, [i.id for i in parsed])
         todo = [i for i in parsed if stored.get(i.id) != i.content_hash()]
         vectors = dict(zip([i.id for i in todo], self._embed(todo, show_progress), strict=True))
+        crash_point("embedded")
 
         def index(report: UpsertReport) -> None:
             missing = [i for i in report.changed if i.id not in vectors]  # changed by another writer meanwhile
             vectors.update(zip([i.id for i in missing], self._embed(missing, False), strict=True))
             changed = report.changed
-            metadatas = [{"ts": i.timestamp.isoformat() if i.timestamp else "", "task": i.task or ""} for i in changed]
-            matrix = np.stack([vectors[i.id] for i in changed])
-            self.vectors.upsert(user_id, [i.id for i in changed], matrix, metadatas)
+            crash_point("sql-flushed")
+            self.vectors.upsert(
+                user_id,
+                [i.id for i in changed],
+                np.stack([vectors[i.id] for i in changed]),
+                [vector_metadata(i) for i in changed],
+            )
+            crash_point("chroma-written")
 
         report = self.store.upsert_items(user_id, parsed, before_commit=index)
+        crash_point("committed")
         if report.changed and self.settings.auto_train:
             report.training = self.maybe_queue_retrain(user_id)
         return report
@@ -229,18 +242,27 @@ class Personalizer:
         return self.store.count_items(user_id)
 
     def forget(self, user_id: str) -> ForgetReport:
-        """Remove everything of a user: SQL rows, the Chroma collection, adapters and files under the home."""
+        """Remove everything of a user: SQL rows, the Chroma collection, adapters and files under the home.
+
+        All or nothing: the Chroma writer lock is taken (or the server reached) before any row is deleted, so a
+        busy or unreachable vector store raises and changes nothing. A crash after the SQL delete leaves a
+        collection no user owns: ``forget`` again, or ``check(repair=True)``, removes it.
+        """
         validate_user_id(user_id)
         report = ForgetReport(user_id)
+        self.vectors.prepare_delete(user_id)
         adapter_paths: list[str] = []
         known = True
         try:
             deleted = self.store.delete_user(user_id)
             report.items, report.adapters, report.jobs = deleted.items, deleted.adapters, deleted.jobs
-            adapter_paths = deleted.adapter_paths
+            report.eval_answers = deleted.eval_answers
+            adapter_paths, report.wal_truncated = deleted.adapter_paths, deleted.scrubbed
         except UnknownUserError:
             known = False
+        crash_point("forget-sql-deleted")
         report.collection = self.vectors.delete_user(user_id)
+        crash_point("forget-chroma-deleted")
         bm25 = self._retrievers.get("bm25")
         if isinstance(bm25, BM25Retriever):
             bm25.forget(user_id)
@@ -252,9 +274,17 @@ class Personalizer:
             if folder.exists():
                 shutil.rmtree(folder)
                 report.files.append(str(folder))
+        if not report.wal_truncated:  # a reader held the WAL for busy_timeout: try again now the rest is done
+            report.wal_truncated = self.store.scrub_wal()
         if not known and not report.collection and not report.files:
             raise UnknownUserError(user_id)
         return report
+
+    def check(self, repair: bool = False) -> ConsistencyReport:
+        """Compare SQL, Chroma and the adapter folders (and fix them with ``repair``); see ``consistency``."""
+        from personalize.consistency import check_stores
+
+        return check_stores(self, repair)
 
     # -- retrieval ---------------------------------------------------------------------------------------------
 
@@ -277,9 +307,19 @@ class Personalizer:
         query = self._check_prompt(query, "query")
         k = self.settings.k if k is None else check_int(k, "k", 0, MAX_K)
         self.store.get_user(user_id)
-        hits = self.retriever(retriever).search(user_id, query, k) if k else []
-        by_id = {i.id: i for i in self.store.items(user_id, [h[0] for h in hits])} if hits else {}
-        return [RetrievedItem(item_id, score, by_id[item_id]) for item_id, score in hits if item_id in by_id]
+        return self._search_stored(user_id, query, k, self.retriever(retriever)) if k else []
+
+    def _search_stored(self, user_id: str, query: str, k: int, retriever: Retriever) -> list[RetrievedItem]:
+        """The top k hits that SQL holds. Vectors left without rows by a crash (until repaired) are skipped and
+        more are fetched, so k items come back whenever the user has k; each round asks for four times more."""
+        fetch = k
+        while True:
+            hits = retriever.search(user_id, query, fetch)
+            by_id = {i.id: i for i in self.store.items(user_id, [h[0] for h in hits])} if hits else {}
+            found = [RetrievedItem(item_id, score, by_id[item_id]) for item_id, score in hits if item_id in by_id]
+            if len(found) >= k or len(hits) < fetch:
+                return found[:k]
+            fetch *= 4
 
     # -- generation --------------------------------------------------------------------------------------------
 
@@ -829,6 +869,13 @@ class EnqueueResult:
     job_id: int | None
     queued: bool
     message: str
+
+
+def vector_metadata(item: ProfileItem) -> dict[str, str]:
+    """What Chroma keeps beside an item's vector: its timestamp, task and content hash (no text); the hash lets a
+    repair find vectors of an older version of the item."""
+    ts = item.timestamp.isoformat() if item.timestamp else ""
+    return {"ts": ts, "task": item.task or "", "h": item.content_hash()}
 
 
 def adapter_name(user_id: str) -> str:

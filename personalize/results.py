@@ -55,8 +55,10 @@ class ForgetReport:
     items: int = 0
     adapters: int = 0
     jobs: int = 0
+    eval_answers: int = 0  # an evaluation user's stored answers in evaluation runs
     collection: bool = False
     files: list[str] = field(default_factory=list)
+    wal_truncated: bool = True  # SQLite: no copy of the deleted rows is left in the WAL (False: a reader held it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

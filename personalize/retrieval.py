@@ -116,10 +116,19 @@ class DenseRetriever:
     def __init__(self, vectors: VectorStore, embedder: Embedder) -> None:
         self.vectors = vectors
         self.embedder = embedder
+        self._last: tuple[str, object] | None = None
 
     def search(self, user_id: str, query: str, k: int) -> list[tuple[str, float]]:
-        embedding = self.embedder.embed_one(query)  # the query is embedded exactly once
-        return [(h.id, h.score) for h in self.vectors.query(user_id, embedding, k)]
+        return [(h.id, h.score) for h in self.vectors.query(user_id, self._embedding(query), k)]
+
+    def _embedding(self, query: str):  # noqa: ANN202
+        """The query is embedded once: retrieval asks again with a larger k when it skips vectors with no SQL row."""
+        last = self._last
+        if last is not None and last[0] == query:
+            return last[1]
+        embedding = self.embedder.embed_one(query)
+        self._last = (query, embedding)
+        return embedding
 
 
 class RecencyRetriever:

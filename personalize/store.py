@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from personalize.errors import DatabaseUnavailableError, InvalidInputError, UnknownUserError
 from personalize.items import ProfileItem, UserInfo
-from personalize.naming import validate_user_id
-from personalize.schema import Adapter, Item, TrainingJob, User, utcnow
+from personalize.naming import parse_eval_user_id, validate_user_id
+from personalize.schema import Adapter, EvalResult, EvalRun, Item, TrainingJob, User, utcnow
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -42,7 +42,9 @@ class DeletedRows:
     items: int = 0
     adapters: int = 0
     jobs: int = 0
+    eval_answers: int = 0
     adapter_paths: list[str] = field(default_factory=list)
+    scrubbed: bool = True  # SQLite: the WAL was truncated, so no copy of the deleted rows is left in it
 
 
 def redact_url(url: str) -> str:
@@ -380,4 +382,31 @@ class Store:
             out.jobs = s.execute(delete(TrainingJob).where(TrainingJob.user_pk == user.id)).rowcount or 0
             out.adapters = s.execute(delete(Adapter).where(Adapter.user_pk == user.id)).rowcount or 0
             s.execute(delete(User).where(User.id == user.id))
-            return out
+            out.eval_answers = self._delete_eval_answers(s, user_id)
+        out.scrubbed = self.scrub_wal()
+        return out
+
+    @staticmethod
+    def _delete_eval_answers(s: Session, user_id: str) -> int:
+        """An evaluation user's stored answers (prediction and gold per query) go with them: runs keep the rest."""
+        parsed = parse_eval_user_id(user_id)
+        if parsed is None:
+            return 0
+        task, split, user = parsed
+        runs = select(EvalRun.id).where(EvalRun.task == task, EvalRun.split == split)
+        query = delete(EvalResult).where(EvalResult.user_external_id == user, EvalResult.run_id.in_(runs))
+        return s.execute(query.execution_options(synchronize_session=False)).rowcount or 0
+
+    def scrub_wal(self) -> bool:
+        """Copy SQLite's WAL into the database and truncate it to zero bytes; False when a reader kept it busy.
+
+        ``secure_delete`` zeroes deleted rows in the database file, but the WAL still holds the pages as they were
+        before the delete (the rows as inserted) until it is truncated, and it is only removed when the last
+        connection of every process closes. Readers are waited for (``busy_timeout``). Other databases: True.
+        """
+        if not self.url.startswith("sqlite"):
+            return True
+        self._ensure_schema()
+        with self.engine.connect() as conn:
+            busy, _log, _done = conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+        return busy == 0

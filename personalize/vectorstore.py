@@ -22,7 +22,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from personalize.errors import StoreBusyError
+from personalize.crashpoints import crash_point
+from personalize.errors import StoreBusyError, VectorStoreUnavailableError
 from personalize.naming import collection_name
 
 LOCK_FILE = "personalize-writer.lock"
@@ -105,6 +106,11 @@ class VectorStore:
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             self._lock_fd = fd
 
+    def lock_for_writing(self) -> None:
+        """Take the embedded folder's writer lock now (``StoreBusyError`` if another process holds it), before a
+        change that must not stop half-way; a no-op for a server."""
+        self._acquire_writer()
+
     def close(self) -> None:
         with self._mutex:
             if self._lock_fd is not None:
@@ -125,6 +131,30 @@ class VectorStore:
         except Exception:  # chroma raises NotFoundError / ValueError depending on version
             return None
 
+    def _find_collection(self, user_id: str):  # noqa: ANN202
+        """The user's collection or None when it does not exist; any other failure (a server that cannot be
+        reached) raises, where ``_collection`` would read it as "no collection" and let a caller skip a delete."""
+        from chromadb.errors import NotFoundError
+
+        try:
+            return self.client.get_collection(collection_name(user_id), embedding_function=None)
+        except NotFoundError:
+            return None
+        except Exception as exc:
+            if "does not exist" in str(exc):  # older chroma raises ValueError for a missing collection
+                return None
+            raise VectorStoreUnavailableError(
+                f"Chroma at {self.location} cannot be used ({type(exc).__name__}: {str(exc)[:200]}); "
+                "nothing was changed, retry when it is back"
+            ) from None
+
+    def prepare_delete(self, user_id: str) -> bool:
+        """Make sure the user's collection can be deleted before anything else of the user is: take the embedded
+        writer lock (``StoreBusyError`` if another process holds it) and reach the store; return whether the
+        user has a collection. ``forget`` calls this first, so a busy or unreachable store changes nothing."""
+        self.lock_for_writing()
+        return self._find_collection(user_id) is not None
+
     def upsert(
         self,
         user_id: str,
@@ -144,6 +174,7 @@ class VectorStore:
                 embeddings=embeddings[start:end],
                 metadatas=list(metadatas[start:end]) if metadatas else None,
             )
+            crash_point("chroma-batch")
 
     def query(self, user_id: str, embedding: np.ndarray, k: int) -> list[Hit]:
         collection = self._collection(user_id, create=False)
@@ -161,6 +192,47 @@ class VectorStore:
     def count(self, user_id: str) -> int:
         collection = self._collection(user_id, create=False)
         return 0 if collection is None else int(collection.count())
+
+    def entries(self, user_id: str, page: int = 5000) -> dict[str, str]:
+        """Every id of the user's collection with the content hash stored beside it ("" for vectors written before
+        hashes were stored); {} when there is no collection. For reconciling with SQL."""
+        collection = self._find_collection(user_id)
+        out: dict[str, str] = {}
+        if collection is None:
+            return out
+        offset = 0
+        while True:
+            got = collection.get(include=["metadatas"], limit=page, offset=offset)
+            for item_id, meta in zip(got["ids"], got["metadatas"] or [None] * len(got["ids"]), strict=True):
+                out[item_id] = str((meta or {}).get("h", ""))
+            if len(got["ids"]) < page:
+                return out
+            offset += page
+
+    def delete_ids(self, user_id: str, ids: Sequence[str]) -> None:
+        """Remove some vectors of the user (ones SQL does not hold)."""
+        if not ids:
+            return
+        self._acquire_writer()
+        collection = self._collection(user_id, create=True)
+        for start in range(0, len(ids), 5000):
+            collection.delete(ids=list(ids[start : start + 5000]))
+
+    def collection_names(self) -> list[str]:
+        """Names of every collection in this Chroma (folder or server)."""
+        names: list[str] = []
+        while True:
+            page = self.client.list_collections(limit=1000, offset=len(names))
+            names += [c if isinstance(c, str) else c.name for c in page]
+            if len(page) < 1000:
+                return names
+
+    def delete_collection(self, name: str) -> None:
+        """Drop a collection by name (one left by a user SQL no longer knows), with its files."""
+        self._acquire_writer()
+        self.client.delete_collection(name)
+        if not self.is_server:
+            self._purge_deleted_files()
 
     def delete_user(self, user_id: str) -> bool:
         """Drop the user's collection; return whether there was one."""

@@ -126,3 +126,21 @@ def test_eval_cli_refuses_unknown_and_inapplicable_baselines_and_adds_baselines_
     more = runner.invoke(app, ["eval", "run", "--resume", run_id, "--methods", "user-mean,majority"])
     assert more.exit_code == 0, more.output
     assert "user-mean" in more.output and "no model" in more.output
+
+
+def test_forgetting_an_evaluation_user_removes_their_answers_from_every_run(client):
+    dataset = synthetic_dataset(n_users=3, seed=4, split="test", min_items=6, max_items=12)
+    config = EvalConfig(task="movielens-rating", split="test", synthetic=True, methods=["user-mean", "majority"])
+    run_id = EvaluationRunner(client, show_progress=False).run(dataset, config)
+    user = dataset.queries[0].user_id
+    report = client.forget(eval_user_id("movielens-rating", "test", user))
+    assert report.eval_answers == 2 * sum(1 for q in dataset.queries if q.user_id == user)
+    with client.store.session() as s:
+        left = {r.user_external_id for r in s.query(EvalResult).filter(EvalResult.run_id == run_id)}
+    assert user not in left and len(left) == 2
+    assert (
+        client.forget(
+            "plain-user-never-evaluated" if client.add_user("plain-user-never-evaluated") else ""
+        ).eval_answers
+        == 0
+    )
