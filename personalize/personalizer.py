@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -172,9 +172,10 @@ class Personalizer:
         return parsed
 
     def import_users(self, users: Mapping[str, Iterable[ItemLike]], show_progress: bool = False) -> list[UpsertReport]:
-        """Add many users' items (one file's worth): all of them are validated before the first write, so a bad item
-        in the last user stores nothing of the first. Each user is then one transaction; if the backend fails midway
-        the error says how many users were stored, and importing again is safe (unchanged items are skipped)."""
+        """Add many users' items (one file's worth), all or nothing: every item is validated before the first write,
+        and every user's rows go into ONE SQL transaction, committed after each user's vectors are written. A failure
+        anywhere (a busy or unreachable vector store, the database) rolls every user back; vectors already written
+        for the file are then what a crash leaves (retrieval skips them, ``check(repair=True)`` removes them)."""
         checked: list[tuple[str, list[ProfileItem]]] = []
         for user_id, items in users.items():
             validate_user_id(user_id)
@@ -182,18 +183,32 @@ class Personalizer:
                 checked.append((user_id, self.check_items(items)))
             except InvalidInputError as exc:
                 raise InvalidInputError(f"user {short(user_id)}: {exc}") from None
-        reports: list[UpsertReport] = []
-        for user_id, parsed in _progress(checked, "users", show_progress):
-            try:
-                reports.append(self._add_checked(user_id, parsed, False))
-            except PersonalizeError as exc:
-                raise ImportIncompleteError(
-                    f"{exc} (while storing user {short(user_id)}; {len(reports)} of {len(checked)} user(s) were "
-                    "stored before it; importing again is safe: unchanged items are skipped)"
-                ) from None
+        batches = [
+            (u, parsed, self._indexer(u, parsed, False)) for u, parsed in _progress(checked, "users", show_progress)
+        ]
+        try:
+            reports = self.store.upsert_many(batches)
+        except PersonalizeError as exc:
+            raise ImportIncompleteError(
+                f"{exc} (nothing of the file's {len(checked)} user(s) was stored: the import is one transaction; "
+                "importing again is safe)"
+            ) from None
+        crash_point("committed")
+        for report in reports:
+            if report.changed and self.settings.auto_train:
+                report.training = self.maybe_queue_retrain(report.user_id)
         return reports
 
     def _add_checked(self, user_id: str, parsed: list[ProfileItem], show_progress: bool) -> UpsertReport:
+        report = self.store.upsert_items(user_id, parsed, before_commit=self._indexer(user_id, parsed, show_progress))
+        crash_point("committed")
+        if report.changed and self.settings.auto_train:
+            report.training = self.maybe_queue_retrain(user_id)
+        return report
+
+    def _indexer(self, user_id: str, parsed: list[ProfileItem], show_progress: bool) -> Callable[[UpsertReport], None]:
+        """Embed the items that changed (before any transaction opens, so a slow embedding never holds a write
+        lock), and return the hook that writes their vectors inside the SQL transaction, before its commit."""
         stored = self.store.item_hashes(user_id, [i.id for i in parsed])
         todo = [i for i in parsed if stored.get(i.id) != i.content_hash()]
         vectors = dict(zip([i.id for i in todo], self._embed(todo, show_progress), strict=True))
@@ -212,11 +227,7 @@ class Personalizer:
             )
             crash_point("chroma-written")
 
-        report = self.store.upsert_items(user_id, parsed, before_commit=index)
-        crash_point("committed")
-        if report.changed and self.settings.auto_train:
-            report.training = self.maybe_queue_retrain(user_id)
-        return report
+        return index
 
     def _embed(self, items: Sequence[ProfileItem], show_progress: bool) -> np.ndarray:
         return self.embedder.embed([self._doc_text(i) for i in items], show_progress=show_progress)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, delete, event, func, inspect, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
@@ -292,56 +293,77 @@ class Store:
                     raise
         raise AssertionError("unreachable")
 
+    def upsert_many(
+        self, batches: Sequence[tuple[str, Sequence[ProfileItem], Any]], retries: int = 3
+    ) -> list[UpsertReport]:
+        """``upsert_items`` for several users in ONE transaction (a file's import): a failure anywhere, in SQL or in
+        a ``before_commit`` hook, rolls every user back, so the file is stored whole or not at all."""
+        prepared = []
+        for user_id, items, before_commit in batches:
+            validate_user_id(user_id)
+            prepared.append((user_id, list({i.id: i for i in items}.values()), before_commit))
+        for attempt in range(retries):
+            try:
+                with self.session() as s:
+                    return [self._upsert_in(s, u, items, hook) for u, items, hook in prepared]
+            except IntegrityError:  # another process created the same user or item concurrently
+                if attempt == retries - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def _upsert_once(self, user_id: str, items: list[ProfileItem], before_commit) -> UpsertReport:
-        report = UpsertReport(user_id)
         with self.session() as s:
-            user = s.scalar(select(User).where(User.external_id == user_id))
-            if user is None:
-                user = User(external_id=user_id)
-                s.add(user)
-                s.flush()
-            existing: dict[str, Item] = {}
-            ids = [i.id for i in items]
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                for row in s.scalars(select(Item).where(Item.user_pk == user.id, Item.item_id.in_(chunk))):
-                    existing[row.item_id] = row
-            now = utcnow()
-            for item in items:
-                digest = item.content_hash()
-                row = existing.get(item.id)
-                if row is not None and row.content_hash == digest:
-                    report.unchanged += 1
-                    continue
-                if row is None:
-                    s.add(
-                        Item(
-                            user_pk=user.id,
-                            item_id=item.id,
-                            task=item.task,
-                            text=item.text,
-                            fields=item.fields,
-                            output=item.output,
-                            timestamp=item.timestamp,
-                            content_hash=digest,
-                            created_at=now,
-                            updated_at=now,
-                        )
-                    )
-                    report.added += 1
-                else:
-                    row.task, row.text, row.fields = item.task, item.text, item.fields
-                    row.output, row.timestamp, row.content_hash = item.output, item.timestamp, digest
-                    row.updated_at = now
-                    report.updated += 1
-                report.changed.append(item)
-            if report.changed:
-                user.data_version += 1
-                user.updated_at = now
+            return self._upsert_in(s, user_id, items, before_commit)
+
+    def _upsert_in(self, s: Session, user_id: str, items: list[ProfileItem], before_commit) -> UpsertReport:
+        report = UpsertReport(user_id)
+        user = s.scalar(select(User).where(User.external_id == user_id))
+        if user is None:
+            user = User(external_id=user_id)
+            s.add(user)
             s.flush()
-            report.data_version = user.data_version
-            if before_commit is not None and report.changed:
-                before_commit(report)
+        existing: dict[str, Item] = {}
+        ids = [i.id for i in items]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            for row in s.scalars(select(Item).where(Item.user_pk == user.id, Item.item_id.in_(chunk))):
+                existing[row.item_id] = row
+        now = utcnow()
+        for item in items:
+            digest = item.content_hash()
+            row = existing.get(item.id)
+            if row is not None and row.content_hash == digest:
+                report.unchanged += 1
+                continue
+            if row is None:
+                s.add(
+                    Item(
+                        user_pk=user.id,
+                        item_id=item.id,
+                        task=item.task,
+                        text=item.text,
+                        fields=item.fields,
+                        output=item.output,
+                        timestamp=item.timestamp,
+                        content_hash=digest,
+                        created_at=now,
+                        updated_at=now,
+                    )
+                )
+                report.added += 1
+            else:
+                row.task, row.text, row.fields = item.task, item.text, item.fields
+                row.output, row.timestamp, row.content_hash = item.output, item.timestamp, digest
+                row.updated_at = now
+                report.updated += 1
+            report.changed.append(item)
+        if report.changed:
+            user.data_version += 1
+            user.updated_at = now
+        s.flush()
+        report.data_version = user.data_version
+        if before_commit is not None and report.changed:
+            before_commit(report)
         return report
 
     def item_hashes(self, user_id: str, ids: Sequence[str]) -> dict[str, str]:

@@ -83,15 +83,16 @@ def test_import_users_validates_every_user_before_the_first_write(client):
     assert [(r.user_id, r.added) for r in reports] == [("a", 1), ("b", 1)]
 
 
-def test_a_backend_failure_midway_says_what_was_stored(settings):
+def test_a_backend_failure_midway_stores_nothing_of_the_file(settings):
     with Personalizer(settings) as holder, Personalizer(settings) as importer:
         holder.add_items("a", [{"id": "1", "text": "already here"}])  # holds the embedded Chroma folder's lock
-        users = {"a": [{"id": "1", "text": "already here"}], "b": [{"id": "1", "text": "new"}]}
-        with pytest.raises(ImportIncompleteError, match=r"1 of 2 user\(s\) were stored") as err:
+        users = {"a": [{"id": "1", "text": "changed"}, {"id": "2", "text": "new"}], "b": [{"id": "1", "text": "new"}]}
+        with pytest.raises(ImportIncompleteError, match=r"nothing of the file's 2 user\(s\) was stored") as err:
             importer.import_users(users)
         assert "is being written by process" in str(err.value)  # the cause, StoreBusyError, in the same line
         assert isinstance(err.value.__context__, StoreBusyError)
-        assert importer.store.has_user("b") is False  # b's transaction rolled back with the failed index
+        assert importer.store.has_user("b") is False  # one transaction: b is not stored ...
+        assert [(i.id, i.text) for i in importer.items("a")] == [("1", "already here")]  # ... and a is unchanged
 
 
 @pytest.mark.postgres
