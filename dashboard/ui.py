@@ -18,25 +18,14 @@ from personalize.errors import (
     PersonalizeError,
 )
 from personalize.jobs import JobInfo
+from personalize.methods import METHODS, ordered
 from personalize.metrics import LOWER_IS_BETTER
 from personalize.reports import Claim, Estimate, MethodRow, RunReport
-from personalize.reports import ordered_methods as _ordered_methods
 from personalize.store import redact_url
 
 SYNTHETIC = "SYNTHETIC"
 NO_MODEL = "no model"
-METHOD_COLORS = {
-    "none": "#7f7f7f",
-    "rag": "#1f77b4",
-    "peft": "#ff7f0e",
-    "rag+peft": "#2ca02c",
-    "majority": "#8c564b",
-    "user-majority": "#e377c2",
-    "user-mean": "#bcbd22",
-    "nearest": "#17becf",
-    "nearest-mean": "#9467bd",
-    "input-copy": "#d62728",
-}
+METHOD_COLORS = {name: m.colour for name, m in METHODS.items()}  # the registry's (baselines included)
 VERDICT_LABELS = {
     "holds": "HOLDS",
     "fails": "FAILS",
@@ -261,7 +250,7 @@ def best_method(values: dict[str, float | None], metric: str) -> str | None:
 
 
 def ordered_methods(methods: set[str] | list[str]) -> list[str]:
-    return _ordered_methods(methods)
+    return ordered(methods)
 
 
 def refresh_button(key: str) -> None:

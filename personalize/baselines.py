@@ -26,6 +26,8 @@ from statistics import fmean
 
 from personalize.errors import InvalidInputError
 from personalize.items import ProfileItem
+from personalize.methods import Method
+from personalize.methods import register as register_method
 from personalize.metrics import as_number
 from personalize.retrieval import RetrievedItem
 from personalize.tasks import Task
@@ -56,6 +58,7 @@ class Baseline:
     applies: Callable[[Task], str | None]  # None when it applies, else why not
     predict: Callable[[BaselineInput], BaselineAnswer]
     retrieval: str = ""  # "" (none), "query" (top k for the query) or "candidates" (each choice, top 1)
+    colour: str = "#444444"
     kind: str = field(default="no model")
 
 
@@ -160,15 +163,41 @@ BASELINES: dict[str, Baseline] = {}
 
 
 def register(baseline: Baseline) -> Baseline:
+    """A baseline is also a method of the vocabulary (``personalize.methods``), marked as needing no model."""
     BASELINES[baseline.name] = baseline
+    register_method(
+        Method(
+            baseline.name,
+            baseline.description,
+            uses_retrieval=bool(baseline.retrieval),
+            colour=baseline.colour,
+            baseline=True,
+        )
+    )
     return baseline
 
 
-register(Baseline("majority", "the most frequent label over the run's profiles", _labelled_profile, _run_majority))
 register(
-    Baseline("user-majority", "the most frequent label of the user's own profile", _labelled_profile, _user_majority)
+    Baseline(
+        "majority",
+        "the most frequent label over the run's profiles",
+        _labelled_profile,
+        _run_majority,
+        colour="#8c564b",
+    )
 )
-register(Baseline("user-mean", "the mean of the user's profile scores, rounded", _rating_only, _user_mean))
+register(
+    Baseline(
+        "user-majority",
+        "the most frequent label of the user's own profile",
+        _labelled_profile,
+        _user_majority,
+        colour="#e377c2",
+    )
+)
+register(
+    Baseline("user-mean", "the mean of the user's profile scores, rounded", _rating_only, _user_mean, colour="#bcbd22")
+)
 register(
     Baseline(
         "nearest",
@@ -176,12 +205,20 @@ register(
         _nearest_applies,
         _nearest,
         retrieval="query",
+        colour="#17becf",
     )
 )
 register(
-    Baseline("nearest-mean", "the mean score of the top k retrieved, rounded", _rating_only, _nearest_mean, "query")
+    Baseline(
+        "nearest-mean",
+        "the mean score of the top k retrieved, rounded",
+        _rating_only,
+        _nearest_mean,
+        "query",
+        colour="#9467bd",
+    )
 )
-register(Baseline("input-copy", "the first sentence of the input", _generation_only, _input_copy))
+register(Baseline("input-copy", "the first sentence of the input", _generation_only, _input_copy, colour="#d62728"))
 
 
 def is_baseline(method: str) -> bool:

@@ -25,6 +25,7 @@ from personalize.baselines import BaselineInput, baselines_for, check_baseline, 
 from personalize.datasets import Dataset, Query
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.ingest import lamp_item
+from personalize.methods import MODEL_METHODS, uses_adapter
 from personalize.metrics import parse_prediction
 from personalize.naming import eval_user_id
 from personalize.personalizer import Personalizer
@@ -33,8 +34,7 @@ from personalize.settings import LoraSettings
 from personalize.tasks import Task, choice_candidates, get_task
 from personalize.worker_process import start_worker, stop_worker
 
-EVAL_METHODS = ("none", "rag", "peft", "rag+peft")  # the model methods; baselines come from personalize.baselines
-ADAPTER_METHODS = ("peft", "rag+peft")
+EVAL_METHODS = MODEL_METHODS  # the model methods; baselines come from personalize.baselines
 
 
 def default_methods(task: str) -> list[str]:
@@ -211,7 +211,7 @@ class EvaluationRunner:
         try:
             queries = select_queries(dataset, config.users, config.per_user)
             users = self.ingest(dataset, queries, config)
-            if any(m in ADAPTER_METHODS for m in config.methods):
+            if any(uses_adapter(m) for m in config.methods):
                 self.train(users, config, start_workers)
             self.answer(run_id, queries, config)
         except BaseException as exc:

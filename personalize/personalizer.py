@@ -33,6 +33,7 @@ from personalize.errors import (
 from personalize.fastpath import FastDecoder, WeightFormat, fast_weights, get_fast_decoder, unsupported_reason
 from personalize.items import ProfileItem, UserInfo, item_chars, make_item
 from personalize.jobs import AdapterInfo, Claim, JobInfo, Jobs
+from personalize.methods import AUTO, MODEL_METHODS, uses_adapter, uses_retrieval, without_adapter
 from personalize.modeling import LoadedModel, get_model
 from personalize.naming import user_dir, user_key, validate_user_id
 from personalize.prompting import BuiltPrompt, build_prompt, encode
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
     from personalize.consistency import ConsistencyReport
 
 Method = Literal["auto", "none", "rag", "peft", "rag+peft"]
-METHODS = ("auto", "none", "rag", "peft", "rag+peft")
+METHODS = (AUTO, *MODEL_METHODS)
 ItemLike = ProfileItem | dict[str, Any]
 
 
@@ -364,8 +365,8 @@ class Personalizer:
             decision = self.router.choose(self._task_for(info, None).name, info.n_items, adapter is not None)
             method = decision.method
             notes.append(f"auto chose {method}: {decision.reason}")
-        if method in ("peft", "rag+peft") and adapter is None:
-            fallback = "rag" if method == "rag+peft" else "none"
+        if uses_adapter(method) and adapter is None:
+            fallback = without_adapter(method)
             notes.append(f"{method} fell back to {fallback}: the user has no adapter yet")
             method = fallback
         if method == "rag" and info.n_items == 0:
@@ -392,18 +393,18 @@ class Personalizer:
         if retriever is not None:
             check_retriever(retriever)
         info = self.store.get_user(user_id)
-        wants_adapter = method in ("peft", "rag+peft", "auto")
+        wants_adapter = uses_adapter(method) or method == AUTO
         adapter = self.current_adapter(user_id) if wants_adapter else None
         chosen, notes = self.choose_method(info, method, adapter)
-        if method in ("peft", "rag+peft") and adapter is None and self.settings.auto_train and info.n_items:
+        if uses_adapter(method) and adapter is None and self.settings.auto_train and info.n_items:
             notes.append(self._queue_quietly(user_id))
-        if chosen not in ("peft", "rag+peft"):
+        if not uses_adapter(chosen):
             adapter = None
         the_task = self._task_for(info, task)
         timings = Timings()
         retrieved: list[RetrievedItem] = []
         retriever_name = None
-        if chosen in ("rag", "rag+peft"):
+        if uses_retrieval(chosen):
             retriever_name = check_retriever(retriever or self.settings.retriever)
             t0 = time.perf_counter()
             retrieved = self.retrieve(user_id, the_task.query_text(prompt), k, retriever_name)

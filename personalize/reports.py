@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, select
 
-from personalize.baselines import BASELINES, is_baseline
+from personalize.baselines import is_baseline
 from personalize.errors import InvalidInputError
+from personalize.methods import ordered
 from personalize.metrics import relative_gain
 from personalize.schema import Adapter, EvalResult, EvalRun, User
 from personalize.settings import StatsSettings
@@ -37,14 +38,7 @@ from personalize.significance import (
 from personalize.store import Store
 from personalize.tasks import get_task
 
-MODEL_METHODS = ("none", "rag", "peft", "rag+peft")
-METHOD_ORDER = (*MODEL_METHODS, *BASELINES)
-
-
-def ordered_methods(methods: Iterable[str]) -> list[str]:
-    """Model methods first, then the baselines, in the registries' order; anything else after them, sorted."""
-    methods = set(methods)
-    return [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
+ordered_methods = ordered  # model methods first, then the baselines (personalize.methods)
 
 
 @dataclass

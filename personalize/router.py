@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from personalize.errors import InvalidInputError
+from personalize.methods import MODEL_METHODS, by_cost, uses_adapter, without_adapter
 from personalize.schema import RouterCalibration
 from personalize.settings import RouterSettings, StatsSettings
 from personalize.significance import holm, smallest_pvalue
@@ -26,7 +27,7 @@ from personalize.store import Store
 if TYPE_CHECKING:
     from personalize.reports import Comparison, RunSamples
 
-COST_ORDER = ("none", "rag", "peft", "rag+peft")  # cheapest first: adapters cost training and memory
+COST_ORDER = tuple(by_cost(MODEL_METHODS))  # cheapest first: adapters cost training and memory
 DEFAULT_TASK = "*"
 
 
@@ -112,8 +113,8 @@ class Router:
         origin = f"calibrated from run {policy.source_run_id}" if policy.source_run_id else "default policy"
         reason = f"{n_items} item(s) fall in the band from {band.min_items} ({origin}, task {policy.task})"
         method = band.method
-        if method in ("peft", "rag+peft") and not has_adapter:
-            method = "rag" if method == "rag+peft" else "none"
+        if uses_adapter(method) and not has_adapter:
+            method = without_adapter(method)
             reason += f"; {band.method} needs an adapter the user does not have yet"
         return Decision(method, reason)
 

@@ -140,3 +140,14 @@ def test_forgetting_an_evaluation_user_removes_their_answers_from_every_run(clie
     assert user not in left and len(left) == 2
     client.add_user("never-evaluated")
     assert client.forget("never-evaluated").eval_answers == 0
+
+
+def test_one_method_vocabulary_holds_model_methods_and_baselines():
+    from personalize.methods import METHODS, MODEL_METHODS, by_cost, ordered, without_adapter
+    from personalize.router import COST_ORDER
+
+    assert MODEL_METHODS == ("none", "rag", "peft", "rag+peft") == COST_ORDER == tuple(by_cost(MODEL_METHODS))
+    assert [without_adapter(m) for m in MODEL_METHODS] == ["none", "rag", "none", "rag"]
+    assert all(METHODS[b].baseline and not METHODS[b].uses_adapter for b in BASELINES)
+    assert METHODS["nearest"].uses_retrieval and not METHODS["user-mean"].uses_retrieval
+    assert ordered(["user-mean", "zzz", "rag", "none"]) == ["none", "rag", "user-mean", "zzz"]

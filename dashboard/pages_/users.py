@@ -7,8 +7,8 @@ import streamlit as st
 
 from dashboard import data, ui
 from personalize.errors import BrokerUnavailableError, PersonalizeError
+from personalize.methods import MODEL_METHODS
 from personalize.personalizer import METHODS
-from personalize.reports import MODEL_METHODS
 from personalize.results import GenerationResult
 from personalize.tasks import task_names
 

@@ -1,0 +1,94 @@
+"""What a method is, stated once: whether it retrieves, whether it needs an adapter, what it costs, what it falls
+back to, how it is drawn. The personalizer, the router, the evaluation runner, the reports and the dashboard read
+this registry; the no-model baselines (``personalize.baselines``) register themselves here too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    uses_retrieval: bool = False
+    uses_adapter: bool = False
+    cost_rank: int = 0  # cheapest first: retrieval costs a search, an adapter costs training, storage and memory
+    without_adapter: str | None = None  # what runs instead when the user has no adapter yet
+    colour: str = "#444444"
+    baseline: bool = False  # needs no language model (personalize.baselines)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+register(Method("none", "the base model, no personalization", colour="#7f7f7f"))
+register(Method("rag", "the user's top-k items in the prompt", uses_retrieval=True, cost_rank=1, colour="#1f77b4"))
+register(
+    Method(
+        "peft",
+        "the base model with the user's adapter",
+        uses_adapter=True,
+        cost_rank=2,
+        without_adapter="none",
+        colour="#ff7f0e",
+    )
+)
+register(
+    Method(
+        "rag+peft",
+        "retrieval and the user's adapter",
+        uses_retrieval=True,
+        uses_adapter=True,
+        cost_rank=3,
+        without_adapter="rag",
+        colour="#2ca02c",
+    )
+)
+
+MODEL_METHODS: tuple[str, ...] = tuple(METHODS)  # the four methods a Personalizer serves, cheapest first
+AUTO = "auto"  # not a method: the router picks one of MODEL_METHODS
+
+
+def get_method(name: str) -> Method | None:
+    return METHODS.get(name)
+
+
+def uses_adapter(name: str) -> bool:
+    m = METHODS.get(name)
+    return bool(m and m.uses_adapter)
+
+
+def uses_retrieval(name: str) -> bool:
+    m = METHODS.get(name)
+    return bool(m and m.uses_retrieval)
+
+
+def without_adapter(name: str) -> str:
+    """The method that runs instead of ``name`` for a user without an adapter (``name`` itself if it needs none)."""
+    m = METHODS.get(name)
+    return m.without_adapter if m and m.without_adapter else name
+
+
+def by_cost(names: Iterable[str]) -> list[str]:
+    """The model methods among ``names``, cheapest first."""
+    present = set(names)
+    return sorted((n for n in MODEL_METHODS if n in present), key=lambda n: METHODS[n].cost_rank)
+
+
+def ordered(names: Iterable[str]) -> list[str]:
+    """Model methods first, then the baselines, in registry order; anything unknown after them, sorted."""
+    names = set(names)
+    return [m for m in METHODS if m in names] + sorted(names - set(METHODS))
+
+
+def colour(name: str) -> str:
+    m = METHODS.get(name)
+    return m.colour if m else "#444444"
