@@ -19,7 +19,6 @@ from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.modeling import LoadedModel
 from personalize.training import (
     ADAPTER_METADATA,
-    eos_token_ids,
     private_base_copy,
     read_metadata,
     strip_tuner_layers,
@@ -207,8 +206,8 @@ def generate_batch(
         raise InvalidInputError("every prompt needs at least one token")
     loaded = cache.loaded
     tok = loaded.tokenizer
-    eos = set(eos_token_ids(loaded))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)
+    eos = set(loaded.eos_ids)
+    pad_id = loaded.pad_id
     width = max(len(ids) for ids in encoded_prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in encoded_prompts], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded_prompts], dtype=torch.long)

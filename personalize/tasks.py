@@ -72,7 +72,7 @@ class Task:
         return " ".join(p for p in parts if p)
 
     def render_item(self, values: dict[str, Any]) -> str:
-        return self.rag_template.format_map(_Defaulting(values))
+        return self.rag_template.format_map(Defaulting(values))
 
     def query_text(self, prompt: str) -> str:
         """The part of the input that retrieval uses (LAMP.md section 4, 'Retrieval query')."""
@@ -95,7 +95,9 @@ class Task:
         return self.rag_prefix + self.rag_join.join(rendered) + self.rag_suffix.format(input=prompt)
 
 
-class _Defaulting(dict):
+class Defaulting(dict):
+    """``str.format_map`` values where a missing field reads as empty (a template naming a field an item lacks)."""
+
     def __missing__(self, key: str) -> str:
         return ""
 

@@ -29,7 +29,7 @@ from personalize.items import ProfileItem
 from personalize.modeling import LoadedModel
 from personalize.prompting import encode
 from personalize.settings import LoraSettings
-from personalize.tasks import Task, get_task
+from personalize.tasks import Defaulting, Task, get_task
 
 ADAPTER_METADATA = "personalize.json"  # written last: a folder holding it is a complete adapter
 METADATA_FORMAT = 1
@@ -106,12 +106,7 @@ def _split_pair(task: Task, item: ProfileItem, split: _Split) -> Pair | None:
     head = min(max(1, split.head_words(len(words), item)), len(words) - 1)
     tail = words[head:] if split.max_tail_words is None else words[head : head + split.max_tail_words]
     template = split.template or task.input_template or CONTINUE_TEMPLATE
-    return template.format_map(_Defaulting(text=" ".join(words[:head]))), " ".join(tail)
-
-
-class _Defaulting(dict):
-    def __missing__(self, key: str) -> str:
-        return ""
+    return template.format_map(Defaulting(text=" ".join(words[:head]))), " ".join(tail)
 
 
 def item_pair(task: Task, item: ProfileItem) -> Pair | None:
@@ -122,7 +117,7 @@ def item_pair(task: Task, item: ProfileItem) -> Pair | None:
     values = task.item_values(item)
     label = values.get(task.output_field) if task.output_field else None
     if label is not None and str(label).strip():
-        prompt = task.input_template.format_map(_Defaulting(values)) if task.input_template else item.text
+        prompt = task.input_template.format_map(Defaulting(values)) if task.input_template else item.text
         return prompt, str(label).strip()
     return _split_pair(task, item, _CONTINUATION)
 
@@ -157,16 +152,8 @@ class _Example:
 
 
 def eos_token_ids(loaded: LoadedModel) -> list[int]:
-    """Every id that ends a generation: the tokenizer's eos and the generation config's."""
-    ids: list[int] = []
-    candidates: list[Any] = [getattr(loaded.tokenizer, "eos_token_id", None)]
-    gen_config = getattr(loaded.model, "generation_config", None)
-    value = getattr(gen_config, "eos_token_id", None)
-    candidates.extend(value if isinstance(value, list | tuple) else [value])
-    for value in candidates:
-        if isinstance(value, int) and value not in ids:
-            ids.append(value)
-    return ids
+    """Every id that ends a generation (``LoadedModel.eos_ids``)."""
+    return loaded.eos_ids
 
 
 def _fit_prompt(loaded: LoadedModel, prompt: str, ids: list[int], limit: int) -> list[int]:
@@ -312,8 +299,7 @@ def train_adapter(
     examples = [e for e in (encode_pair(loaded, p, o, limit) for p, o in pairs) if e is not None]
     if not examples:
         raise InvalidInputError("no training pairs: the user needs items with a label or with at least a few words")
-    tok = loaded.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (eos_token_ids(loaded) or [0])[0]
+    pad_id = loaded.pad_id
 
     per_epoch = math.ceil(len(examples) / settings.batch_size)
     total = settings.epochs * per_epoch
