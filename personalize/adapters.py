@@ -211,17 +211,7 @@ def generate_batch(
     width = max(len(ids) for ids in encoded_prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in encoded_prompts], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded_prompts], dtype=torch.long)
-    kwargs: dict[str, Any] = {
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "max_new_tokens": max_new_tokens,
-        "do_sample": False,
-        "num_beams": 1,
-        "pad_token_id": pad_id,
-        "temperature": None,
-        "top_p": None,
-        "top_k": None,
-    }
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, **loaded.greedy(max_new_tokens)}
     with cache.lock:
         missing = sorted({n for n in adapter_names if n is not None and n not in cache})
         if missing:

@@ -52,6 +52,19 @@ class LoadedModel:
                 ids.append(value)
         return ids
 
+    def greedy(self, max_new_tokens: int) -> dict[str, Any]:
+        """Hugging Face ``generate`` arguments for greedy decoding (sampling settings of the model's generation
+        config cleared, so none of them warns or applies)."""
+        return {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": False,
+            "num_beams": 1,
+            "pad_token_id": self.pad_id,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+        }
+
     @property
     def pad_id(self) -> int:
         """The id that pads a batch: the tokenizer's pad, else the smallest eos (masked out either way), else 0."""

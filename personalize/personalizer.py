@@ -902,15 +902,7 @@ def generate_text(loaded: LoadedModel, input_ids: list[int], max_new_tokens: int
     ids = torch.tensor([input_ids], dtype=torch.long)
     with torch.inference_mode():
         out = (model or loaded.model).generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            pad_token_id=tok.pad_token_id,
-            temperature=None,
-            top_p=None,
-            top_k=None,
+            input_ids=ids, attention_mask=torch.ones_like(ids), **loaded.greedy(max_new_tokens)
         )
     new = out[0] if loaded.is_encoder_decoder else out[0, ids.shape[1] :]
     return tok.decode(new, skip_special_tokens=True).strip(), int(new.shape[0])
