@@ -23,12 +23,9 @@ import contextlib
 import os
 import random
 import shutil
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,31 +83,11 @@ def user_items(user: int, n: int, rng: random.Random) -> list[dict]:
 
 @contextlib.contextmanager
 def chroma_server(folder: Path) -> Iterator[str]:
-    """A Chroma server (``chroma run``) on a free port, stopped on exit."""
-    import socket
+    """A Chroma server (``chroma run``) on a free port, stopped on exit (the library's launcher)."""
+    from personalize.worker_process import chroma_server as server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = shutil.which("chroma") or str(Path(sys.executable).parent / "chroma")
-    log = (folder.parent / "chroma.log").open("wb")
-    proc = subprocess.Popen([exe, "run", "--path", str(folder), "--host", "127.0.0.1", "--port", str(port)], stdout=log)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("chroma server did not start") from None
-            time.sleep(0.3)
-    try:
+    with server(folder, folder.parent / "chroma.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -155,40 +154,10 @@ def free_port() -> int:
 @pytest.fixture
 def chroma_server(tmp_path: Path):
     """A real Chroma server (`chroma run`) on a free localhost port; yields its URL."""
-    import shutil
-    import subprocess
-    import time
-    import urllib.request
+    from personalize.worker_process import chroma_server as server
 
-    exe = shutil.which("chroma") or str(Path(sys.executable).parent / "chroma")
-    port = free_port()
-    log = (tmp_path / "chroma.log").open("wb")
-    proc = subprocess.Popen(
-        [exe, "run", "--path", str(tmp_path / "chroma-server"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(
-                    f"chroma server did not start: {(tmp_path / 'chroma.log').read_text()[-2000:]}"
-                ) from None
-            time.sleep(0.3)
-    try:
+    with server(tmp_path / "chroma-server", tmp_path / "chroma.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def start_worker(env: dict[str, str], log: Path, hostname: str | None = None) -> subprocess.Popen:
