@@ -601,7 +601,13 @@ def _print_policy(policy) -> None:  # noqa: ANN001
     level = f", alpha {policy.alpha}" if policy.alpha is not None else ""
     typer.echo(f"task {policy.task}: {origin}" + (f", metric {policy.metric}{level}" if policy.metric else ""))
     for band in policy.bands:
-        typer.echo(f"  from {band.min_items} items: {band.method}" + _evidence(band.evidence))
+        buckets = band.evidence.get("buckets") or [band.evidence]
+        typer.echo(
+            f"  from {band.min_items} items: {band.method}" + (_evidence(buckets[0]) if len(buckets) == 1 else "")
+        )
+        if len(buckets) > 1:
+            for e in buckets:
+                typer.echo(f"    bucket {e.get('min_items', '?')}..{e.get('max_items', '?')} items:" + _evidence(e))
 
 
 def _evidence(e: dict) -> str:

@@ -12,6 +12,7 @@ current adapter; without one the router steps down to the same method without it
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -196,9 +197,13 @@ def _choose(bucket: Bucket, metric: str, alpha: float, tolerance: float, stats: 
             step.p_holm, step.significant = step.p_value, step.p_value is not None and step.p_value < alpha
         if moves(step):
             chosen, evidence = method, step
-    if evidence is None and tests:  # stayed cheapest: keep the strongest rejected candidate as the reason
-        evidence = min(tests.values(), key=lambda t: t.p_value if t.p_value is not None else 2.0)
-    record: dict[str, Any] = {"n_users": len(samples.users), "max_items": bucket.max_items}
+    if evidence is None and tests:  # stayed cheapest: the candidate that came closest (largest gain) is the reason
+        evidence = max(tests.values(), key=lambda t: t.gain.value if t.gain.value is not None else -math.inf)
+    record: dict[str, Any] = {
+        "n_users": len(samples.users),
+        "min_items": bucket.min_items,
+        "max_items": bucket.max_items,
+    }
     if evidence is not None:
         record |= {
             "candidate": evidence.candidate,
@@ -223,7 +228,8 @@ def calibrate_bands(
     for i, bucket in enumerate(merge_small_buckets(usable, users_needed(alpha, stats))):
         band = _choose(bucket, metric, alpha, tolerance, stats)
         band = Band(1 if i == 0 else band.min_items, band.method, band.quality, band.evidence)
-        if bands and bands[-1].method == band.method:
+        if bands and bands[-1].method == band.method:  # one band; every bucket's test is kept in it
+            bands[-1].evidence.setdefault("buckets", [dict(bands[-1].evidence)]).append(band.evidence)
             continue
         bands.append(band)
     if not bands:

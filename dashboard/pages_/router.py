@@ -24,6 +24,9 @@ def origin(policy: Policy, synthetic: set[str]) -> str:
 
 def evidence_text(e: dict) -> str:
     """The test that chose a band's method: the candidate's gain over the cheaper one, its interval, moved or not."""
+    if e and e.get("buckets"):
+        parts = [f"{b.get('min_items', '?')}..{b.get('max_items', '?')}: {evidence_text(b)}" for b in e["buckets"]]
+        return "; ".join(parts)
     if not e or "candidate" not in e:
         return "-" if not e else "no costlier method measured"
     verb = "moved (significant)" if e.get("moved") else "stayed (not significant)"
