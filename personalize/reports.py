@@ -418,7 +418,10 @@ def _claims(report: RunReport, samples: RunSamples, settings: StatsSettings, siz
     peft = report.correlation.get("peft")
     text = "PEFT's gain rises with profile size (Spearman, per-user gain over none)"
     if not peft or peft.get("spearman") is None:
-        claims.append(Claim(text, "not measured", metric, Estimate(None), detail="no peft and none answers per user"))
+        why = "no peft and none answers per user"
+        if peft and peft.get("n_users", 0) >= 3:
+            why = "profile sizes or per-user gains do not vary, so there is no correlation to measure"
+        claims.append(Claim(text, "not measured", metric, Estimate(None), detail=why))
     else:
         ci = peft["spearman_ci"]
         rho = Estimate(ci["value"], ci["ci_low"], ci["ci_high"])
