@@ -28,7 +28,7 @@ from personalize.errors import InvalidInputError
 from personalize.items import ProfileItem
 from personalize.methods import Method
 from personalize.methods import register as register_method
-from personalize.metrics import as_number
+from personalize.metrics import LOWER_IS_BETTER, as_number
 from personalize.retrieval import RetrievedItem
 from personalize.tasks import Task
 
@@ -63,7 +63,7 @@ class Baseline:
 
 
 def _is_rating(task: Task) -> bool:
-    return bool({"mae", "rmse"} & set(task.metrics))
+    return bool(LOWER_IS_BETTER & set(task.metrics))
 
 
 def _labelled_profile(task: Task) -> str | None:

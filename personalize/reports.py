@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from personalize.baselines import is_baseline
 from personalize.errors import InvalidInputError
 from personalize.methods import ordered
-from personalize.metrics import relative_gain
+from personalize.metrics import LOWER_IS_BETTER, relative_gain
 from personalize.schema import Adapter, EvalResult, EvalRun, User
 from personalize.settings import StatsSettings
 from personalize.significance import (
@@ -258,7 +258,7 @@ def _quantile_buckets(sizes: dict[str, int], n_buckets: int) -> list[tuple[int, 
 def best_method(samples: RunSamples, methods: Iterable[str]) -> str | None:
     """The method with the best primary-metric value among ``methods`` (first in order on a tie)."""
     metric = samples.family.metrics[0]
-    sign = -1.0 if metric in ("mae", "rmse") else 1.0
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     present = [m for m in ordered_methods(methods) if m in samples.samples and samples.n_queries.get(m)]
     if not present:
         return None
@@ -326,7 +326,7 @@ def _rows(samples: RunSamples, settings: StatsSettings) -> tuple[list[MethodRow]
     return rows, comparisons, best_baseline
 
 
-def _adjust(comparisons: list[Comparison], extra: list[float | None], alpha: float) -> list[float | None]:
+def adjust(comparisons: list[Comparison], extra: list[float | None], alpha: float) -> list[float | None]:
     """Holm over one family: the comparisons (each object once) and ``extra`` p-values; returns extra's adjusted."""
     unique = list({id(c): c for c in comparisons}.values())
     adjusted = holm([c.p_value for c in unique] + list(extra))
@@ -349,7 +349,7 @@ def _correlation(samples: RunSamples, settings: StatsSettings) -> dict[str, Any]
     """Per user: each model method's absolute gain over none on the primary metric, against profile size
     (absolute: relative gains explode where a user's none is near zero)."""
     metric = samples.family.metrics[0]
-    sign = -1.0 if metric in ("mae", "rmse") else 1.0
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     out: dict[str, Any] = {"metric": metric}
     if "none" not in samples.samples:
         return out
@@ -523,7 +523,7 @@ def build_report(store: Store, run_id: str, n_buckets: int = 4, stats: StatsSett
         bucket_notes = [why] if (why := enough_users(len(sub.users), settings)) else []
         buckets.append(BucketRow(i + 1, lo, hi, len(members), rows, bucket_comparisons, bucket_baseline, bucket_notes))
         bucket_family += bucket_comparisons
-    _adjust(bucket_family, [], settings.alpha)
+    adjust(bucket_family, [], settings.alpha)
     report = RunReport(
         run_id=run.id,
         task=run.task,
@@ -559,7 +559,7 @@ def build_report(store: Store, run_id: str, n_buckets: int = 4, stats: StatsSett
         },
     )
     peft_size = report.correlation.get("peft", {}).get("spearman_p") if results else None
-    (size_p_holm,) = _adjust(comparisons, [peft_size], settings.alpha)
+    (size_p_holm,) = adjust(comparisons, [peft_size], settings.alpha)
     report.claims = _claims(report, samples, settings, size_p_holm) if results else []
     return report
 
@@ -568,7 +568,7 @@ def per_user_scores(store: Store, run_id: str, metric: str) -> list[dict[str, An
     """Per user of a run: profile size, each method's value of ``metric`` on the user's queries, and each method's
     absolute gain over ``none`` (sign flipped for lower-is-better), as the correlation uses them."""
     samples = load_run_samples(store, run_id)
-    sign = -1.0 if metric in ("mae", "rmse") else 1.0
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
     values = {m: samples.per_user(m, metric) for m in samples.samples}
     out = []
     for i, user in enumerate(samples.users):

@@ -22,7 +22,7 @@ from personalize.errors import InvalidInputError
 from personalize.methods import MODEL_METHODS, by_cost, uses_adapter, without_adapter
 from personalize.schema import RouterCalibration
 from personalize.settings import RouterSettings, StatsSettings
-from personalize.significance import holm, smallest_pvalue
+from personalize.significance import smallest_pvalue
 from personalize.store import Store
 
 if TYPE_CHECKING:
@@ -173,16 +173,14 @@ def users_needed(alpha: float, stats: StatsSettings) -> int:
 def _choose(bucket: Bucket, metric: str, alpha: float, tolerance: float, stats: StatsSettings) -> Band:
     """Start at the cheapest method; move up only on a significant gain (over the cheapest, Holm-adjusted over the
     candidates, and over the current choice) that is also above ``tolerance``."""
-    from personalize.reports import compare
+    from personalize.reports import adjust, compare
 
     samples = bucket.samples
     present = [m for m in COST_ORDER if m in samples.samples]
     values = {m: samples.family.point(samples.samples[m])[metric] for m in present}
     cheapest = present[0]
     tests = {m: compare(samples, m, cheapest, stats)[metric] for m in present[1:]}
-    for test, p in zip(tests.values(), holm([t.p_value for t in tests.values()]), strict=True):
-        test.p_holm = p
-        test.significant = p is not None and p < alpha
+    adjust(list(tests.values()), [], alpha)  # Holm over the bucket's candidates
 
     def moves(test: Comparison) -> bool:
         gain = test.gain.value
@@ -192,9 +190,10 @@ def _choose(bucket: Bucket, metric: str, alpha: float, tolerance: float, stats: 
     for method in present[1:]:
         if not moves(tests[method]):
             continue
-        step = tests[method] if chosen == cheapest else compare(samples, method, chosen, stats)[metric]
-        if chosen != cheapest:
-            step.p_holm, step.significant = step.p_value, step.p_value is not None and step.p_value < alpha
+        step = tests[method]
+        if chosen != cheapest:  # one further test, against the current choice
+            step = compare(samples, method, chosen, stats)[metric]
+            adjust([step], [], alpha)
         if moves(step):
             chosen, evidence = method, step
     if evidence is None and tests:  # stayed cheapest: the candidate that came closest (largest gain) is the reason
