@@ -27,6 +27,7 @@ class Request:
     error: BaseException | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     done: bool = False
+    model: Any = None  # the LoadedModel it runs on (plain or task-adapted base): a batch shares one
 
 
 RunBatch = Callable[[list[Request]], None]  # fills result (or raises) for every request of the batch
@@ -77,7 +78,7 @@ class Coalescer:
             for r in self._pending:
                 if len(batch) == self.max_batch:
                     break
-                if r.max_new_tokens != first.max_new_tokens:
+                if r.max_new_tokens != first.max_new_tokens or r.model is not first.model:
                     continue
                 if r.adapter is not None and r.adapter not in adapters:
                     if len(adapters) == self.max_adapters:

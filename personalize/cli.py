@@ -28,11 +28,16 @@ users_app = typer.Typer(help="Users and their items.", no_args_is_help=True)
 eval_app = typer.Typer(help="The LaMP-style comparison: run, resume, report.", no_args_is_help=True)
 router_app = typer.Typer(help="The router that picks none / rag / peft / rag+peft per user.", no_args_is_help=True)
 data_app = typer.Typer(help="Build or import LaMP-format task files.", no_args_is_help=True)
+task_adapter_app = typer.Typer(
+    help="Task adapters: one LoRA per task and base model, trained on pooled users, merged into the base.",
+    no_args_is_help=True,
+)
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 app.add_typer(eval_app, name="eval")
 app.add_typer(router_app, name="router")
 app.add_typer(data_app, name="data")
+app.add_typer(task_adapter_app, name="task-adapter")
 
 SAMPLE_FILE = "sample_users.jsonl"
 SAMPLE_USER = "sci-fi fan"
@@ -413,19 +418,9 @@ def data_import_lamp(
 
 
 def _load_dataset(task: str, split: str, data: Path | None, synthetic_users: int | None):  # noqa: ANN202
-    from personalize.datasets import BUILDERS, read_lamp, synthetic_dataset
+    from personalize.datasets import load_dataset
 
-    if synthetic_users:
-        return synthetic_dataset(n_users=synthetic_users, split=split), "SYNTHETIC"
-    if data is None:
-        raise InvalidInputError("give --data: a MovieLens/Reuters folder, or a folder with LaMP json files")
-    questions = data / f"{split}_questions.json"
-    if questions.is_file():
-        outputs = data / f"{split}_outputs.json"
-        return read_lamp(questions, outputs if outputs.is_file() else None, task), str(data)
-    if task in BUILDERS:
-        return BUILDERS[task](data, split), str(data)
-    raise InvalidInputError(f"{data} holds no {split}_questions.json and {task!r} has no builder")
+    return load_dataset(task, split, data, synthetic_users)
 
 
 def _method_list(methods: str) -> list[str]:
@@ -458,6 +453,12 @@ def eval_run(
     workers: int = typer.Option(1, "--workers", help="Local workers to start for training (0: use running ones)"),
     synthetic_users: int | None = typer.Option(None, "--synthetic", help="Use N SYNTHETIC users instead of data"),
     resume: str | None = typer.Option(None, "--resume", help="Continue this interrupted run id"),
+    base: str = typer.Option(
+        "task",
+        "--base",
+        help="task: none/rag/peft/rag+peft run on the base with the task adapter merged in (where one exists; "
+        "zero-shot is then added as a method); zero-shot: on the plain base model",
+    ),
 ) -> None:
     """Ingest, train (workers), answer every query with every method, and store it all under a run id."""
     from personalize.evaluation import EvalConfig, EvaluationRunner, code_version, default_methods, resolve_methods
@@ -481,7 +482,10 @@ def eval_run(
         else:
             if not task:
                 raise InvalidInputError("give --task (or --resume RUN_ID)")
-            chosen = resolve_methods(task, _method_list(methods)) if methods else default_methods(task)
+            if base not in ("task", "zero-shot"):
+                raise InvalidInputError(f"--base must be task or zero-shot, got {base!r}")
+            adapted = base == "task" and p.current_task_adapter(task) is not None
+            chosen = resolve_methods(task, _method_list(methods)) if methods else default_methods(task, adapted)
             dataset, source = _load_dataset(task, split, data, synthetic_users)
             config = EvalConfig(
                 task=task,
@@ -499,6 +503,7 @@ def eval_run(
                 model=p.settings.model,
                 decoder=p.settings.decoder,
                 lora=p.settings.lora.model_dump(),
+                base=base,
                 code_version=code_version(),
             )
         run_id = runner.run(dataset, config, run_id=resume, start_workers=workers)
@@ -633,3 +638,103 @@ def main() -> None:  # pragma: no cover
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# -- task adapters -------------------------------------------------------------------------------------------------
+
+
+@task_adapter_app.command("train")
+@clear_errors
+def task_adapter_train(
+    task: str = typer.Option(..., "--task"),
+    data: str = typer.Option(
+        ..., "--data", help="A raw-data folder (builder), LaMP files, 'store' (the store's users) or SYNTHETIC"
+    ),
+    split: str = typer.Option("test", "--split", help="The evaluated split (time cut: before its first queries)"),
+    users: int | None = typer.Option(None, "--users", help="The first N users of the split (time cut)"),
+    cut: str = typer.Option("time", "--cut", help="time (default) or user"),
+    eval_users: int | None = typer.Option(None, "--eval-users", help="cut=user: hold out the first N users"),
+    retriever: str = typer.Option("bm25", "--retriever", help="Retriever for the context pairs (as rag's)"),
+    k: int = typer.Option(4, "--k"),
+    via: str = typer.Option("inline", "--via", help="inline (this process, a bar with an ETA) or workers (Celery)"),
+) -> None:
+    """Train a task adapter on pooled pairs of many users (about half with retrieved context)."""
+    from personalize.retrieval import check_retriever
+    from personalize.task_adapter_jobs import queue_train, train_now
+    from personalize.task_adapters import TaskAdapterSource
+
+    if cut not in ("time", "user"):
+        raise InvalidInputError(f"--cut must be time or user, got {cut!r}")
+    source = TaskAdapterSource(
+        task=task,
+        data=data if data in ("store", "SYNTHETIC") else str(Path(data).resolve()),
+        split=split,
+        users=users,
+        cut=cut,  # type: ignore[arg-type]
+        eval_users=eval_users,
+        retriever=check_retriever(retriever),
+        k=k,
+    )
+    with _client() as p:
+        if via == "workers":
+            typer.echo(f"queued task adapter job {queue_train(p, source)}; `personalize task-adapter jobs` shows it")
+            return
+        if via != "inline":
+            raise InvalidInputError(f"--via must be inline or workers, got {via!r}")
+        result = train_now(p, source, progress=True)
+    _print_json(result.info.summary())
+
+
+@task_adapter_app.command("list")
+@clear_errors
+def task_adapter_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Every stored task adapter; one trained on a forgotten user is marked until it is retrained."""
+    with _client() as p:
+        rows = [info.summary() for info in p.task_adapters.all()]
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        typer.echo("no task adapters; train one with `personalize task-adapter train --task T --data SRC`")
+    for r in rows:
+        mark = f"\tFORGOTTEN USERS: {r['forgotten_users']} (retrain pending)" if r["forgotten_users"] else ""
+        typer.echo(
+            f"{r['ref']}\t{r['base_model']}\t{r['users']} users\t{r['pairs']} pairs ({r['with_context']} with "
+            f"context)\t{r['tokens']} tokens\tloss {r['final_loss']:.3f}\t{r['seconds']:.0f} s{mark}"
+        )
+
+
+@task_adapter_app.command("show")
+@clear_errors
+def task_adapter_show(task: str, version: int | None = typer.Option(None, "--version")) -> None:
+    """One task adapter's metadata (the newest unless --version)."""
+    with _client() as p:
+        info = p.task_adapters.get(task, p.settings.model, version)
+    metadata = {k: v for k, v in info.metadata.items() if k != "user_keys"}
+    _print_json({**info.summary(), "metadata": metadata})
+
+
+@task_adapter_app.command("remove")
+@clear_errors
+def task_adapter_remove(task: str, version: int = typer.Option(..., "--version")) -> None:
+    """Delete one task adapter version (user adapters trained on it are then refused until retrained)."""
+    with _client() as p:
+        path = p.task_adapters.remove(task, p.settings.model, version)
+    typer.echo(f"removed {path}")
+
+
+@task_adapter_app.command("jobs")
+@clear_errors
+def task_adapter_jobs(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Task adapter training jobs: state, progress, ETA."""
+    with _client() as p:
+        rows = p.task_adapters.jobs()
+    if as_json:
+        _print_json(rows)
+        return
+    for r in rows:
+        eta = f"\tETA {r['eta_s']:.0f} s" if r.get("eta_s") else ""
+        typer.echo(
+            f"{r['id']}\t{r['state']}\t{100 * r.get('progress', 0):.0f}%{eta}\t{r['source']['task']}\t"
+            f"{r.get('adapter') or r.get('error') or r.get('reason', '')}"
+        )

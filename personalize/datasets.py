@@ -556,3 +556,22 @@ BUILDERS: dict[str, Callable[..., Dataset]] = {
     "reuters-lead": build_reuters_lead,
     "reuters-authorship": build_reuters_authorship,
 }
+
+
+def load_dataset(
+    task: str, split: str, data: str | Path | None, synthetic_users: int | None = None
+) -> tuple[Dataset, str]:
+    """A task's split from LaMP files in ``data``, or built from raw data by the task's builder, or SYNTHETIC;
+    returns it with the source to record."""
+    if synthetic_users:
+        return synthetic_dataset(n_users=synthetic_users, split=split), "SYNTHETIC"
+    if data is None:
+        raise InvalidInputError("give --data: a MovieLens/Reuters folder, or a folder with LaMP json files")
+    data = Path(data)
+    questions = data / f"{split}_questions.json"
+    if questions.is_file():
+        outputs = data / f"{split}_outputs.json"
+        return read_lamp(questions, outputs if outputs.is_file() else None, task), str(data)
+    if task in BUILDERS:
+        return BUILDERS[task](data, split), str(data)
+    raise InvalidInputError(f"{data} holds no {split}_questions.json and {task!r} has no builder")

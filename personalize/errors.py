@@ -62,3 +62,8 @@ class TrainingFailedError(PersonalizeError):
 
 class AdapterOwnershipError(PersonalizeError):
     """An adapter registered for one user carries another user's stamp: it is never served."""
+
+
+class AdapterBaseMismatchError(PersonalizeError):
+    """A user adapter was trained on another base (another task adapter, or none): serving it on this base would
+    answer with weights it was never trained with."""

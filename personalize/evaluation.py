@@ -9,6 +9,7 @@ result as an uninterrupted run. Reports are computed from the stored rows (``per
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import time
@@ -25,7 +26,7 @@ from personalize.baselines import BaselineInput, baselines_for, check_baseline, 
 from personalize.datasets import Dataset, Query
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.ingest import lamp_item
-from personalize.methods import MODEL_METHODS, uses_adapter
+from personalize.methods import SERVED_METHODS, ZERO_SHOT, uses_adapter
 from personalize.metrics import parse_prediction
 from personalize.naming import eval_user_id
 from personalize.personalizer import Personalizer
@@ -34,12 +35,14 @@ from personalize.settings import LoraSettings
 from personalize.tasks import Task, choice_candidates, get_task
 from personalize.worker_process import start_worker, stop_worker
 
-EVAL_METHODS = MODEL_METHODS  # the model methods; baselines come from personalize.baselines
+EVAL_METHODS = SERVED_METHODS  # the model methods and zero-shot; baselines come from personalize.baselines
 
 
-def default_methods(task: str) -> list[str]:
-    """Every model method, then every baseline that applies to the task (they cost milliseconds)."""
-    return [*EVAL_METHODS, *baselines_for(get_task(task))]
+def default_methods(task: str, task_adapted: bool = False) -> list[str]:
+    """Every model method (and ``zero-shot`` when the run is on a task-adapted base: without one it is ``none``),
+    then every baseline that applies to the task (they cost milliseconds)."""
+    models = [m for m in EVAL_METHODS if m != ZERO_SHOT or task_adapted]
+    return [*models, *baselines_for(get_task(task))]
 
 
 def resolve_methods(task: str, methods: list[str]) -> list[str]:
@@ -91,6 +94,12 @@ class EvalConfig(BaseModel):
     model: str = ""
     decoder: str = Field("", description="Settings.decoder of the run (fast, fast-fp32, plain); '' before it existed.")
     lora: dict = Field(default_factory=dict)
+    base: Literal["task", "zero-shot"] = Field(
+        "task",
+        description="What none/rag/peft/rag+peft run on: the task-adapted base where a task adapter exists (task), "
+        "or the plain base model (zero-shot).",
+    )
+    task_adapter: str | None = Field(None, description="The task adapter the run used (its ref), None: none.")
     seed: int = 0
     code_version: str = ""
 
@@ -204,6 +213,7 @@ class EvaluationRunner:
         config.methods = resolve_methods(config.task, config.methods)
         if config.lora:  # a resumed run trains exactly as it started, whatever this process's settings say
             self.p.settings = self.p.settings.model_copy(update={"lora": LoraSettings(**config.lora)})
+        self._fix_base(config, resumed=run_id is not None)
         if run_id is None:
             run_id = self.start(config)
         else:
@@ -220,6 +230,19 @@ class EvaluationRunner:
         self._set_state(run_id, "done", 1.0)
         return run_id
 
+    def _fix_base(self, config: EvalConfig, resumed: bool) -> None:
+        """Pin the base of the run: the task adapter current now is recorded, and a resumed run refuses to go on
+        on another one (its answers would mix two models)."""
+        self.p.settings = self.p.settings.model_copy(update={"base": config.base})
+        info = self.p.current_task_adapter(config.task) if config.base == "task" else None
+        ref = info.ref if info is not None else None
+        if resumed and ref != config.task_adapter:
+            raise InvalidInputError(
+                f"the run was made on task adapter {config.task_adapter!r}, the current one is {ref!r}: resume it "
+                "where that adapter is current, or start a new run"
+            )
+        config.task_adapter = ref
+
     def ingest(self, dataset: Dataset, queries: list[Query], config: EvalConfig) -> list[str]:
         profiles: dict[str, dict[str, dict]] = {}
         for q in queries:
@@ -234,8 +257,7 @@ class EvaluationRunner:
         return users
 
     def _needs_adapter(self, uid: str) -> bool:
-        adapter = self.p.current_adapter(uid)
-        return adapter is None or adapter.data_version != self.p.user(uid).data_version
+        return not self.p.adapter_is_current(uid, self.p.current_adapter(uid))
 
     def train(self, users: list[str], config: EvalConfig, start_workers: int) -> None:
         todo = [u for u in users if self._needs_adapter(u)]
@@ -256,16 +278,19 @@ class EvaluationRunner:
     def _start_worker(self, index: int) -> subprocess.Popen:
         """A local `celery -A workers worker` with this run's settings (same home, database, broker, model)."""
         s = self.p.settings
-        env = {
-            **os.environ,
-            "PERSONALIZE_HOME": str(s.resolved_home),
-            "PERSONALIZE_MODEL": s.model,
-            "PERSONALIZE_DATABASE_URL": s.resolved_database_url,
-            "PERSONALIZE_BROKER_URL": s.resolved_broker_url,
-        }
-        for key, value in s.lora.model_dump().items():
-            if value is not None:
-                env[f"PERSONALIZE_LORA__{key.upper()}"] = str(value).replace("'", '"')
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONALIZE_LORA__")}
+        env.update(
+            {
+                "PERSONALIZE_HOME": str(s.resolved_home),
+                "PERSONALIZE_MODEL": s.model,
+                "PERSONALIZE_DATABASE_URL": s.resolved_database_url,
+                "PERSONALIZE_BROKER_URL": s.resolved_broker_url,
+                "PERSONALIZE_ADAPTERS_DIR": str(s.resolved_adapters_dir),
+                "PERSONALIZE_BASE": s.base,
+                # the whole LoRA config as JSON, so a None (no token cap) reaches the worker as None
+                "PERSONALIZE_LORA": json.dumps(s.lora.model_dump()),
+            }
+        )
         log = s.resolved_home / f"eval-worker-{index}.log"
         return start_worker(env, log, name=f"eval{index}@%h", pool="solo", loglevel="WARNING")
 

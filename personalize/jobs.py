@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from typing import Any
 
 from sqlalchemy import func, select, update
 
@@ -60,6 +61,7 @@ class AdapterInfo:
     final_loss: float | None
     size_bytes: int
     created_at: datetime
+    config: dict[str, Any] | None = None  # how it was trained (steps, tokens, the base it was trained on)
 
 
 def worker_identity() -> str:
@@ -113,6 +115,7 @@ def _adapter_info(row: Adapter, user_id: str) -> AdapterInfo:
         row.final_loss,
         row.size_bytes,
         row.created_at,
+        row.config,
     )
 
 

@@ -53,7 +53,17 @@ register(
     )
 )
 
-MODEL_METHODS: tuple[str, ...] = tuple(METHODS)  # the four methods a Personalizer serves, cheapest first
+MODEL_METHODS: tuple[str, ...] = tuple(METHODS)  # the four methods the router picks from, cheapest first
+ZERO_SHOT = "zero-shot"
+register(
+    Method(
+        ZERO_SHOT,
+        "the base model without the task adapter (what none was before task adaptation)",
+        cost_rank=-1,
+        colour="#bcbd22",
+    )
+)
+SERVED_METHODS: tuple[str, ...] = (*MODEL_METHODS, ZERO_SHOT)  # what generate() and an eval run accept
 AUTO = "auto"  # not a method: the router picks one of MODEL_METHODS
 
 
@@ -78,7 +88,7 @@ def without_adapter(name: str) -> str:
 
 
 def by_cost(names: Iterable[str]) -> list[str]:
-    """The model methods among ``names``, cheapest first."""
+    """The router's methods among ``names``, cheapest first (zero-shot is a reference, never routed to)."""
     present = set(names)
     return sorted((n for n in MODEL_METHODS if n in present), key=lambda n: METHODS[n].cost_rank)
 

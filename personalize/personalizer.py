@@ -20,6 +20,7 @@ from personalize.checks import check_int, check_unicode, short
 from personalize.crashpoints import crash_point
 from personalize.embedding import get_embedder
 from personalize.errors import (
+    AdapterBaseMismatchError,
     AdapterOwnershipError,
     BrokerUnavailableError,
     DatabaseUnavailableError,
@@ -33,7 +34,7 @@ from personalize.errors import (
 from personalize.fastpath import FastDecoder, WeightFormat, fast_weights, get_fast_decoder, unsupported_reason
 from personalize.items import ProfileItem, UserInfo, item_chars, make_item
 from personalize.jobs import AdapterInfo, Claim, JobInfo, Jobs
-from personalize.methods import AUTO, MODEL_METHODS, uses_adapter, uses_retrieval, without_adapter
+from personalize.methods import AUTO, SERVED_METHODS, ZERO_SHOT, uses_adapter, uses_retrieval, without_adapter
 from personalize.modeling import LoadedModel, get_model
 from personalize.naming import user_dir, user_key, validate_user_id
 from personalize.prompting import BuiltPrompt, build_prompt, encode
@@ -51,6 +52,7 @@ from personalize.router import Router
 from personalize.scoring import candidate_log_likelihoods
 from personalize.settings import Settings
 from personalize.store import Store, UpsertReport
+from personalize.task_adapters import TASKS_FOLDER, TaskAdapterInfo, TaskAdapterStore, task_model
 from personalize.tasks import Task, get_task
 from personalize.training import TrainingCancelled, read_metadata, train_adapter, training_pairs
 from personalize.vectorstore import VectorStore
@@ -58,8 +60,8 @@ from personalize.vectorstore import VectorStore
 if TYPE_CHECKING:
     from personalize.consistency import ConsistencyReport
 
-Method = Literal["auto", "none", "rag", "peft", "rag+peft"]
-METHODS = (AUTO, *MODEL_METHODS)
+Method = Literal["auto", "none", "rag", "peft", "rag+peft", "zero-shot"]
+METHODS = (AUTO, *SERVED_METHODS)
 ItemLike = ProfileItem | dict[str, Any]
 
 
@@ -121,7 +123,8 @@ class Personalizer:
         self.router = Router(self.store, self.settings.router)
         self.jobs = Jobs(self.store, self.settings.job_stale_after_s, self.settings.job_max_attempts)
         self.adapter_store = LocalAdapterStore(self.settings.resolved_adapters_dir)
-        self._adapter_cache: AdapterCache | None = None
+        self.task_adapters = TaskAdapterStore(self.settings.resolved_adapters_dir / TASKS_FOLDER)
+        self._adapter_caches: dict[str, AdapterCache] = {}
         self._coalescer: Coalescer | None = None
         self._coalescer_lock = threading.Lock()
         self._celery = None
@@ -142,7 +145,21 @@ class Personalizer:
 
     @property
     def model(self) -> LoadedModel:
+        """The base model as loaded (zero-shot): no task adapter."""
         return get_model(self.settings.model, self.settings.models_dir)
+
+    def current_task_adapter(self, task: Task | str) -> TaskAdapterInfo | None:
+        """The newest task adapter of ``task`` for the configured model, or None."""
+        name = task.name if isinstance(task, Task) else task
+        return self.task_adapters.current(name, self.settings.model)
+
+    def base_for(self, task: Task | str, method: str = "none") -> tuple[LoadedModel, TaskAdapterInfo | None]:
+        """The model a method runs on for ``task``: the base with the task's adapter merged in (``Settings.base``
+        'task', where one exists), else the plain base; ``zero-shot`` is always the plain base."""
+        if method == ZERO_SHOT or self.settings.base == "zero-shot":
+            return self.model, None
+        info = self.current_task_adapter(task)
+        return (task_model(self.model, info), info) if info is not None else (self.model, None)
 
     # -- users and items ---------------------------------------------------------------------------------------
 
@@ -278,8 +295,9 @@ class Personalizer:
         bm25 = self._retrievers.get("bm25")
         if isinstance(bm25, BM25Retriever):
             bm25.forget(user_id)
-        if self._adapter_cache is not None:
-            self._adapter_cache.evict(adapter_name(user_id))
+        for cache in self._adapter_caches.values():
+            cache.evict(adapter_name(user_id))
+        self._forget_in_task_adapters(user_id, report)
         folders = [user_dir(self.settings.users_dir, user_id), self.adapter_store.user_root(user_id)]
         folders += [Path(p) for p in adapter_paths if Path(p).exists()]
         for folder in folders:
@@ -291,6 +309,16 @@ class Personalizer:
         if not known and not report.collection and not report.files:
             raise UnknownUserError(user_id)
         return report
+
+    def _forget_in_task_adapters(self, user_id: str, report: ForgetReport) -> None:
+        """Mark every task adapter trained on the user's items and (``task_adapter.retrain_on_forget``) queue a
+        retrain without them; a broker that cannot be reached is said in the report, never a failed forget."""
+        from personalize.task_adapter_jobs import queue_task_adapter_retrain
+
+        for info in self.task_adapters.mark_forgotten(user_key(user_id)):
+            report.task_adapters.append(info.ref)
+            if self.settings.task_adapter.retrain_on_forget:
+                report.task_adapter_retrain.append(queue_task_adapter_retrain(self, info))
 
     def check(self, repair: bool = False) -> ConsistencyReport:
         """Compare SQL, Chroma and the adapter folders (and fix them with ``repair``); see ``consistency``."""
@@ -393,14 +421,28 @@ class Personalizer:
         if retriever is not None:
             check_retriever(retriever)
         info = self.store.get_user(user_id)
+        the_task = self._task_for(info, task)
         wants_adapter = uses_adapter(method) or method == AUTO
         adapter = self.current_adapter(user_id) if wants_adapter else None
+        loaded, task_adapter = self.base_for(the_task, method)
+        mismatch_note = None
+        if adapter is not None and (trained_on := adapter_base(adapter)) != loaded.name:
+            if method != AUTO:
+                raise AdapterBaseMismatchError(
+                    f"adapter v{adapter.version} of user {user_id!r} was trained on {trained_on!r}, but {method} for "
+                    f"task {the_task.name!r} runs on {loaded.name!r}: retrain it (`personalize train {user_id}`)"
+                )
+            mismatch_note = f"adapter v{adapter.version} was trained on another base ({trained_on}); not used"
+            adapter = None
         chosen, notes = self.choose_method(info, method, adapter)
+        if mismatch_note:
+            notes.insert(0, mismatch_note)
         if uses_adapter(method) and adapter is None and self.settings.auto_train and info.n_items:
             notes.append(self._queue_quietly(user_id))
         if not uses_adapter(chosen):
             adapter = None
-        the_task = self._task_for(info, task)
+        if chosen == ZERO_SHOT:
+            loaded, task_adapter = self.model, None
         timings = Timings()
         retrieved: list[RetrievedItem] = []
         retriever_name = None
@@ -409,18 +451,31 @@ class Personalizer:
             t0 = time.perf_counter()
             retrieved = self.retrieve(user_id, the_task.query_text(prompt), k, retriever_name)
             timings.retrieval_s = time.perf_counter() - t0
-        loaded = self.model
         t0 = time.perf_counter()
         built = build_prompt(
             loaded, the_task, prompt, retrieved, self.settings.token_budget, self.settings.input_share, max_new_tokens
         )
         timings.prompt_s = time.perf_counter() - t0
-        return _Prepared(user_id, method, chosen, notes, the_task, retriever_name, built, adapter, timings, start)
+        return _Prepared(
+            user_id,
+            method,
+            chosen,
+            notes,
+            the_task,
+            retriever_name,
+            built,
+            adapter,
+            timings,
+            start,
+            loaded,
+            task_adapter,
+        )
 
     def _result(self, prep: _Prepared, text: str, n_new: int) -> GenerationResult:
         prep.timings.total_s = time.perf_counter() - prep.start
         if prep.adapter is not None:
             prep.timings.extra["adapter_version"] = prep.adapter.version
+        prep.timings.extra["task_adapter"] = prep.task_adapter.ref if prep.task_adapter is not None else None
         return GenerationResult(
             user_id=prep.user_id,
             text=text,
@@ -454,11 +509,13 @@ class Personalizer:
         t0 = time.perf_counter()
         adapter = (adapter_name(prep.user_id), Path(prep.adapter.path)) if prep.adapter is not None else None
         if self.settings.batch_window_ms > 0:
-            request = Request(prep.built.input_ids, adapter, max_new_tokens)
+            request = Request(prep.built.input_ids, adapter, max_new_tokens, model=prep.loaded)
             text, n_new = self.coalescer.submit(request)
             prep.timings.extra.update(request.extra)
         else:
-            [(text, n_new)] = self._decode([prep.built.input_ids], [adapter], max_new_tokens, prep.timings.extra)
+            [(text, n_new)] = self._decode(
+                prep.loaded, [prep.built.input_ids], [adapter], max_new_tokens, prep.timings.extra
+            )
         prep.timings.generation_s = time.perf_counter() - t0
         return self._result(prep, text, n_new)
 
@@ -477,17 +534,19 @@ class Personalizer:
 
     def _run_batch(self, batch: list[Request]) -> None:
         extra: dict[str, Any] = {}
-        outputs = self._decode([r.input_ids for r in batch], [r.adapter for r in batch], batch[0].max_new_tokens, extra)
+        loaded = batch[0].model or self.model
+        outputs = self._decode(
+            loaded, [r.input_ids for r in batch], [r.adapter for r in batch], batch[0].max_new_tokens, extra
+        )
         for request, output in zip(batch, outputs, strict=True):
             request.result = output
             request.extra = {**extra, "batch_size": len(batch)}
 
-    def _fast_decoder(self) -> tuple[FastDecoder | None, str | None]:
-        """The fast decoder for the loaded model and a note on why it is not the best one, or None and why not
+    def _fast_decoder(self, loaded: LoadedModel) -> tuple[FastDecoder | None, str | None]:
+        """The fast decoder for ``loaded`` and a note on why it is not the best one, or None and why not
         (``Settings.decoder``)."""
         if self.settings.decoder == "plain":
             return None, None
-        loaded = self.model
         if loaded.is_encoder_decoder:
             return None, "encoder-decoder model"
         reason = unsupported_reason(loaded.model)
@@ -501,6 +560,7 @@ class Personalizer:
 
     def _decode(
         self,
+        loaded: LoadedModel,
         encoded: Sequence[Sequence[int]],
         adapters: Sequence[tuple[str, Path] | None],
         max_new_tokens: int,
@@ -508,12 +568,11 @@ class Personalizer:
     ) -> list[tuple[str, int]]:
         """Greedy generation for prompts with their adapters (None: the base model) on the fast path when it
         applies, else the plain one; ``extra`` (the timings' extra dict) records which ran, why, and adapter loads."""
-        loaded = self.model
-        decoder, why = self._fast_decoder()
+        decoder, why = self._fast_decoder(loaded)
         loras: list[Any] = [None] * len(encoded)
         t0 = time.perf_counter()
         if any(adapters):
-            cache = self.adapter_cache
+            cache = self.adapter_cache_for(loaded)
             hits = []
             with cache.lock:  # load (LRU) and copy each adapter's LoRA matrices out: decoding needs no lock after
                 for row, adapter in enumerate(adapters):
@@ -542,7 +601,7 @@ class Personalizer:
             extra["decoder_note"] = f"fast path not used: {why}"
         if not any(adapters) and len(encoded) == 1:
             return [generate_text(loaded, encoded[0], max_new_tokens)]
-        cache = self.adapter_cache
+        cache = self.adapter_cache_for(loaded)
         with cache.lock:
             if len(encoded) == 1:
                 assert adapters[0] is not None
@@ -567,11 +626,14 @@ class Personalizer:
         max_new_tokens = check_max_new_tokens(max_new_tokens, self.settings.max_new_tokens)
         preps = [self._prepare(u, p, method, k, max_new_tokens, retriever, task) for u, p in requests]
         results: list[GenerationResult | None] = [None] * len(preps)
-        cache = self.adapter_cache
         order = list(range(len(preps)))
-        while order:  # one batch holds at most as many distinct adapters as the cache can keep loaded
+        while order:  # one batch: one base (task adapter), at most as many distinct adapters as the cache holds
             chunk, names = [], set()
+            loaded = preps[order[0]].loaded
+            cache = self.adapter_cache_for(loaded)
             for i in list(order):
+                if preps[i].loaded is not loaded:
+                    continue
                 name = adapter_name(preps[i].user_id) if preps[i].adapter else None
                 if name is not None and name not in names and len(names) >= cache.capacity:
                     continue
@@ -585,7 +647,7 @@ class Personalizer:
                 (adapter_name(preps[i].user_id), Path(preps[i].adapter.path)) if preps[i].adapter else None
                 for i in chunk
             ]
-            outputs = self._decode([preps[i].built.input_ids for i in chunk], adapters, max_new_tokens, extra)
+            outputs = self._decode(loaded, [preps[i].built.input_ids for i in chunk], adapters, max_new_tokens, extra)
             elapsed = time.perf_counter() - t0
             for i, (text, n_new) in zip(chunk, outputs, strict=True):
                 preps[i].timings.generation_s = elapsed
@@ -613,7 +675,7 @@ class Personalizer:
         if not labels:
             raise InvalidInputError("score_labels needs at least one label")
         prep = self._prepare(user_id, prompt, method, k, 1, retriever, task)
-        loaded = self.model
+        loaded = prep.loaded
         t0 = time.perf_counter()
         prompts = [prep.built.input_ids]
         if calibrate:
@@ -623,7 +685,7 @@ class Personalizer:
         if prep.adapter is None:
             rows = [candidate_log_likelihoods(loaded, ids, labels) for ids in prompts]
         else:
-            cache = self.adapter_cache
+            cache = self.adapter_cache_for(loaded)
             with cache.lock:
                 cache.activate(adapter_name(prep.user_id), Path(prep.adapter.path))
                 rows = [candidate_log_likelihoods(loaded, ids, labels, model=cache.model) for ids in prompts]
@@ -637,9 +699,14 @@ class Personalizer:
 
     @property
     def adapter_cache(self) -> AdapterCache:
-        if self._adapter_cache is None:
-            self._adapter_cache = AdapterCache(self.model, capacity=self.settings.adapter_cache_size)
-        return self._adapter_cache
+        """The user adapters loaded on the plain base model."""
+        return self.adapter_cache_for(self.model)
+
+    def adapter_cache_for(self, loaded: LoadedModel) -> AdapterCache:
+        """The user adapters loaded on ``loaded`` (the plain base, or a task-adapted one)."""
+        if loaded.name not in self._adapter_caches:
+            self._adapter_caches[loaded.name] = AdapterCache(loaded, capacity=self.settings.adapter_cache_size)
+        return self._adapter_caches[loaded.name]
 
     def current_adapter(self, user_id: str) -> AdapterInfo | None:
         """The user's newest complete adapter for the configured model, or None; never one stamped for another
@@ -658,6 +725,18 @@ class Personalizer:
             )
         return adapter
 
+    def training_base(self, user_id: str, info: UserInfo | None = None) -> tuple[LoadedModel, TaskAdapterInfo | None]:
+        """What the user's adapter trains on: the base for the user's task (``base_for``)."""
+        info = info or self.store.get_user(user_id)
+        return self.base_for(self._task_for(info, None), "peft")
+
+    def adapter_is_current(self, user_id: str, adapter: AdapterInfo | None, info: UserInfo | None = None) -> bool:
+        """The adapter was trained on the user's current data and on the base their task now runs on."""
+        info = info or self.store.get_user(user_id)
+        if adapter is None or adapter.data_version != info.data_version:
+            return False
+        return adapter_base(adapter) == self.training_base(user_id, info)[0].name
+
     def adapters(self, user_id: str) -> list[AdapterInfo]:
         return self.jobs.adapters(user_id)
 
@@ -674,7 +753,7 @@ class Personalizer:
         """Queue training of the user's adapter for the workers; a no-op (that says so) when nothing changed."""
         info = self.store.get_user(user_id)
         current = self.current_adapter(user_id)
-        if not force and current is not None and current.data_version == info.data_version:
+        if not force and current is not None and self.adapter_is_current(user_id, current, info):
             return EnqueueResult(
                 user_id,
                 None,
@@ -782,19 +861,21 @@ class Personalizer:
         beat = _Heartbeat(self.jobs, job_id, progress)
         try:
             items = self.store.items(user_id)
+            loaded, task_adapter = self.training_base(user_id)
             pairs = training_pairs(items, None, max_items=self.settings.lora.max_items)
             version = self.jobs.next_version(user_id)
             out = self.adapter_store.path_for(user_id, version)
             self.adapter_store.discard_incomplete(out)  # left by a crash between the rename and the SQL insert
             self.adapter_store.remove_stale_temp(self.settings.job_stale_after_s, user_id)  # killed mid-save
             result = train_adapter(
-                self.model,
+                loaded,
                 pairs,
                 self.settings.lora,
                 out,
                 progress=beat.progress,
                 should_stop=beat.should_stop,
                 owner=user_key(user_id),
+                extra={"task_adapter": task_adapter.ref if task_adapter else None},
             )
         except TrainingCancelled as exc:
             self.jobs.fail(job_id, str(exc), state="cancelled")
@@ -819,7 +900,14 @@ class Personalizer:
                 "train_seconds": result.train_seconds,
                 "final_loss": result.final_loss,
                 "size_bytes": result.size_bytes,
-                "config": {**result.config, "n_pairs": result.n_pairs},
+                "config": {
+                    **result.config,
+                    "n_pairs": result.n_pairs,
+                    "n_tokens": result.n_tokens,
+                    "steps": result.steps,
+                    "trained_on": loaded.name,
+                    "task_adapter": task_adapter.ref if task_adapter else None,
+                },
             },
         )
         if adapter_id is None:  # the user was forgotten, or the job reclaimed: never write an adapter back
@@ -872,6 +960,8 @@ class _Prepared:
     adapter: AdapterInfo | None
     timings: Timings
     start: float
+    loaded: LoadedModel
+    task_adapter: TaskAdapterInfo | None
 
 
 @dataclass(frozen=True)
@@ -887,6 +977,13 @@ def vector_metadata(item: ProfileItem) -> dict[str, str]:
     repair find vectors of an older version of the item."""
     ts = item.timestamp.isoformat() if item.timestamp else ""
     return {"ts": ts, "task": item.task or "", "h": item.content_hash()}
+
+
+def adapter_base(adapter: AdapterInfo) -> str:
+    """The model a user adapter was trained on: ``{base}+{task adapter}`` on a task-adapted base, else the base
+    model (adapters from before task adapters were all trained on the plain base)."""
+    trained_on = (adapter.config or {}).get("trained_on")
+    return trained_on if isinstance(trained_on, str) else adapter.base_model
 
 
 def adapter_name(user_id: str) -> str:

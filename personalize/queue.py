@@ -13,6 +13,7 @@ from personalize.store import redact_url
 
 TRAIN_USER = "personalize.train_user"
 TRAIN_ALL = "personalize.train_all"
+TRAIN_TASK_ADAPTER = "personalize.train_task_adapter"
 QUEUE = "personalize-training"
 
 

@@ -58,6 +58,8 @@ class ForgetReport:
     eval_answers: int = 0  # an evaluation user's stored answers in evaluation runs
     collection: bool = False
     files: list[str] = field(default_factory=list)
+    task_adapters: list[str] = field(default_factory=list)  # task adapters trained on the user's items (now marked)
+    task_adapter_retrain: list[str] = field(default_factory=list)  # what happened to their retrain, one line each
     wal_truncated: bool = True  # SQLite: no copy of the deleted rows is left in the WAL (False: a reader held it)
 
     def to_dict(self) -> dict[str, Any]:

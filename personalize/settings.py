@@ -47,7 +47,16 @@ class LoraSettings(BaseModel):
     max_length: int = Field(256, ge=16, description="Tokens per pair (prompt and output); longer prompts are cut.")
     seed: int = Field(0, description="Seeds the LoRA initialisation, dropout and shuffling: same seed, same adapter.")
     max_items: int | None = Field(
-        None, ge=1, description="Train on the most recent N items only (None: all); pass it to training_pairs."
+        None, ge=1, description="Train on the most recent N items only (None: all, the default); see max_tokens."
+    )
+    max_tokens: int | None = Field(
+        12_000,
+        ge=100,
+        description=(
+            "Per-user budget: training runs `epochs` passes over all of the user's items, cut to this many tokens "
+            "over all steps (None: no cap). So the budget grows with the user's data up to the cap (12,000 tokens "
+            "is ~100 movielens pairs twice, ~65 s on 2 cores) and the by-data-volume analysis means something."
+        ),
     )
     trainer: Literal["fast", "plain"] = Field(
         "fast",
@@ -57,6 +66,29 @@ class LoraSettings(BaseModel):
             "plain: peft's own forward on a private copy of the model. fast falls back to plain, and says why in "
             "the result, where it does not apply."
         ),
+    )
+
+
+def _task_lora() -> LoraSettings:
+    return LoraSettings(
+        rank=16, alpha=32, dropout=0.05, epochs=1, learning_rate=5e-4, batch_size=8, max_length=384, max_tokens=None
+    )
+
+
+class TaskAdapterSettings(BaseModel):
+    """How a task adapter is trained (PERSONALIZE_TASK_ADAPTER__*); the default fits ~20 minutes on 2 cores."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora: LoraSettings = Field(default_factory=_task_lora, description="The shared LoRA (rank 16, one epoch).")
+    max_pairs: int = Field(2000, ge=1, description="Pairs over all users, at most.")
+    max_pairs_per_user: int = Field(40, ge=1, description="Pairs per user, at most (the most recent items).")
+    max_tokens: int = Field(
+        150_000, ge=1000, description="Tokens of all pairs together, per epoch (the budget that sets the time)."
+    )
+    context_share: float = Field(0.5, ge=0, le=1, description="Share of pairs that carry retrieved context.")
+    retrain_on_forget: bool = Field(
+        True, description="forget(user) queues a retrain of every task adapter the user's items trained."
     )
 
 
@@ -163,6 +195,18 @@ class Settings(BaseSettings):
     )
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA training settings (PERSONALIZE_LORA__RANK=16)."
+    )
+    task_adapter: TaskAdapterSettings = Field(
+        default_factory=TaskAdapterSettings,
+        description="How task adapters are trained (PERSONALIZE_TASK_ADAPTER__MAX_PAIRS=...).",
+    )
+    base: Literal["task", "zero-shot"] = Field(
+        "task",
+        description=(
+            "What none/rag/peft/rag+peft run on: 'task' is the base model with the task's adapter merged in, where "
+            "one exists for the task and model (else the base model); 'zero-shot' is always the base model. The "
+            "method 'zero-shot' is the base model whatever this says."
+        ),
     )
     max_item_chars: int = Field(
         200_000,

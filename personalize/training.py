@@ -280,13 +280,15 @@ def train_adapter(
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     owner: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``pairs`` and write it to ``out_dir`` (peft format plus ``personalize.json``).
 
     ``progress(fraction_done, loss)`` is called after each step; ``should_stop()`` is asked before each step and,
     when true, ends training with ``TrainingCancelled``. ``out_dir`` must not exist; it appears only complete.
     ``owner`` (the user's hash-derived key, never the raw id) is stamped into the metadata so serving can check
-    that an adapter answers only for the user it was trained for.
+    that an adapter answers only for the user it was trained for. ``extra`` is merged into the metadata (a task
+    adapter's provenance, the task adapter a user adapter was trained on).
     """
     import torch
     from peft import get_peft_model
@@ -305,6 +307,7 @@ def train_adapter(
     total = settings.epochs * per_epoch
     if settings.max_steps is not None:
         total = min(total, settings.max_steps)
+    total = min(total, token_capped_steps(examples, settings))
     losses: list[float] = []
     step_tokens: list[int] = []
     trainer, note = _trainer(loaded, settings)
@@ -367,6 +370,7 @@ def train_adapter(
         "owner": owner,
         "config": config,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **(extra or {}),
     }
     _write_atomically(model, out_dir, metadata)
     size = sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
@@ -384,6 +388,15 @@ def train_adapter(
         trainer,
         note,
     )
+
+
+def token_capped_steps(examples: Sequence[_Example], settings: LoraSettings) -> int:
+    """Steps that keep the tokens seen (all epochs together) within ``settings.max_tokens``, at least one: the
+    per-user budget grows with the user's data (epochs over every item) up to this cap."""
+    if settings.max_tokens is None or not examples:
+        return 2**31
+    mean = sum(len(e.input_ids) for e in examples) / len(examples)
+    return max(1, int(settings.max_tokens // (mean * settings.batch_size)))
 
 
 def _trainer(loaded: LoadedModel, settings: LoraSettings) -> tuple[str, str | None]:

@@ -15,7 +15,7 @@ from celery.signals import worker_ready
 
 from personalize.errors import BrokerUnavailableError, DatabaseUnavailableError
 from personalize.personalizer import Personalizer
-from personalize.queue import TRAIN_ALL, TRAIN_USER, make_celery
+from personalize.queue import TRAIN_ALL, TRAIN_TASK_ADAPTER, TRAIN_USER, make_celery
 from personalize.settings import Settings
 
 log = logging.getLogger("personalize.workers")
@@ -58,6 +58,16 @@ def train_user(self, job_id: int) -> str:  # noqa: ANN001
 def train_all() -> list[int]:
     """Queue every user whose data changed since their adapter."""
     return [r.job_id for r in personalizer().enqueue_all() if r.job_id is not None]
+
+
+@app.task(name=TRAIN_TASK_ADAPTER, acks_late=True)
+def train_task_adapter(job_id: str) -> str:
+    """Train a task adapter for the job record ``job_id`` (its progress is written to the record)."""
+    from personalize.task_adapter_jobs import run_job
+
+    outcome = run_job(personalizer(), job_id)
+    log.info("task adapter job %s: %s", job_id, outcome)
+    return outcome
 
 
 @worker_ready.connect
