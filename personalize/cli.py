@@ -636,10 +636,6 @@ def main() -> None:  # pragma: no cover
     app()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 # -- task adapters -------------------------------------------------------------------------------------------------
 
 
@@ -738,3 +734,7 @@ def task_adapter_jobs(as_json: bool = typer.Option(False, "--json")) -> None:
             f"{r['id']}\t{r['state']}\t{100 * r.get('progress', 0):.0f}%{eta}\t{r['source']['task']}\t"
             f"{r.get('adapter') or r.get('error') or r.get('reason', '')}"
         )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
