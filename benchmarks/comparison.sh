@@ -1,34 +1,46 @@
 #!/usr/bin/env bash
-# The LaMP-style comparison on our three real-data tasks, one command per task (figures in the closing note and in
-# benchmarks/results/). Usage: benchmarks/comparison.sh [movielens|reuters-lead|reuters-authorship|all]
-# Data from ../shared/data (DATA=...). Settings of the recorded runs: BM25, k=4; the four model methods and every
-# no-model baseline that applies (the default method list; reuters-lead: none, rag and the baselines); movielens: first 100 users, calibrated likelihood scoring
-# (contextual calibration of the 5 labels); reuters: all 40 authors; LoRA r=8 on q/k/v/o, 1 epoch over each user's 16
-# most recent items (PERSONALIZE_LORA__MAX_ITEMS) to fit a 2-core CPU. Reports carry 95% intervals over users, paired
-# tests with Holm's correction and the paper's claims checked (`personalize eval report RUN --json` for tools).
+# The LaMP-style comparison on our three real-data tasks (figures in the closing note and in benchmarks/results/).
+# Usage: benchmarks/comparison.sh [movielens|reuters-lead|reuters-authorship|all]
+#
+# Each task: first a task adapter (one LoRA on pooled pairs of the evaluated users' profiles, time cut: only what
+# each user had before their first test query; about half the pairs carry BM25 k=4 context from the user's earlier
+# items), then the evaluation on the task-adapted base: none, rag, peft, rag+peft, zero-shot (the plain base) and
+# every no-model baseline that applies. Per-user LoRA uses the defaults: all of the user's items, 2 epochs, capped
+# at PERSONALIZE_LORA__MAX_TOKENS=4000 tokens, so the budget grows with the user's data up to the cap.
+# movielens: first 100 users, likelihood scoring of the 5 labels; reuters: all 40 authors. Reports carry 95%
+# intervals over users, paired tests with Holm's correction and the paper's claims checked
+# (`personalize eval report RUN --json` for tools). METHODS=... overrides the method list (the reuters runs of
+# session 6 ran none,rag,zero-shot,baselines: per-user adapters for 40 authors did not fit its 2-core budget).
 # Each task gets its own home folder: an embedded Chroma folder has one writer at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 HOME_BASE=${HOME_BASE:-.personalize-eval}
 export PERSONALIZE_TORCH_THREADS=${PERSONALIZE_TORCH_THREADS:-1}
-export PERSONALIZE_LORA__EPOCHS=${PERSONALIZE_LORA__EPOCHS:-1}
-export PERSONALIZE_LORA__MAX_ITEMS=${PERSONALIZE_LORA__MAX_ITEMS:-16}
 P=${P:-.venv/bin/personalize}
 what=${1:-all}
+methods() { if [[ -n ${METHODS:-} ]]; then echo "--methods $METHODS"; fi; }
 if [[ $what == movielens || $what == all ]]; then
-  PERSONALIZE_HOME=$HOME_BASE/movielens $P eval run --task movielens-rating --split test \
-    --data "$DATA/movielens-small" --users 100 --retriever bm25 --k 4 \
-    --scoring calibrated --train-via workers --workers 1
+  export PERSONALIZE_HOME=$HOME_BASE/movielens
+  $P task-adapter list | grep -q '^movielens-rating@' || $P task-adapter train --task movielens-rating \
+    --data "$DATA/movielens-small" --split test --users 100 --retriever bm25 --k 4
+  # shellcheck disable=SC2046
+  $P eval run --task movielens-rating --split test --data "$DATA/movielens-small" --users 100 --retriever bm25 \
+    --k 4 --scoring likelihood --train-via workers --workers 1 $(methods)
 fi
 if [[ $what == reuters-authorship || $what == all ]]; then
-  PERSONALIZE_HOME=$HOME_BASE/reuters-authorship $P eval run --task reuters-authorship --split test \
-    --data "$DATA/reuters-c50" --retriever bm25 --k 4 --train-via workers --workers 1
+  export PERSONALIZE_HOME=$HOME_BASE/reuters-authorship
+  $P task-adapter list | grep -q '^reuters-authorship@' || $P task-adapter train --task reuters-authorship \
+    --data "$DATA/reuters-c50" --split test --retriever bm25 --k 4
+  # shellcheck disable=SC2046
+  $P eval run --task reuters-authorship --split test --data "$DATA/reuters-c50" --retriever bm25 --k 4 \
+    --train-via workers --workers 1 $(methods)
 fi
 if [[ $what == reuters-lead || $what == all ]]; then
-  # none, rag and the baselines only: 40 adapters plus 400 more 32-token generations did not fit this session's
-  # 2-core budget (METHODS=none,rag,peft,rag+peft,baselines runs them all)
-  PERSONALIZE_HOME=$HOME_BASE/reuters-lead $P eval run --task reuters-lead --split test \
-    --data "$DATA/reuters-c50" --methods "${METHODS:-none,rag,baselines}" --retriever bm25 --k 4 --max-new-tokens 32 \
-    --train-via workers --workers 1
+  export PERSONALIZE_HOME=$HOME_BASE/reuters-lead
+  $P task-adapter list | grep -q '^reuters-lead@' || $P task-adapter train --task reuters-lead \
+    --data "$DATA/reuters-c50" --split test --retriever bm25 --k 4
+  # shellcheck disable=SC2046
+  $P eval run --task reuters-lead --split test --data "$DATA/reuters-c50" --retriever bm25 --k 4 \
+    --max-new-tokens 32 --train-via workers --workers 1 $(methods)
 fi

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +47,7 @@ from personalize.naming import eval_user_id, user_key
 from personalize.prompting import build_prompt, count_tokens
 from personalize.retrieval import BM25Index, RetrievedItem
 from personalize.settings import LoraSettings, TaskAdapterSettings
-from personalize.tasks import get_task
+from personalize.tasks import Task, get_task
 
 TASKS_FOLDER = "_tasks"  # under the adapter store's root; user folders are named u-..., so never clash
 FORGOTTEN = "forgotten.json"
@@ -394,7 +395,8 @@ def build_task_pairs(
             if embedder is None:
                 raise InvalidInputError("dense retrieval for task-adapter pairs needs the embedder")
             vectors = embedder.embed(docs)
-        usable = [(pos, p) for pos in range(len(items)) if (p := item_pair(task, items[pos])) is not None]
+        make_pair = _choice_pairs(task, key, users) if task.name in CHOICE_PAIRS else partial(item_pair, task)
+        usable = [(pos, p) for pos in range(len(items)) if (p := make_pair(items[pos])) is not None]
         for pos, (prompt, output) in usable[-settings.max_pairs_per_user :]:
             with_context = _stable_fraction(f"{key}/{items[pos].id}/context") < settings.context_share
             used: list[RetrievedItem] = []
@@ -418,6 +420,38 @@ def build_task_pairs(
         kept.append(pair)
         tokens += n
     return kept
+
+
+CHOICE_PAIRS = ("reuters-authorship",)
+
+
+def _full_text(item: ProfileItem) -> str:
+    fields = item.fields or {}
+    return " ".join(str(fields.get(f, "")).strip() for f in ("title", "text")).strip() or item.text
+
+
+def _choice_pairs(task: Task, key: str, users: dict[str, list[ProfileItem]]) -> Callable[[ProfileItem], Any]:
+    """reuters-authorship pairs in the task's own format, made from profiles alone: the user's article against
+    another user's profile article (drawn by a stable hash), each cut to its first 60 words, in a drawn order; the
+    label says which one the user wrote. Pooled over users this teaches the choice format; with retrieved context
+    it teaches comparing a passage to the user's earlier articles. (Per-user training keeps LaMP's continuation
+    stand-in.)"""
+    from personalize.datasets import AUTHORSHIP_INPUT_TEMPLATE, first_words
+
+    others = sorted(u for u in users if user_key(u) != key)
+
+    def pair(item: ProfileItem) -> tuple[str, str] | None:
+        if not others:
+            return None
+        pick = _stable_fraction(f"{key}/{item.id}/distractor")
+        pool = users[others[int(pick * len(others))]]
+        distractor = pool[int(_stable_fraction(f"{key}/{item.id}/article") * len(pool))]
+        own, other = first_words(_full_text(item)), first_words(_full_text(distractor))
+        own_first = _stable_fraction(f"{key}/{item.id}/order") < 0.5
+        first, second = (own, other) if own_first else (other, own)
+        return AUTHORSHIP_INPUT_TEMPLATE.format(passage1=first, passage2=second), "[1]" if own_first else "[2]"
+
+    return pair
 
 
 def _earlier_candidates(items: Sequence[ProfileItem], position: int) -> list[int]:
