@@ -39,13 +39,6 @@ app.add_typer(router_app, name="router")
 app.add_typer(data_app, name="data")
 app.add_typer(task_adapter_app, name="task-adapter")
 
-SAMPLE_FILE = "sample_users.jsonl"
-SAMPLE_USER = "sci-fi fan"
-SAMPLE_PROMPT = (
-    "What score would this user give the following movie on a scale of 1 to 5? Just answer with 1, 2, 3, 4, or 5 "
-    "without further explanation. movie: Star Wars: Episode IV - A New Hope (1977) (Action, Adventure, Sci-Fi)"
-)
-
 
 def clear_errors(fn):  # noqa: ANN001, ANN201
     """Turn library errors into one readable line and exit status 2, never a traceback."""
@@ -338,24 +331,13 @@ def _print_result(result) -> None:  # noqa: ANN001
 
 @app.command("demo")
 @clear_errors
-def demo(
-    user_id: str = SAMPLE_USER,
-    prompt: str = SAMPLE_PROMPT,
-    max_new_tokens: int = 16,
-) -> None:
-    """The main job on the embedded defaults: load the sample users, generate with and without retrieval."""
-    users = read_jsonl(Path(__file__).resolve().parent / "data" / SAMPLE_FILE)
+def demo() -> None:
+    """The main job on the embedded defaults: the sample users, a small task adapter, every method per user, and a
+    small comparison (SYNTHETIC) that the dashboard opens on."""
+    from personalize.demo import run_demo
+
     with _client() as p:
-        for uid, items in users.items():
-            report = p.add_items(uid, items)
-            typer.echo(f"loaded {uid!r}: {report.added} new, {report.unchanged} unchanged item(s)")
-        typer.echo(f"loading the model {p.settings.model} (the first run caches it under {p.settings.models_dir}) ...")
-        _ = p.model
-        typer.echo(f"\nprompt for {user_id!r}: {prompt}\n")
-        for method in ("none", "rag"):
-            typer.echo(f"--- {method} ---")
-            _print_result(p.generate(user_id, prompt, method, max_new_tokens=max_new_tokens))
-            typer.echo("")
+        run_demo(p, typer.echo)
 
 
 # -- data ----------------------------------------------------------------------------------------------------------

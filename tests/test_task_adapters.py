@@ -256,3 +256,46 @@ def test_a_celery_worker_trains_a_task_adapter_and_reports_progress(ta_settings,
             stop_process(worker)
         assert record["state"] == "done", record
         assert record["progress"] == 1.0 and record["adapter"] == client.current_task_adapter(TASK).ref
+
+
+def test_authorship_pairs_are_the_choice_task_made_from_profiles(p):
+    from personalize.datasets import AUTHORSHIP_INPUT_TEMPLATE
+    from personalize.ingest import lamp_item
+
+    words = " ".join(f"w{i}" for i in range(80))
+    users = {
+        f"author{a}": [
+            lamp_item("reuters-authorship", {"id": f"a{a}-{i}", "title": f"Lead {a} {i}.", "text": f"A{a} {words}"})
+            for i in range(6)
+        ]
+        for a in range(3)
+    }
+    source = TaskAdapterSource(task="reuters-authorship", data="x")
+    settings = TINY_TASK.model_copy(update={"max_pairs": 1000, "max_pairs_per_user": 100})
+    pairs = build_task_pairs(p.model, users, source, settings, 256, 0.6)
+    assert len(pairs) == 18 and {pair.output for pair in pairs} == {"[1]", "[2]"}
+    head = AUTHORSHIP_INPUT_TEMPLATE.split("[1]")[0]
+    for pair in pairs:
+        author = next(a for a in range(3) if pair.item_id.startswith(f"a{a}-"))
+        assert head in pair.prompt
+        own = f'[{pair.output[1]}]: "Lead {author} '
+        assert own in pair.prompt  # the labelled passage is the user's own article
+        other = "[2]" if pair.output == "[1]" else "[1]"
+        assert f'{other}: "Lead {author} ' not in pair.prompt  # the other is another user's
+
+
+def test_the_per_user_budget_grows_with_data_up_to_the_token_cap(p):
+    from personalize.training import train_adapter, training_pairs
+
+    def steps(n_items: int, tmp: Path) -> int:
+        items = [
+            p.check_items([{"id": str(i), "text": f"Film {i} (Drama)", "output": "3", "task": TASK}])[0]
+            for i in range(n_items)
+        ]
+        lora = LoraSettings(epochs=2, batch_size=4, max_length=64, max_tokens=2000, rank=2)
+        return train_adapter(p.model, training_pairs(items), lora, tmp / f"a{n_items}").steps
+
+    tmp = Path(p.settings.resolved_home) / "budget"
+    small, medium, large, huge = (steps(n, tmp) for n in (4, 12, 200, 400))
+    assert small == 2 and medium == 6  # two epochs over every item
+    assert medium < large == huge  # capped: a huge profile costs what the cap allows
