@@ -663,12 +663,21 @@ def _format_group(
     return out
 
 
+def run_base(config: dict[str, Any]) -> str:
+    """What a run's none/rag/peft/rag+peft ran on, in words (runs from before task adapters: the plain base)."""
+    ref = config.get("task_adapter")
+    if ref:
+        return f"task adapter {ref} merged into {config.get('model') or 'the base model'} (zero-shot: the plain base)"
+    return f"zero-shot: the plain base model {config.get('model') or ''}".rstrip()
+
+
 def format_report(report: RunReport) -> str:
     st = report.stats
     out = [
         f"run {report.run_id}: task {report.task}, split {report.split}, {report.n_users} users, "
         f"state {report.state}, scoring {report.scoring}"
     ]
+    out.append(f"base: {run_base(report.config)}")
     out += [f"NOTE: {n}" for n in report.notes]
     if st:
         out.append(

@@ -70,3 +70,43 @@ def test_train_jobs_and_adapters_commands(run, tmp_path, monkeypatch):
     assert [a["version"] for a in adapters] == [1]
     report = json.loads(run("users", "forget", "t").stdout)
     assert report["adapters"] == 1 and any("adapters" in f for f in report["files"])
+
+
+def test_task_adapter_train_list_show_remove_and_eval_base(run, monkeypatch):
+    monkeypatch.setenv(
+        "PERSONALIZE_TASK_ADAPTER",
+        json.dumps(
+            {
+                "lora": {"epochs": 1, "batch_size": 4, "max_length": 64, "rank": 2, "max_tokens": None},
+                "max_pairs": 24,
+                "max_pairs_per_user": 8,
+            }
+        ),
+    )
+    monkeypatch.setenv("PERSONALIZE_TORCH_THREADS", "1")
+    assert "no task adapters" in run("task-adapter", "list").output
+    args = ("task-adapter", "train", "--task", "movielens-rating", "--data", "SYNTHETIC", "--users", "3")
+    trained = json.loads(run(*args).stdout)
+    assert trained["ref"].startswith("movielens-rating@v1#") and trained["users"] == 3 and trained["pairs"] == 24
+    listed = run("task-adapter", "list").output
+    assert trained["ref"] in listed and "3 users" in listed and "FORGOTTEN" not in listed
+    shown = json.loads(run("task-adapter", "show", "movielens-rating").stdout)
+    assert shown["metadata"]["source"]["cut"] == "time" and "user_keys" not in shown["metadata"]
+    report = run(
+        "eval",
+        "run",
+        "--task",
+        "movielens-rating",
+        "--synthetic",
+        "3",
+        "--methods",
+        "none,zero-shot",
+        "--train-via",
+        "inline",
+    ).output
+    assert f"base: task adapter {trained['ref']}" in report and "zero-shot" in report
+    bad = run("eval", "run", "--task", "movielens-rating", "--synthetic", "3", "--base", "other")
+    assert bad.exit_code == 2 and "--base must be" in bad.output
+    assert run("task-adapter", "remove", "movielens-rating", "--version", "1").exit_code == 0
+    gone = run("task-adapter", "show", "movielens-rating")
+    assert gone.exit_code == 2 and "no task adapter" in gone.output
