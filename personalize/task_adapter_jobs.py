@@ -52,7 +52,7 @@ def _store_users(p: Personalizer, source: TaskAdapterSource) -> dict[str, list[P
             return out
         offset += len(page)
         for info in page:
-            if source.task not in info.tasks or user_key(info.user_id) in excluded:
+            if user_key(info.user_id) in excluded:
                 continue
             items = [i for i in p.store.items(info.user_id) if i.task == source.task]
             if items:

@@ -299,3 +299,15 @@ def test_the_per_user_budget_grows_with_data_up_to_the_token_cap(p):
     small, medium, large, huge = (steps(n, tmp) for n in (4, 12, 200, 400))
     assert small == 2 and medium == 6  # two epochs over every item
     assert medium < large == huge  # capped: a huge profile costs what the cap allows
+
+
+def test_a_store_source_trains_on_the_stores_users_of_the_task(p):
+    _ingest_user(p, "rater one")
+    _ingest_user(p, "rater two")
+    p.add_items("note taker", [{"id": "n1", "text": "a note about gardening tomatoes"}])  # another task: not used
+    source = TaskAdapterSource(task=TASK, data="store")
+    users = source_users(p, source)
+    assert set(users) == {"rater one", "rater two"} and all(len(v) == 12 for v in users.values())
+    excluded = source.model_copy(update={"exclude_user_keys": [user_key("rater two")]})
+    assert set(source_users(p, excluded)) == {"rater one"}
+    assert train_now(p, source).info.metadata["n_users"] == 2
