@@ -147,9 +147,21 @@ def _run_adapters(key: tuple, task: str, split: str, users: tuple[str, ...]) -> 
                     "train_seconds": a.train_seconds,
                     "size_bytes": a.size_bytes,
                     "final_loss": a.final_loss,
+                    **_training_config(a.config),
                 }
             )
     return out
+
+
+def _training_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """Tokens, steps and the task adapter an adapter was trained with (None each for an older adapter)."""
+    config = config or {}
+    return {
+        "tokens": config.get("n_tokens"),
+        "steps": config.get("steps"),
+        "task_adapter": config.get("task_adapter"),
+        "has_config": bool(config),
+    }
 
 
 def run_adapters(task: str, split: str, users: list[str]) -> list[dict[str, Any]]:
@@ -219,6 +231,26 @@ def _training_jobs(key: tuple, limit: int) -> list[JobInfo]:
 def training_jobs(limit: int = 500) -> list[JobInfo]:
     """Training jobs, newest first (``personalize jobs``)."""
     return _training_jobs(settings_key(), limit)
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def _task_adapters(key: tuple) -> list[dict[str, Any]]:
+    return [info.summary() for info in _personalizer(key).task_adapters.all()]
+
+
+def task_adapters() -> list[dict[str, Any]]:
+    """Every stored task adapter's summary, a forgotten user's mark included (``personalize task-adapter list``)."""
+    return _task_adapters(settings_key())
+
+
+@st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)
+def _task_adapter_jobs(key: tuple) -> list[dict[str, Any]]:
+    return list(reversed(_personalizer(key).task_adapters.jobs()))
+
+
+def task_adapter_jobs() -> list[dict[str, Any]]:
+    """Task adapter training jobs, newest first (``personalize task-adapter jobs``)."""
+    return _task_adapter_jobs(settings_key())
 
 
 @st.cache_data(ttl=LIVE_TTL_S, show_spinner=False)

@@ -46,6 +46,12 @@ personalize eval run --task movielens-rating --synthetic 20 --train-via inline  
 Runs appear here as soon as they start; a run in progress shows partial results.
 """
 
+BASE_HELP = (
+    "Every personalization method (none, rag, peft, rag+peft) runs on the base the run was made on: the model "
+    "with the task's shared adapter merged in, or the plain model (zero-shot). The zero-shot method is always the "
+    "plain model."
+)
+
 
 @contextmanager
 def page(title: str, caption: str | None = None) -> Iterator[None]:
@@ -140,8 +146,25 @@ def pick_runs(key: str, max_runs: int = 1, label: str = "Run") -> list[dict[str,
     return [by_id[c] for c in chosen]
 
 
+def task_adapter_of(config: dict[str, Any]) -> str | None:
+    """The ref of the task adapter a run's methods ran on; None for a zero-shot run and for runs from before task
+    adapters (their config has neither ``base`` nor ``task_adapter``)."""
+    return config.get("task_adapter") or None
+
+
+def base_label(config: dict[str, Any]) -> str:
+    """What a run's methods ran on: ``base: task adapter REF``, or ``base: zero-shot`` (the plain base model)."""
+    ref = task_adapter_of(config)
+    if ref:
+        return f"base: task adapter {ref}"
+    if config.get("base") == "task":
+        return "base: zero-shot (no task adapter when it ran)"
+    return "base: zero-shot"
+
+
 def report_banner(report: RunReport) -> None:
-    """SYNTHETIC and partial results are labelled wherever a run is shown."""
+    """SYNTHETIC and partial results are labelled wherever a run is shown, and the base its methods ran on."""
+    st.caption(f"Run `{report.run_id}` · {base_label(report.config)}", help=BASE_HELP)
     if report.synthetic:
         st.warning(
             f"**{SYNTHETIC}** run `{report.run_id}`: planted per-user signals, not a real benchmark.",
@@ -159,7 +182,7 @@ def report_banner(report: RunReport) -> None:
 
 
 def run_title(report: RunReport) -> str:
-    tags = [f"{report.task}/{report.split}"]
+    tags = [f"{report.task}/{report.split}", base_label(report.config)]
     if report.synthetic:
         tags.append(SYNTHETIC)
     if report.partial:

@@ -4,11 +4,13 @@ states read as such. No adapter is trained and the real model is never loaded (t
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from sqlalchemy import select
 
@@ -16,9 +18,14 @@ from personalize import Personalizer, Settings
 from personalize.evaluation import EvalConfig, eval_user_id
 from personalize.reports import build_report
 from personalize.schema import Adapter, EvalResult, EvalRun, TrainingJob, User
+from personalize.task_adapter_jobs import train_now
+from personalize.task_adapters import TaskAdapterSource
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
+from test_task_adapters import TINY_TASK  # noqa: E402
+
+from dashboard import ui  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py")
 TIMEOUT = 120  # the first run of each page imports plotly and pandas on a busy machine
@@ -478,6 +485,8 @@ def test_jobs_page_shows_runs_and_jobs_with_state_progress_and_errors(app):
     assert len(jobs) == len(SIZES) + 3
     assert any("OSError: disk full" in e.value for e in at.error)
     assert any("is reachable" in s.value for s in at.success)
+    hints = [c.value for c in at.caption if "personalize task-adapter train --task T --data SRC" in c.value]
+    assert [h.split(" (")[0] for h in hints] == ["No task adapters yet", "No task adapter jobs yet"]
 
 
 # -- Cost --------------------------------------------------------------------------------------------------------
@@ -499,6 +508,8 @@ def test_cost_page_shows_training_adapter_size_and_latency_against_quality(app, 
     per_user = frame_with(at, "train seconds")
     assert len(per_user) == len(SIZES)
     assert per_user["peft gain"].notna().all()
+    assert per_user["tokens"].isna().all() and per_user["steps"].isna().all()  # adapters from before they were kept
+    assert "trained on:** none (zero-shot base)" in texts(at)
     assert len(at.get("plotly_chart")) == 2
 
 
@@ -546,3 +557,222 @@ def test_synthetic_runs_are_labelled_on_every_page_that_shows_them(app):
         assert not at.exception
         assert any("SYNTHETIC" in w.value for w in at.warning), page
         assert any(SYNTH in o and o.endswith("SYNTHETIC") for o in at.selectbox(key=key).options)
+
+
+# -- Task adapters -----------------------------------------------------------------------------------------------
+
+TA_RUN = "movielens-rating-val-task-adapted"
+ZS_RUN = "movielens-rating-val-zero-shot"
+TA_SIZES = (10, 40, 160, 640)
+TA_METHODS = (*METHODS, "zero-shot")
+TA_JOB_ERROR = "InvalidInputError: no training pairs: the users' items give no (input, output) pair for this task"
+JOB_STATES = ("queued", "running", "done", "failed")
+
+
+def _ta_run(run_id: str, hours: int, ref: str | None, methods: tuple[str, ...]) -> EvalRun:
+    """A done run on the val split, on the task adapter ``ref`` or (None) on the zero-shot base."""
+    config = EvalConfig(
+        task="movielens-rating",
+        split="val",
+        source="/data/seeded",
+        methods=list(methods),
+        model="tiny",
+        base="task" if ref else "zero-shot",
+        task_adapter=ref,
+    ).model_dump()
+    return EvalRun(
+        id=run_id,
+        task="movielens-rating",
+        split="val",
+        config=config,
+        state="done",
+        progress=1.0,
+        created_at=T0 + timedelta(hours=hours),
+    )
+
+
+def _ta_results(run_id: str, methods: tuple[str, ...]) -> list[EvalResult]:
+    out = []
+    for u, size in enumerate(TA_SIZES):
+        for q in range(2):
+            gold = 1 + (u + 2 * q) % 5
+            for method in methods:
+                zero_shot = method == "zero-shot"
+                out.append(
+                    EvalResult(
+                        run_id=run_id,
+                        user_external_id=f"v{u:02d}",
+                        query_id=f"v{u:02d}-q{q}",
+                        method=method,
+                        profile_size=size,
+                        prediction="3" if zero_shot else _rating_prediction(gold, method, size, q),
+                        gold=str(gold),
+                        timings=_timings("none" if zero_shot else method, size),
+                    )
+                )
+    return out
+
+
+def _ta_adapters(p: Personalizer, model: str, ref: str) -> None:
+    """The val users' adapters: three trained on the task adapter ``ref`` (tokens and steps recorded), one older."""
+    users = [eval_user_id("movielens-rating", "val", f"v{u:02d}") for u in range(len(TA_SIZES))]
+    for uid in users:
+        p.add_user(uid)
+    with p.store.session() as s:
+        for u, (uid, size) in enumerate(zip(users, TA_SIZES, strict=True)):
+            trained = {"n_pairs": size, "n_tokens": 100 * size, "steps": 2 + u, "trained_on": f"{model}+{ref}"}
+            s.add(
+                Adapter(
+                    user_pk=s.scalar(select(User.id).where(User.external_id == uid)),
+                    version=1,
+                    path=f"/adapters/v{u:02d}/v1",
+                    base_model=model,
+                    data_version=1,
+                    n_items=size,
+                    train_seconds=1.0 + u,
+                    final_loss=1.0,
+                    size_bytes=3_700_000,
+                    config=trained | {"task_adapter": ref} if u < 3 else None,
+                    created_at=T0,
+                )
+            )
+
+
+def _ta_jobs(p: Personalizer, ref: str) -> dict[str, str]:
+    """Task adapter job records in each state, written as the worker writes them; the job id per state."""
+    source = TaskAdapterSource(task="movielens-rating", data="SYNTHETIC", users=4, split="test")
+    jobs = {state: p.task_adapters.new_job(source, p.settings.model, "requested") for state in JOB_STATES}
+    updates = {
+        "running": {"state": "running", "progress": 0.5, "loss": 1.1, "eta_s": 42.0, "started_at": "2025-01-01"},
+        "done": {"state": "done", "progress": 1.0, "loss": 0.9, "eta_s": 0, "adapter": ref},
+        "failed": {"state": "failed", "progress": 0.0, "error": TA_JOB_ERROR},
+    }
+    for state, changes in updates.items():
+        p.task_adapters.write_job(jobs[state], p.task_adapters.job(jobs[state]) | changes)
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def task_adapted(seeded: Path, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The seeded home plus two real task adapters trained on the tiny model (the newer one marked as trained on a
+    forgotten user), task adapter jobs in every state, and two runs on the val split: one on the older task adapter
+    (with zero-shot among its methods), one on the zero-shot base."""
+    home = tmp_path_factory.mktemp("dashboard-ta") / "home"
+    shutil.copytree(seeded, home)
+    model = str(tiny_model_dir)
+    settings = Settings(home=home, model=model, auto_train=False, task_adapter=TINY_TASK, _env_file=None)
+    with Personalizer(settings) as p:
+        source = TaskAdapterSource(task="movielens-rating", data="SYNTHETIC", users=3, split="test")
+        first = train_now(p, source).info
+        second = train_now(p, source.model_copy(update={"users": 4})).info
+        (extra,) = set(second.metadata["user_keys"]) - set(first.metadata["user_keys"])
+        p.task_adapters.mark_forgotten(extra)  # only the newer one was trained on that user
+        jobs = _ta_jobs(p, second.ref)
+        _ta_adapters(p, model, first.ref)
+        with p.store.session() as s:
+            s.add_all([_ta_run(ZS_RUN, 5, None, ("none", "rag")), _ta_run(TA_RUN, 6, first.ref, TA_METHODS)])
+        with p.store.session() as s:
+            s.add_all([*_ta_results(ZS_RUN, ("none", "rag")), *_ta_results(TA_RUN, TA_METHODS)])
+        adapters = p.task_adapters.all()
+    return home, adapters, jobs
+
+
+@pytest.fixture
+def ta_app(task_adapted, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    _env(monkeypatch, tmp_path, task_adapted[0], tiny_model_dir)
+    return open_page
+
+
+def test_jobs_page_lists_task_adapters_and_marks_one_trained_on_a_forgotten_user(ta_app, task_adapted):
+    first, second = (a.summary() for a in task_adapted[1])
+    at = ta_app("jobs")
+    assert "Task adapters" in [h.value for h in at.subheader]
+    table = frame_with(at, "with context")
+    assert list(table["ref"]) == [first["ref"], second["ref"]]
+    for i, summary in enumerate((first, second)):
+        for column, key in (("users", "users"), ("pairs", "pairs"), ("with context", "with_context")):
+            assert table[column][i] == summary[key]
+        assert table["tokens"][i] == summary["tokens"] and table["cut"][i] == "time"
+        assert table["final loss"][i] == pytest.approx(summary["final_loss"])
+    assert (first["users"], second["users"]) == (3, 4)
+    assert list(table["status"]) == ["older version", "forgotten users: 1 — retrain pending"]
+    (warning,) = [w.value for w in at.warning if "retrain pending" in w.value]
+    assert second["ref"] in warning and first["ref"] not in warning
+
+
+def test_jobs_page_shows_task_adapter_jobs_with_progress_eta_and_errors(ta_app, task_adapted):
+    _, adapters, jobs = task_adapted
+    at = ta_app("jobs")
+    table = frame_with(at, "ETA").set_index("job")
+    assert sorted(table.index) == sorted(jobs.values())
+    for state, job in jobs.items():
+        assert table.loc[job, "state"] == state and table.loc[job, "task"] == "movielens-rating"
+    assert table.loc[jobs["running"], "progress"] == pytest.approx(0.5)
+    assert table.loc[jobs["running"], "ETA"] == "42 s"
+    assert table.loc[jobs["done"], "progress"] == pytest.approx(1.0) and pd.isna(table.loc[jobs["done"], "ETA"])
+    assert table.loc[jobs["done"], "result"] == adapters[1].ref
+    assert table.loc[jobs["failed"], "result"] == TA_JOB_ERROR
+    shown = next(d for d in at.dataframe if "ETA" in d.value.columns)
+    assert json.loads(shown.proto.columns)["progress"]["type_config"]["type"] == "progress"  # a bar, not a number
+    assert any(jobs["failed"] in e.value and TA_JOB_ERROR in e.value for e in at.error)
+    metrics = {m.label: m.value for m in at.metric}
+    assert [metrics[f"task adapter jobs {s}"] for s in JOB_STATES] == ["1", "1", "1", "1"]
+
+
+def test_cost_page_shows_tokens_steps_and_the_task_adapter_the_adapters_were_trained_on(ta_app, task_adapted):
+    ref = task_adapted[1][0].ref
+    at = ta_app("cost")
+    per_user = frame_with(at, "tokens").set_index("user")
+    assert list(per_user.index) == [f"v{u:02d}" for u in range(len(TA_SIZES))]
+    for u, size in enumerate(TA_SIZES[:3]):
+        assert per_user.loc[f"v{u:02d}", "tokens"] == 100 * size and per_user.loc[f"v{u:02d}", "steps"] == 2 + u
+    assert math.isnan(per_user.loc["v03", "tokens"]) and math.isnan(per_user.loc["v03", "steps"])  # an older one
+    assert f"trained on:** {ref}" in texts(at)
+    assert not any("another base" in w.value for w in at.warning)
+
+    at.selectbox(key="cost_run").set_value(ZS_RUN).run()
+    assert "trained on:** none (zero-shot base)" in texts(at)
+    (warning,) = [w.value for w in at.warning if "another base" in w.value]
+    assert warning.startswith("3 of these adapters")
+
+
+def test_every_run_banner_and_title_show_the_base(ta_app, task_adapted):
+    ref = task_adapted[1][0].ref
+    at = ta_app()
+    assert f"Run `{TA_RUN}` · base: task adapter {ref}" in texts(at)
+    assert any(f"base: task adapter {ref}" in h.value for h in at.subheader)  # run_title
+    at.multiselect(key="comparison_runs").set_value([TA_RUN, ZS_RUN]).run()
+    assert not at.exception
+    assert f"Run `{ZS_RUN}` · base: zero-shot" in texts(at)
+    runs = set(frame_with(at, "best")["run"])
+    assert runs == {
+        f"{TA_RUN} (movielens-rating/val, base: task adapter {ref})",
+        f"{ZS_RUN} (movielens-rating/val, base: zero-shot)",
+    }
+    for page, key in (("volume", "volume_run"), ("cost", "cost_run")):
+        at = ta_app(page)
+        assert f"base: task adapter {ref}" in texts(at), page
+        at.selectbox(key=key).set_value(ZS_RUN).run()
+        assert f"Run `{ZS_RUN}` · base: zero-shot" in texts(at), page
+
+
+def test_a_run_from_before_task_adapters_reads_as_the_zero_shot_base():
+    old = EvalConfig(task="movielens-rating", split="test").model_dump(exclude={"base", "task_adapter"})
+    assert ui.base_label(old) == "base: zero-shot" and ui.task_adapter_of(old) is None
+    assert ui.base_label({"base": "zero-shot", "task_adapter": None}) == "base: zero-shot"
+    assert ui.base_label({"base": "task", "task_adapter": None}) == "base: zero-shot (no task adapter when it ran)"
+    assert ui.base_label({"base": "task", "task_adapter": "t@v2#ab"}) == "base: task adapter t@v2#ab"
+
+
+def test_zero_shot_shows_wherever_methods_are_listed(ta_app):
+    at = ta_app()
+    assert list(frame_with(at, "avg gain")["method"]) == list(TA_METHODS)
+    assert "zero-shot" in frame_with(at, "best").columns
+    quality = next(c.proto.spec for c in at.get("plotly_chart") if "95% intervals" in c.proto.spec)
+    assert '"zero-shot"' in quality
+    at = ta_app("volume")
+    assert "zero-shot" in frame_with(at, "min items").columns
+    at = ta_app("cost")
+    assert list(frame_with(at, "total ms p50")["method"]) == list(TA_METHODS)
+    at = ta_app("users")
+    assert "zero-shot" in at.multiselect(key="users_methods").options

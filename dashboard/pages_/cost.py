@@ -1,6 +1,8 @@
-"""Cost: training seconds per user, adapter bytes, latency per method, against quality."""
+"""Cost: training seconds, tokens and steps per user, adapter bytes, latency per method, against quality."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -86,6 +88,21 @@ def training_figure(rep: RunReport, adapters: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def show_task_adapter(rep: RunReport, adapters: list[dict[str, Any]]) -> None:
+    """Which task adapter the run's user adapters were trained on, and any that were trained on another base."""
+    ref = ui.task_adapter_of(rep.config)
+    st.markdown(f"**Task adapter the user adapters were trained on:** {ref or 'none (zero-shot base)'}")
+    other = [a["user"] for a in adapters if a["has_config"] and a["task_adapter"] != ref]
+    if other:
+        st.warning(
+            f"{len(other)} of these adapters were trained on another base ({', '.join(other[:5])}"
+            f"{', ...' if len(other) > 5 else ''}): likely retrained since the run, so their cost is not the run's.",
+            icon=":material/warning:",
+        )
+    if any(not a["has_config"] for a in adapters):
+        st.caption("`tokens` and `steps` are empty for adapters trained before they were recorded.")
+
+
 with ui.page("Cost", "What each method costs (training, storage, latency) against what it gains"):
     (chosen,) = ui.pick_runs("cost_run")
     rep = data.report(chosen["run_id"])
@@ -133,13 +150,24 @@ with ui.page("Cost", "What each method costs (training, storage, latency) agains
                     "train seconds": a["train_seconds"],
                     "MB": a["size_bytes"] / 1e6,
                     "final loss": a["final_loss"],
+                    "tokens": a["tokens"],
+                    "steps": a["steps"],
                     "peft gain": by_user[a["user"]]["gains"].get("peft"),
                 }
                 for a in adapters
             ]
         )
+        show_task_adapter(rep, adapters)
         st.plotly_chart(training_figure(rep, frame), width="stretch")
-        st.dataframe(frame, hide_index=True, width="stretch")
+        st.dataframe(
+            frame,
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "tokens": st.column_config.NumberColumn(format="%d"),
+                "steps": st.column_config.NumberColumn(format="%d"),
+            },
+        )
         st.caption(
             f"`peft gain`: absolute gain in {rep.metrics[0]} over none for that user (sign flipped for MAE/RMSE)."
         )
