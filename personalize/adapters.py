@@ -17,12 +17,8 @@ from typing import Any
 
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.modeling import LoadedModel
-from personalize.training import (
-    ADAPTER_METADATA,
-    private_base_copy,
-    read_metadata,
-    strip_tuner_layers,
-)
+from personalize.peft_utils import private_base_copy, strip_tuner_layers
+from personalize.training import ADAPTER_METADATA, read_metadata
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")

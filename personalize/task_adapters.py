@@ -44,6 +44,7 @@ from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.items import ProfileItem
 from personalize.modeling import LoadedModel
 from personalize.naming import eval_user_id, user_key
+from personalize.peft_utils import strip_tuner_layers
 from personalize.prompting import build_prompt, count_tokens
 from personalize.retrieval import BM25Index, RetrievedItem
 from personalize.settings import LoraSettings, TaskAdapterSettings
@@ -535,8 +536,6 @@ def task_model(base: LoadedModel, info: TaskAdapterInfo) -> LoadedModel:
 
 def _merge(base: LoadedModel, info: TaskAdapterInfo) -> LoadedModel:
     from peft import PeftModel
-
-    from personalize.training import strip_tuner_layers
 
     if info.base_model != base.name:
         raise InvalidInputError(f"task adapter {info.ref} was trained on {info.base_model!r}, not on {base.name!r}")

@@ -9,7 +9,6 @@ temporary folder that is renamed into place only once complete.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
@@ -27,6 +26,7 @@ from personalize.adapter_store import temp_prefix
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.items import ProfileItem
 from personalize.modeling import LoadedModel
+from personalize.peft_utils import private_base_copy, strip_tuner_layers
 from personalize.prompting import encode
 from personalize.settings import LoraSettings
 from personalize.tasks import Defaulting, Task, get_task
@@ -236,27 +236,6 @@ def _loss(model: Any, batch: dict[str, Any], is_encoder_decoder: bool, keep_logi
 
 
 # --- training -----------------------------------------------------------------------------------------------------
-
-
-def strip_tuner_layers(model: Any) -> Any:
-    """Take every peft layer out of ``model`` in place, putting back the original layer it wraps."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer) and name:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if getattr(parent, child, None) is module:
-                setattr(parent, child, module.get_base_layer())
-    if "peft_config" in vars(model):  # peft records its adapters on the model it wraps
-        del model.peft_config
-    return model
-
-
-def private_base_copy(model: Any) -> Any:
-    """A copy of the base model to train on, without any peft layers (an ``AdapterCache`` may wrap the same model
-    in place): the shared model is neither changed nor seen half-changed by other threads."""
-    return strip_tuner_layers(copy.deepcopy(model))
 
 
 def _lora_config(loaded: LoadedModel, settings: LoraSettings) -> Any:
