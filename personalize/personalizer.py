@@ -55,7 +55,7 @@ from personalize.store import Store, UpsertReport
 from personalize.task_adapters import TASKS_FOLDER, TaskAdapterInfo, TaskAdapterStore, task_model
 from personalize.tasks import Task, get_task
 from personalize.training import TrainingCancelled, read_metadata, train_adapter, training_pairs
-from personalize.vectorstore import VectorStore
+from personalize.vectorstore import VectorStore, vector_metadata
 
 if TYPE_CHECKING:
     from personalize.consistency import ConsistencyReport
@@ -970,13 +970,6 @@ class EnqueueResult:
     job_id: int | None
     queued: bool
     message: str
-
-
-def vector_metadata(item: ProfileItem) -> dict[str, str]:
-    """What Chroma keeps beside an item's vector: its timestamp, task and content hash (no text); the hash lets a
-    repair find vectors of an older version of the item."""
-    ts = item.timestamp.isoformat() if item.timestamp else ""
-    return {"ts": ts, "task": item.task or "", "h": item.content_hash()}
 
 
 def adapter_base(adapter: AdapterInfo) -> str:
