@@ -21,12 +21,12 @@ import numpy as np
 from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 
+from personalize.adapter_format import read_metadata
 from personalize.adapter_store import TEMP_MARK
 from personalize.errors import BrokerUnavailableError
 from personalize.items import ProfileItem
 from personalize.naming import user_key
 from personalize.schema import Adapter, Item, TrainingJob, User, utcnow
-from personalize.training import read_metadata
 from personalize.vectorstore import vector_metadata
 
 if TYPE_CHECKING:

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalize.adapter_format import read_metadata
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.items import ProfileItem
 from personalize.modeling import LoadedModel
@@ -184,8 +185,6 @@ class TaskAdapterStore:
         return out
 
     def _info(self, path: Path) -> TaskAdapterInfo | None:
-        from personalize.training import read_metadata
-
         metadata = read_metadata(path)
         if metadata is None or metadata.get("kind") != "task":
             return None

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personalize.adapter_format import ADAPTER_METADATA, METADATA_FORMAT, read_metadata
 from personalize.adapter_store import temp_prefix
-from personalize.errors import InvalidInputError, PersonalizeError
+from personalize.errors import AdapterExistsError, InvalidInputError, TrainingCancelled
 from personalize.items import ProfileItem
 from personalize.modeling import LoadedModel
 from personalize.peft_utils import private_base_copy, strip_tuner_layers
@@ -31,24 +32,12 @@ from personalize.prompting import encode
 from personalize.settings import LoraSettings
 from personalize.tasks import Defaulting, Task, get_task
 
-ADAPTER_METADATA = "personalize.json"  # written last: a folder holding it is a complete adapter
-METADATA_FORMAT = 1
 CONTINUE_TEMPLATE = "Continue this text: {text}"
 MIN_CONTINUATION_WORDS = 4
 
 Pair = tuple[str, str]
 ProgressFn = Callable[[float, float | None], None]
 StopFn = Callable[[], bool]
-
-
-class TrainingCancelled(PersonalizeError):
-    """``should_stop()`` asked training to stop; nothing was written to the adapter folder."""
-
-
-class AdapterExistsError(PersonalizeError, FileExistsError):
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        super().__init__(f"{path} already exists: adapters are never overwritten; train into a new folder")
 
 
 @dataclass
@@ -414,14 +403,6 @@ def _write_atomically(model: Any, out_dir: Path, metadata: dict[str, Any]) -> No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def read_metadata(path: Path) -> dict[str, Any] | None:
-    """An adapter folder's ``personalize.json``, or None when the folder is not a complete adapter."""
-    try:
-        return json.loads((Path(path) / ADAPTER_METADATA).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 __all__ = [
