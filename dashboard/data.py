@@ -16,10 +16,10 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import select
 
-from personalize.evaluation import eval_user_id
 from personalize.items import ProfileItem, UserInfo
 from personalize.jobs import AdapterInfo, JobInfo
 from personalize.modeling import LoadedModel
+from personalize.naming import eval_user_id
 from personalize.personalizer import Personalizer
 from personalize.queue import describe_broker
 from personalize.reports import RunReport, build_report, compare_runs, list_runs, per_user_scores

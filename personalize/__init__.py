@@ -13,7 +13,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from personalize.errors import (
+    AdapterBaseMismatchError,
+    AdapterExistsError,
     AdapterOwnershipError,
+    AdapterUnavailableError,
+    BrokerUnavailableError,
     DatabaseUnavailableError,
     EmptyPromptError,
     ImportIncompleteError,
@@ -22,6 +26,8 @@ from personalize.errors import (
     ModelLoadError,
     PersonalizeError,
     StoreBusyError,
+    TrainingCancelled,
+    TrainingFailedError,
     UnknownUserError,
     VectorStoreUnavailableError,
 )
@@ -68,7 +74,11 @@ def forget(user_id: str) -> ForgetReport:
 
 
 __all__ = [
+    "AdapterBaseMismatchError",
+    "AdapterExistsError",
     "AdapterOwnershipError",
+    "AdapterUnavailableError",
+    "BrokerUnavailableError",
     "DatabaseUnavailableError",
     "EmptyPromptError",
     "ForgetReport",
@@ -84,6 +94,8 @@ __all__ = [
     "Settings",
     "StoreBusyError",
     "Timings",
+    "TrainingCancelled",
+    "TrainingFailedError",
     "UnknownUserError",
     "UserInfo",
     "VectorStoreUnavailableError",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from personalize.naming import user_dir
+from personalize.process_ids import local_pid_alive
 
 TEMP_MARK = ".tmp-"
 
@@ -66,8 +67,6 @@ class LocalAdapterStore:
     def remove_stale_temp(self, older_than_s: float, user_id: str | None = None) -> list[str]:
         """Remove temporary folders of saves that will never finish (a worker killed mid-save): those whose writer
         process on this host is gone, and any older than ``older_than_s`` (writers on other hosts, older names)."""
-        from personalize.jobs import local_pid_alive
-
         if user_id is not None:
             base, pattern = self.user_root(user_id), f".v*{TEMP_MARK}*"
         else:

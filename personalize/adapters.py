@@ -15,24 +15,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from personalize.errors import InvalidInputError, PersonalizeError
+from personalize.adapter_format import read_metadata
+from personalize.errors import AdapterUnavailableError, InvalidInputError
 from personalize.modeling import LoadedModel
-from personalize.training import (
-    ADAPTER_METADATA,
-    private_base_copy,
-    read_metadata,
-    strip_tuner_layers,
-)
+from personalize.peft_utils import private_base_copy, strip_tuner_layers
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-
-
-class AdapterUnavailableError(PersonalizeError, FileNotFoundError):
-    def __init__(self, path: Path, why: str | None = None) -> None:
-        self.path = path
-        why = why or f"no {ADAPTER_METADATA}: missing or still being written"
-        super().__init__(f"no usable adapter at {path} ({why}); train it (again)")
 
 
 def validate_adapter_name(name: object) -> str:

@@ -443,7 +443,8 @@ def eval_run(
     ),
 ) -> None:
     """Ingest, train (workers), answer every query with every method, and store it all under a run id."""
-    from personalize.evaluation import EvalConfig, EvaluationRunner, code_version, default_methods, resolve_methods
+    from personalize.eval_config import EvalConfig, code_version, default_methods, resolve_methods
+    from personalize.evaluation import EvaluationRunner
     from personalize.reports import build_report, format_report
 
     with _client() as p:
@@ -564,7 +565,7 @@ def router_calibrate(
 ) -> None:
     """Set a task's thresholds from a run: per bucket, the cheapest method unless a costlier one's gain over it is
     significant (paired test over the bucket's users); each band keeps the interval and p-value that chose it."""
-    from personalize.router import calibrate_from_run
+    from personalize.calibration import calibrate_from_run
 
     with _client() as p:
         policy = calibrate_from_run(p.store, run_id, tolerance, alpha, p.settings.stats)

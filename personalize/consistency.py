@@ -21,12 +21,13 @@ import numpy as np
 from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 
+from personalize.adapter_format import read_metadata
 from personalize.adapter_store import TEMP_MARK
 from personalize.errors import BrokerUnavailableError
 from personalize.items import ProfileItem
 from personalize.naming import user_key
 from personalize.schema import Adapter, Item, TrainingJob, User, utcnow
-from personalize.training import read_metadata
+from personalize.vectorstore import vector_metadata
 
 if TYPE_CHECKING:
     from personalize.personalizer import Personalizer
@@ -169,8 +170,6 @@ def _check_vectors(p: Personalizer, s: Session, pk: int, uid: str, report: Consi
     for start in range(0, len(unindexed), 500):
         rows = s.scalars(select(Item).where(Item.user_pk == pk, Item.item_id.in_(unindexed[start : start + 500])))
         items = [ProfileItem(r.item_id, r.text, r.fields, r.output, r.timestamp, r.task) for r in rows]
-        from personalize.personalizer import vector_metadata
-
         matrix = np.asarray(p._embed(items, False))
         p.vectors.upsert(uid, [i.id for i in items], matrix, [vector_metadata(i) for i in items])
 

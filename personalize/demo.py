@@ -95,7 +95,8 @@ def answer_every_method(p: Personalizer, users: list[str], echo: Echo) -> None:
 
 def small_comparison(p: Personalizer, echo: Echo) -> str:
     """A comparison on SYNTHETIC users (planted tastes; not real data) with every method and baseline."""
-    from personalize.evaluation import EvalConfig, EvaluationRunner, code_version, default_methods
+    from personalize.eval_config import EvalConfig, code_version, default_methods
+    from personalize.evaluation import EvaluationRunner
     from personalize.reports import build_report, format_report
 
     dataset = synthetic_dataset(n_users=DEMO_SYNTHETIC_USERS, max_items=60)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from personalize.adapter_format import ADAPTER_METADATA
+
 
 class PersonalizeError(Exception):
     """Base class of every error this library raises on purpose."""
@@ -67,3 +71,20 @@ class AdapterOwnershipError(PersonalizeError):
 class AdapterBaseMismatchError(PersonalizeError):
     """A user adapter was trained on another base (another task adapter, or none): serving it on this base would
     answer with weights it was never trained with."""
+
+
+class AdapterUnavailableError(PersonalizeError, FileNotFoundError):
+    def __init__(self, path: Path, why: str | None = None) -> None:
+        self.path = path
+        why = why or f"no {ADAPTER_METADATA}: missing or still being written"
+        super().__init__(f"no usable adapter at {path} ({why}); train it (again)")
+
+
+class AdapterExistsError(PersonalizeError, FileExistsError):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(f"{path} already exists: adapters are never overwritten; train into a new folder")
+
+
+class TrainingCancelled(PersonalizeError):
+    """``should_stop()`` asked training to stop; nothing was written to the adapter folder."""

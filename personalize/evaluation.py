@@ -8,7 +8,6 @@ result as an uninterrupted run. Reports are computed from the stored rows (``per
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -16,17 +15,19 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import select
 
-from personalize.baselines import BaselineInput, baselines_for, check_baseline, is_baseline, labels_of, retrieval_mode
+from personalize.baselines import BaselineInput, check_baseline, is_baseline, labels_of, retrieval_mode
 from personalize.datasets import Dataset, Query
 from personalize.errors import InvalidInputError, PersonalizeError
+from personalize.eval_config import EVAL_METHODS as EVAL_METHODS  # re-exported: the config's old home
+from personalize.eval_config import EvalConfig as EvalConfig
+from personalize.eval_config import code_version as code_version
+from personalize.eval_config import default_methods as default_methods
+from personalize.eval_config import resolve_methods as resolve_methods
 from personalize.ingest import lamp_item
-from personalize.methods import SERVED_METHODS, ZERO_SHOT, uses_adapter
+from personalize.methods import uses_adapter
 from personalize.metrics import parse_prediction
 from personalize.naming import eval_user_id
 from personalize.personalizer import Personalizer
@@ -34,102 +35,6 @@ from personalize.schema import EvalResult, EvalRun, utcnow
 from personalize.settings import LoraSettings
 from personalize.tasks import Task, choice_candidates, get_task
 from personalize.worker_process import start_worker, stop_worker
-
-EVAL_METHODS = SERVED_METHODS  # the model methods and zero-shot; baselines come from personalize.baselines
-
-
-def default_methods(task: str, task_adapted: bool = False) -> list[str]:
-    """Every model method (and ``zero-shot`` when the run is on a task-adapted base: without one it is ``none``),
-    then every baseline that applies to the task (they cost milliseconds)."""
-    models = [m for m in EVAL_METHODS if m != ZERO_SHOT or task_adapted]
-    return [*models, *baselines_for(get_task(task))]
-
-
-def resolve_methods(task: str, methods: list[str]) -> list[str]:
-    """Check a method list for a task; ``baselines`` stands for every baseline that applies. Unknown names and
-    baselines that do not apply are refused with the reason."""
-    the_task = get_task(task)
-    out: list[str] = []
-    for name in methods:
-        names = baselines_for(the_task) if name == "baselines" else [name]
-        for method in names:
-            if method not in EVAL_METHODS:
-                if not is_baseline(method):
-                    raise InvalidInputError(
-                        f"unknown method {method!r}; model methods: {', '.join(EVAL_METHODS)}; baselines for "
-                        f"{task}: {', '.join(baselines_for(the_task))} (or 'baselines' for all of them)"
-                    )
-                check_baseline(method, the_task)
-            if method not in out:
-                out.append(method)
-    if not out:
-        raise InvalidInputError("no methods to run")
-    return out
-
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class EvalConfig(BaseModel):
-    """Everything that determines a run's results; stored with the run."""
-
-    task: str
-    split: str
-    source: str = Field("", description="Where the data came from (a folder, LaMP files, or SYNTHETIC).")
-    synthetic: bool = False
-    users: int | None = Field(None, ge=1, description="The first N users of the split (None: all).")
-    per_user: int | None = Field(None, ge=1, description="At most N queries per user, the first in file order.")
-    methods: list[str] = Field(
-        default_factory=list, description="Model methods and baselines; empty: every one that applies to the task."
-    )
-    retriever: str = "bm25"
-    k: int = Field(4, ge=1)
-    scoring: Literal["auto", "generate", "likelihood", "calibrated"] = Field(
-        "auto",
-        description="Label tasks: likelihood of each label (auto), likelihood minus the label's content-free "
-        "prior (calibrated), or free generation; other tasks generate.",
-    )
-    max_new_tokens: int = 32
-    train_via: Literal["workers", "inline"] = "workers"
-    model: str = ""
-    decoder: str = Field("", description="Settings.decoder of the run (fast, fast-fp32, plain); '' before it existed.")
-    lora: dict = Field(default_factory=dict)
-    base: Literal["task", "zero-shot"] = Field(
-        "task",
-        description="What none/rag/peft/rag+peft run on: the task-adapted base where a task adapter exists (task), "
-        "or the plain base model (zero-shot).",
-    )
-    task_adapter: str | None = Field(None, description="The task adapter the run used (its ref), None: none.")
-    seed: int = 0
-    code_version: str = ""
-
-    @model_validator(mode="after")
-    def _default_methods(self) -> EvalConfig:
-        # checking names is ``resolve_methods``' job (the runner calls it), so its error stays a PersonalizeError
-        if not self.methods:
-            with contextlib.suppress(PersonalizeError):
-                self.methods = default_methods(self.task)
-        return self
-
-    def used_scoring(self) -> str:
-        has_labels = get_task(self.task).labels is not None
-        if not has_labels:
-            return "generate"
-        if self.scoring in ("generate", "calibrated"):
-            return self.scoring
-        return "likelihood"
-
-
-def code_version() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True)
-        version = out.stdout.strip() or "unknown"
-        return version + ("+dirty" if dirty.stdout.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def _bar(iterable: Iterable, total: int, desc: str, show: bool):  # noqa: ANN202

@@ -30,6 +30,7 @@ from typing import Any
 from personalize.fastpath import _rotate, _sdpa_has_gqa
 from personalize.fastpath import unsupported_reason as decoder_unsupported_reason
 from personalize.kernels import KernelLibrary
+from personalize.peft_utils import strip_tuner_layers
 
 ATTN_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -55,8 +56,6 @@ def shared_skeleton(model: Any) -> Any:
     deep copy costs ~0.4 s and 540 MB per user). Tied weights stay tied (one new Parameter per shared one). peft
     layers that an in-place ``AdapterCache`` put on the model are taken out of the copy."""
     import torch
-
-    from personalize.training import strip_tuner_layers
 
     memo: dict[int, Any] = {id(b): b for b in model.buffers()}
     for p in model.parameters():

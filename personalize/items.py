@@ -11,6 +11,7 @@ from typing import Any
 
 from personalize.checks import check_id, check_json, check_string, check_unicode, short
 from personalize.errors import InvalidInputError
+from personalize.tasks import get_task
 
 MAX_ITEM_ID_CHARS = 512
 
@@ -122,7 +123,5 @@ def make_item(
         fields = check_json(fields, f"{where}: fields")
     output = _check_output(output, where)
     if task is not None:
-        from personalize.tasks import get_task  # tasks imports this module
-
         get_task(check_string(task, f"{where}: task"))
     return ProfileItem(item_id, text, fields, output, parse_timestamp(timestamp, f"{where}: timestamp"), task)

@@ -8,8 +8,6 @@ user never train at once; a running job whose worker is gone (dead pid on this h
 
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -18,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 
 from personalize.errors import UnknownUserError
+from personalize.process_ids import local_pid_alive, worker_identity
 from personalize.schema import Adapter, Item, TrainingJob, User, utcnow
 from personalize.store import Store
 
@@ -62,26 +61,6 @@ class AdapterInfo:
     size_bytes: int
     created_at: datetime
     config: dict[str, Any] | None = None  # how it was trained (steps, tokens, the base it was trained on)
-
-
-def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def local_pid_alive(worker: str | None) -> bool | None:
-    """Whether ``worker`` (``host:pid``) is a live process of this host; None when it is not of this host."""
-    if not worker or ":" not in worker:
-        return None
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _job_info(job: TrainingJob, user_id: str) -> JobInfo:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from personalize.adapter_format import read_metadata
 from personalize.adapter_store import LocalAdapterStore
 from personalize.adapters import AdapterCache
 from personalize.adapters import generate_batch as batch_generate
@@ -28,6 +29,7 @@ from personalize.errors import (
     ImportIncompleteError,
     InvalidInputError,
     PersonalizeError,
+    TrainingCancelled,
     TrainingFailedError,
     UnknownUserError,
 )
@@ -54,8 +56,8 @@ from personalize.settings import Settings
 from personalize.store import Store, UpsertReport
 from personalize.task_adapters import TASKS_FOLDER, TaskAdapterInfo, TaskAdapterStore, task_model
 from personalize.tasks import Task, get_task
-from personalize.training import TrainingCancelled, read_metadata, train_adapter, training_pairs
-from personalize.vectorstore import VectorStore
+from personalize.training import train_adapter, training_pairs
+from personalize.vectorstore import VectorStore, vector_metadata
 
 if TYPE_CHECKING:
     from personalize.consistency import ConsistencyReport
@@ -970,13 +972,6 @@ class EnqueueResult:
     job_id: int | None
     queued: bool
     message: str
-
-
-def vector_metadata(item: ProfileItem) -> dict[str, str]:
-    """What Chroma keeps beside an item's vector: its timestamp, task and content hash (no text); the hash lets a
-    repair find vectors of an older version of the item."""
-    ts = item.timestamp.isoformat() if item.timestamp else ""
-    return {"ts": ts, "task": item.task or "", "h": item.content_hash()}
 
 
 def adapter_base(adapter: AdapterInfo) -> str:

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 
 from personalize.baselines import is_baseline
 from personalize.errors import InvalidInputError
+from personalize.eval_config import EvalConfig
 from personalize.methods import ordered
 from personalize.metrics import LOWER_IS_BETTER, relative_gain
 from personalize.schema import Adapter, EvalResult, EvalRun, User
@@ -505,8 +506,6 @@ def build_report(store: Store, run_id: str, n_buckets: int = 4, stats: StatsSett
     samples = load_samples(run.task, results)
     table, comparisons, best_baseline = _rows(samples, settings) if results else ([], [], None)
     notes = []
-    from personalize.evaluation import EvalConfig
-
     config = EvalConfig(**run.config)
     if config.synthetic:
         notes.append("SYNTHETIC data: planted per-user signals, not a real benchmark")

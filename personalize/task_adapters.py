@@ -40,10 +40,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalize.adapter_format import read_metadata
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.items import ProfileItem
 from personalize.modeling import LoadedModel
 from personalize.naming import eval_user_id, user_key
+from personalize.peft_utils import strip_tuner_layers
 from personalize.prompting import build_prompt, count_tokens
 from personalize.retrieval import BM25Index, RetrievedItem
 from personalize.settings import LoraSettings, TaskAdapterSettings
@@ -183,8 +185,6 @@ class TaskAdapterStore:
         return out
 
     def _info(self, path: Path) -> TaskAdapterInfo | None:
-        from personalize.training import read_metadata
-
         metadata = read_metadata(path)
         if metadata is None or metadata.get("kind") != "task":
             return None
@@ -535,8 +535,6 @@ def task_model(base: LoadedModel, info: TaskAdapterInfo) -> LoadedModel:
 
 def _merge(base: LoadedModel, info: TaskAdapterInfo) -> LoadedModel:
     from peft import PeftModel
-
-    from personalize.training import strip_tuner_layers
 
     if info.base_model != base.name:
         raise InvalidInputError(f"task adapter {info.ref} was trained on {info.base_model!r}, not on {base.name!r}")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from personalize.checks import short
 from personalize.errors import InvalidInputError
-from personalize.items import ProfileItem
+
+if TYPE_CHECKING:
+    from personalize.items import ProfileItem
 
 LAMP2_TAGS = (
     "sci-fi",

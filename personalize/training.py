@@ -9,7 +9,6 @@ temporary folder that is renamed into place only once complete.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
@@ -23,32 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personalize.adapter_format import ADAPTER_METADATA, METADATA_FORMAT, read_metadata
 from personalize.adapter_store import temp_prefix
-from personalize.errors import InvalidInputError, PersonalizeError
+from personalize.errors import AdapterExistsError, InvalidInputError, TrainingCancelled
 from personalize.items import ProfileItem
 from personalize.modeling import LoadedModel
+from personalize.peft_utils import private_base_copy, strip_tuner_layers
 from personalize.prompting import encode
 from personalize.settings import LoraSettings
 from personalize.tasks import Defaulting, Task, get_task
 
-ADAPTER_METADATA = "personalize.json"  # written last: a folder holding it is a complete adapter
-METADATA_FORMAT = 1
 CONTINUE_TEMPLATE = "Continue this text: {text}"
 MIN_CONTINUATION_WORDS = 4
 
 Pair = tuple[str, str]
 ProgressFn = Callable[[float, float | None], None]
 StopFn = Callable[[], bool]
-
-
-class TrainingCancelled(PersonalizeError):
-    """``should_stop()`` asked training to stop; nothing was written to the adapter folder."""
-
-
-class AdapterExistsError(PersonalizeError, FileExistsError):
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        super().__init__(f"{path} already exists: adapters are never overwritten; train into a new folder")
 
 
 @dataclass
@@ -238,27 +227,6 @@ def _loss(model: Any, batch: dict[str, Any], is_encoder_decoder: bool, keep_logi
 # --- training -----------------------------------------------------------------------------------------------------
 
 
-def strip_tuner_layers(model: Any) -> Any:
-    """Take every peft layer out of ``model`` in place, putting back the original layer it wraps."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer) and name:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            if getattr(parent, child, None) is module:
-                setattr(parent, child, module.get_base_layer())
-    if "peft_config" in vars(model):  # peft records its adapters on the model it wraps
-        del model.peft_config
-    return model
-
-
-def private_base_copy(model: Any) -> Any:
-    """A copy of the base model to train on, without any peft layers (an ``AdapterCache`` may wrap the same model
-    in place): the shared model is neither changed nor seen half-changed by other threads."""
-    return strip_tuner_layers(copy.deepcopy(model))
-
-
 def _lora_config(loaded: LoadedModel, settings: LoraSettings) -> Any:
     from peft import LoraConfig, TaskType
 
@@ -435,14 +403,6 @@ def _write_atomically(model: Any, out_dir: Path, metadata: dict[str, Any]) -> No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def read_metadata(path: Path) -> dict[str, Any] | None:
-    """An adapter folder's ``personalize.json``, or None when the folder is not a complete adapter."""
-    try:
-        return json.loads((Path(path) / ADAPTER_METADATA).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 __all__ = [

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import numpy as np
@@ -26,6 +26,9 @@ from personalize.crashpoints import crash_point
 from personalize.errors import StoreBusyError, VectorStoreUnavailableError
 from personalize.naming import collection_name
 
+if TYPE_CHECKING:
+    from personalize.items import ProfileItem
+
 LOCK_FILE = "personalize-writer.lock"
 
 
@@ -33,6 +36,13 @@ LOCK_FILE = "personalize-writer.lock"
 class Hit:
     id: str
     score: float
+
+
+def vector_metadata(item: ProfileItem) -> dict[str, str]:
+    """What Chroma keeps beside an item's vector: its timestamp, task and content hash (no text); the hash lets a
+    repair find vectors of an older version of the item."""
+    ts = item.timestamp.isoformat() if item.timestamp else ""
+    return {"ts": ts, "task": item.task or "", "h": item.content_hash()}
 
 
 def _is_uuid(name: str) -> bool:

@@ -11,8 +11,10 @@ from personalize.baselines import BASELINES, BaselineInput, baselines_for, check
 from personalize.cli import app
 from personalize.datasets import Dataset, Query, synthetic_dataset
 from personalize.errors import InvalidInputError
-from personalize.evaluation import EvalConfig, EvaluationRunner, default_methods, eval_user_id, resolve_methods
+from personalize.eval_config import EvalConfig, default_methods, resolve_methods
+from personalize.evaluation import EvaluationRunner
 from personalize.items import ProfileItem
+from personalize.naming import eval_user_id
 from personalize.reports import build_report
 from personalize.schema import EvalResult
 from personalize.tasks import get_task

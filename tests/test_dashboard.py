@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import select
 
 from personalize import Personalizer, Settings
-from personalize.evaluation import EvalConfig, eval_user_id
+from personalize.eval_config import EvalConfig
+from personalize.naming import eval_user_id
 from personalize.reports import build_report
 from personalize.schema import Adapter, EvalResult, EvalRun, TrainingJob, User
 from personalize.task_adapter_jobs import train_now

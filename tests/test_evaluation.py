@@ -6,11 +6,13 @@ import pytest
 from typer.testing import CliRunner
 
 from personalize import Personalizer
+from personalize.calibration import calibrate_from_run
 from personalize.cli import app
 from personalize.datasets import synthetic_dataset
-from personalize.evaluation import EvalConfig, EvaluationRunner
+from personalize.eval_config import EvalConfig
+from personalize.evaluation import EvaluationRunner
 from personalize.reports import build_report, compare_runs, export, format_comparison, format_report
-from personalize.router import Router, calibrate_from_run
+from personalize.router import Router
 from personalize.schema import EvalResult
 
 

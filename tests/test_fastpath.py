@@ -13,9 +13,9 @@ from tiny_model import make_tiny_loaded
 
 from personalize import Personalizer, Settings
 from personalize.fastpath import FastDecoder, fast_weights, unsupported_reason
+from personalize.peft_utils import private_base_copy
 from personalize.personalizer import generate_text
 from personalize.quantization import kernel_unavailable_reason, quantize
-from personalize.training import private_base_copy
 
 PROMPTS = [[101, 2023, 2003, 1037, 3231], [101, 7592, 2088, 2003, 2023, 1037, 2936, 3231, 6251, 102, 2054], [101]]
 

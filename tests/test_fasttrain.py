@@ -12,6 +12,7 @@ from tiny_model import make_tiny_loaded, make_tiny_t5_loaded
 
 from personalize import fasttrain
 from personalize.fasttrain import FastLoraForward, dropout_matches_torch, shared_skeleton
+from personalize.peft_utils import private_base_copy
 from personalize.training import (
     ADAPTER_METADATA,
     LoraSettings,
@@ -19,7 +20,6 @@ from personalize.training import (
     _lora_config,
     _loss,
     encode_pair,
-    private_base_copy,
     train_adapter,
 )
 

@@ -11,8 +11,8 @@ from peft import PeftModel
 
 from personalize import AdapterOwnershipError, Personalizer
 from personalize.naming import user_key
+from personalize.peft_utils import private_base_copy
 from personalize.scoring import candidate_log_likelihoods
-from personalize.training import private_base_copy
 
 # prefixes of each other, differing only in case, in unicode normal form, or holding path characters
 LOOKALIKES = [

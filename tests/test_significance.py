@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from personalize.calibration import calibrate_from_run
 from personalize.cli import app
 from personalize.metrics import score
 from personalize.reports import build_report, compare_runs, export, export_dict, format_comparison, format_report
-from personalize.router import Router, calibrate_from_run
+from personalize.router import Router
 from personalize.schema import EvalResult, EvalRun
 from personalize.settings import StatsSettings
 from personalize.significance import (

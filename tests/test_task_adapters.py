@@ -13,7 +13,8 @@ from conftest import FAST_LORA, start_worker, stop_process, wait_for
 from personalize import Personalizer, Settings
 from personalize.datasets import Dataset, Query, synthetic_dataset
 from personalize.errors import AdapterBaseMismatchError, InvalidInputError
-from personalize.evaluation import EvalConfig, EvaluationRunner
+from personalize.eval_config import EvalConfig
+from personalize.evaluation import EvaluationRunner
 from personalize.naming import eval_user_id, user_key
 from personalize.settings import LoraSettings, TaskAdapterSettings
 from personalize.task_adapter_jobs import queue_train, retrain_source, source_users, train_now

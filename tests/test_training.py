@@ -199,7 +199,7 @@ def test_training_leaves_the_base_model_unchanged(loaded, tmp_path):
 def test_adapter_folder_is_peft_format_with_metadata_and_loads(loaded, tmp_path):
     from peft import PeftModel
 
-    from personalize.training import private_base_copy
+    from personalize.peft_utils import private_base_copy
 
     out = tmp_path / "users" / "adapter"
     result = train_adapter(loaded, rating_pairs(), LoraSettings(max_steps=2, learning_rate=5e-2, **FAST), out)

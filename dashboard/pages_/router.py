@@ -7,8 +7,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import data, ui
+from personalize.calibration import calibrate_from_run
 from personalize.reports import Estimate
-from personalize.router import DEFAULT_TASK, Policy, calibrate_from_run
+from personalize.router import DEFAULT_TASK, Policy
 from personalize.tasks import task_names
 
 COLORS = ui.METHOD_COLORS
