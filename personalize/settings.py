@@ -72,7 +72,7 @@ class LoraSettings(BaseModel):
 
 def _task_lora() -> LoraSettings:
     return LoraSettings(
-        rank=16, alpha=32, dropout=0.05, epochs=1, learning_rate=5e-4, batch_size=8, max_length=384, max_tokens=None
+        rank=16, alpha=32, dropout=0.05, epochs=1, learning_rate=5e-4, batch_size=8, max_length=640, max_tokens=None
     )
 
 
@@ -81,7 +81,13 @@ class TaskAdapterSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lora: LoraSettings = Field(default_factory=_task_lora, description="The shared LoRA (rank 16, one epoch).")
+    lora: LoraSettings = Field(
+        default_factory=_task_lora,
+        description=(
+            "The shared LoRA (rank 16, one epoch). max_length 640 holds a rag prompt whole (token_budget 512 plus the "
+            "chat template and the output): a shorter one would cut a context pair's question off its end."
+        ),
+    )
     max_pairs: int = Field(2000, ge=1, description="Pairs over all users, at most.")
     max_pairs_per_user: int = Field(40, ge=1, description="Pairs per user, at most (the most recent items).")
     max_tokens: int = Field(

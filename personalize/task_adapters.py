@@ -414,7 +414,8 @@ def build_task_pairs(
     shuffled = [pairs[i] for i in order][: settings.max_pairs]
     kept, tokens = [], 0
     for pair in shuffled:
-        n = count_tokens(loaded, pair.prompt) + count_tokens(loaded, pair.output) + 24  # + chat template, eos
+        # what training will see: the pair cut to max_length, plus the chat template and the eos
+        n = min(count_tokens(loaded, pair.prompt) + count_tokens(loaded, pair.output) + 24, settings.lora.max_length)
         if tokens + n > settings.max_tokens:
             break
         kept.append(pair)
@@ -423,6 +424,7 @@ def build_task_pairs(
 
 
 CHOICE_PAIRS = ("reuters-authorship",)
+PAIR_OVERHEAD = 96  # tokens of a pair beyond the rag prompt's budget: chat template, output, eos
 
 
 def _full_text(item: ProfileItem) -> str:
@@ -496,7 +498,9 @@ def train_task_adapter(
 
     if not users:
         raise InvalidInputError(f"no users with items to train a task adapter for {source.task!r} on")
-    pairs = build_task_pairs(loaded, users, source, settings, token_budget, input_share, embedder)
+    # a context pair must fit max_length whole (question at its end included): the rag budget, or what fits
+    budget = max(32, min(token_budget, settings.lora.max_length - PAIR_OVERHEAD))
+    pairs = build_task_pairs(loaded, users, source, settings, budget, input_share, embedder)
     if not pairs:
         raise InvalidInputError("no training pairs: the users' items give no (input, output) pair for this task")
     digest = data_hash(pairs)
@@ -508,6 +512,7 @@ def train_task_adapter(
         "user_keys": sorted({p.user_key for p in pairs}),
         "n_users": len({p.user_key for p in pairs}),
         "n_with_context": sum(1 for p in pairs if p.context_ids),
+        "context_token_budget": budget,
         "task_settings": settings.model_dump(exclude={"lora"}),
     }
     out = store.next_path(source.task, loaded.name)
