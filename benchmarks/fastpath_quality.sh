@@ -8,7 +8,11 @@
 # `training`: the fast training step against peft's own (PERSONALIZE_LORA__TRAINER=plain, then =fast), each in its
 # own home so each trains its own adapters, method peft, both with the fast decoder: movielens-rating and reuters-lead
 # as above (`training-movielens` or `training-reuters-lead` for one of them).
-# Usage: benchmarks/fastpath_quality.sh [movielens|reuters-lead|all|training|training-movielens|training-reuters-lead]
+# `task-adapted` (issue 14): the same two checks on a task-adapted base (the task adapter merged into the weights):
+# a small task adapter (PERSONALIZE_TASK_ADAPTER__MAX_TOKENS=30000) on movielens-rating dev's first USERS (20)
+# users, then plain vs fast decoder (none/rag/peft, free generation) and plain vs fast trainer (peft).
+# Usage: benchmarks/fastpath_quality.sh [movielens|reuters-lead|all|training|training-movielens|training-reuters-lead|
+#        task-adapted]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -46,6 +50,9 @@ train_pair() {  # the same evaluation with each trainer, each in its own home (s
     if [[ ! -d $home/models && -d $PERSONALIZE_HOME/models ]]; then  # reuse the dequantised model cache
       mkdir -p "$home" && cp -r "$PERSONALIZE_HOME/models" "$home/models"
     fi
+    if [[ ! -d $home/adapters/_tasks && -d $PERSONALIZE_HOME/adapters/_tasks ]]; then  # the same task adapter
+      mkdir -p "$home/adapters" && cp -r "$PERSONALIZE_HOME/adapters/_tasks" "$home/adapters/_tasks"
+    fi
     ids+=("$(PERSONALIZE_HOME=$home PERSONALIZE_LORA__TRAINER=$trainer $P eval run "$@" | tail -n 1 | awk '{print $NF}')")
   done
   echo "== $tag: trainer plain vs fast"
@@ -61,4 +68,13 @@ if [[ $what == training || $what == training-reuters-lead ]]; then
   PERSONALIZE_LORA__MAX_ITEMS=${READ_ITEMS:-8} train_pair reuters-lead --task reuters-lead --split dev \
     --data "$DATA/reuters-c50" --users 40 --per-user "${PER_USER:-1}" --methods peft --max-new-tokens 32 \
     --retriever bm25 --k 4
+fi
+if [[ $what == task-adapted ]]; then
+  users=${USERS:-20}
+  $P task-adapter list | grep -q '^movielens-rating@' || PERSONALIZE_TASK_ADAPTER__MAX_TOKENS=${TA_TOKENS:-30000} \
+    $P task-adapter train --task movielens-rating --data "$DATA/movielens-small" --split dev --users "$users"
+  run_pair --task movielens-rating --split dev --data "$DATA/movielens-small" --users "$users" \
+    --methods none,rag,peft --scoring generate --max-new-tokens 4 --retriever bm25 --k 4 --workers 1
+  train_pair movielens-rating-task-adapted --task movielens-rating --split dev --data "$DATA/movielens-small" \
+    --users "$users" --methods peft --scoring generate --max-new-tokens 4 --retriever bm25 --k 4 --workers 1
 fi
