@@ -16,11 +16,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
-export PERSONALIZE_HOME=${PERSONALIZE_HOME:-.personalize-quality}
+what=${1:-all}
+default_home=.personalize-quality
+[[ $what == task-adapted ]] && default_home=.personalize-quality-task  # its own home: every adapter on the task base
+export PERSONALIZE_HOME=${PERSONALIZE_HOME:-$default_home}
 export PERSONALIZE_LORA__EPOCHS=${PERSONALIZE_LORA__EPOCHS:-1}
 export PERSONALIZE_LORA__MAX_ITEMS=${PERSONALIZE_LORA__MAX_ITEMS:-16}
 P=${P:-.venv/bin/personalize}
-what=${1:-all}
 decoders=(plain fast)
 [[ ${FP32:-0} == 1 ]] && decoders+=(fast-fp32)
 
