@@ -27,10 +27,10 @@ SAMPLE_PROMPTS = {
     "romance fan": "Notting Hill (1999) (Comedy, Romance)",
     "family viewer": "Toy Story (1995) (Adventure, Animation, Children, Comedy, Fantasy)",
 }
-# 54 sample items: four epochs over them, half with retrieved context; ~1-3 minutes on 2 cores
+# 54 sample items: three epochs over them, half with retrieved context; ~1-3 minutes on 2 cores
 DEMO_TASK_ADAPTER = TaskAdapterSettings(
     lora=LoraSettings(
-        rank=16, alpha=32, epochs=4, learning_rate=1e-3, batch_size=8, max_length=256, max_tokens=None, seed=0
+        rank=16, alpha=32, epochs=3, learning_rate=1e-3, batch_size=8, max_length=256, max_tokens=None, seed=0
     ),
     max_pairs=1000,
     max_pairs_per_user=100,
