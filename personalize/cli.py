@@ -639,7 +639,7 @@ def task_adapter_train(
 ) -> None:
     """Train a task adapter on pooled pairs of many users (about half with retrieved context)."""
     from personalize.retrieval import check_retriever
-    from personalize.task_adapter_jobs import queue_train, train_now
+    from personalize.task_adapter_jobs import queue_train, run_job
     from personalize.task_adapters import TaskAdapterSource
 
     if cut not in ("time", "user"):
@@ -660,8 +660,13 @@ def task_adapter_train(
             return
         if via != "inline":
             raise InvalidInputError(f"--via must be inline or workers, got {via!r}")
-        result = train_now(p, source, progress=True)
-    _print_json(result.info.summary())
+        job_id = p.task_adapters.new_job(source, p.settings.model, "inline (personalize task-adapter train)")
+        outcome = run_job(p, job_id, progress=True)  # the job record carries progress and ETA for the dashboard
+        record = p.task_adapters.job(job_id) or {}
+        if outcome != "done":
+            raise PersonalizeError(f"task adapter training {outcome}: {record.get('error', 'no record')}")
+        info = p.task_adapters.get(task, p.settings.model)
+    _print_json(info.summary())
 
 
 @task_adapter_app.command("list")

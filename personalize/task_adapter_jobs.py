@@ -136,8 +136,9 @@ def queue_train(p: Personalizer, source: TaskAdapterSource, reason: str = "reque
     return job_id
 
 
-def run_job(p: Personalizer, job_id: str) -> str:
-    """What a worker runs for a queued task adapter job: done (with the new ref) or failed (with why)."""
+def run_job(p: Personalizer, job_id: str, *, progress: bool = False) -> str:
+    """What a worker runs for a queued task adapter job (and the CLI for an inline one, with a bar): done (with the
+    new ref) or failed (with why); the record's progress, loss and ETA are what the dashboard shows meanwhile."""
     record = p.task_adapters.job(job_id)
     if record is None:
         return "gone"
@@ -145,7 +146,7 @@ def run_job(p: Personalizer, job_id: str) -> str:
         return "duplicate"
     _update_job(p, job_id, state="running", started_at=_now())
     try:
-        result = train_now(p, TaskAdapterSource(**record["source"]), job_id=job_id)
+        result = train_now(p, TaskAdapterSource(**record["source"]), job_id=job_id, progress=progress)
     except PersonalizeError as exc:
         _update_job(p, job_id, state="failed", error=str(exc), finished_at=_now())
         return "failed"

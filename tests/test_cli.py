@@ -110,3 +110,22 @@ def test_task_adapter_train_list_show_remove_and_eval_base(run, monkeypatch):
     assert run("task-adapter", "remove", "movielens-rating", "--version", "1").exit_code == 0
     gone = run("task-adapter", "show", "movielens-rating")
     assert gone.exit_code == 2 and "no task adapter" in gone.output
+
+
+def test_an_inline_task_adapter_training_leaves_a_job_record_with_its_progress(run, monkeypatch):
+    monkeypatch.setenv(
+        "PERSONALIZE_TASK_ADAPTER",
+        json.dumps(
+            {"lora": {"epochs": 1, "batch_size": 4, "max_length": 64, "rank": 2, "max_tokens": None}, "max_pairs": 8}
+        ),
+    )
+    monkeypatch.setenv("PERSONALIZE_TORCH_THREADS", "1")
+    trained = json.loads(
+        run("task-adapter", "train", "--task", "movielens-rating", "--data", "SYNTHETIC", "--users", "2").stdout
+    )
+    [job] = json.loads(run("task-adapter", "jobs", "--json").stdout)
+    assert job["state"] == "done" and job["progress"] == 1.0 and job["adapter"] == trained["ref"]
+    failed = run("task-adapter", "train", "--task", "movielens-rating", "--data", "/nonexistent", "--users", "2")
+    assert failed.exit_code == 2 and "error:" in failed.output
+    states = sorted(j["state"] for j in json.loads(run("task-adapter", "jobs", "--json").stdout))
+    assert states == ["done", "failed"]
