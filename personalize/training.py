@@ -297,6 +297,8 @@ def train_adapter(
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         while len(losses) < total:
             order = torch.randperm(len(examples), generator=shuffle).tolist()
+            if settings.group_by_length:
+                order = group_by_length(order, [len(e.input_ids) for e in examples], settings.batch_size, shuffle)
             for first in range(0, len(order), settings.batch_size):
                 if len(losses) >= total:
                     break
@@ -356,6 +358,21 @@ def train_adapter(
         trainer,
         note,
     )
+
+
+def group_by_length(order: list[int], lengths: Sequence[int], batch_size: int, generator: Any) -> list[int]:
+    """``order`` with similar lengths side by side: each window of 16 batches is sorted by length and cut into
+    batches, and the batches are shuffled. A left-padded batch costs its longest row times its size, so mixing a
+    60-token pair with a 600-token one wastes most of the step; the shuffle keeps the steps' order random."""
+    import torch
+
+    window = batch_size * 16
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]]
 
 
 def token_capped_steps(examples: Sequence[_Example], settings: LoraSettings) -> int:

@@ -257,3 +257,20 @@ def test_settings_reject_unknown_fields_and_bad_values():
     with pytest.raises(ValueError):
         LoraSettings(rank=0)
     assert LoraSettings.model_fields["learning_rate"].description
+
+
+def test_group_by_length_keeps_every_pair_once_and_cuts_padding():
+    import torch
+
+    from personalize.training import group_by_length
+
+    lengths = [60 if i % 2 else 600 for i in range(64)]
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()
+    grouped = group_by_length(order, lengths, 8, torch.Generator().manual_seed(1))
+    assert sorted(grouped) == list(range(64))
+
+    def padded(o: list[int]) -> int:
+        return sum(8 * max(lengths[i] for i in o[b : b + 8]) for b in range(0, len(o), 8))
+
+    assert padded(grouped) < 0.7 * padded(order)
+    assert group_by_length(order, lengths, 8, torch.Generator().manual_seed(1)) == grouped  # seeded
