@@ -43,12 +43,12 @@ from personalize.prompting import BuiltPrompt, build_prompt, encode
 from personalize.queue import QUEUE, TRAIN_USER, describe_broker, make_celery
 from personalize.results import ForgetReport, GenerationResult, RetrievedRef, Timings
 from personalize.retrieval import (
-    BM25Retriever,
-    DenseRetriever,
-    RecencyRetriever,
+    ForgetsUsers,
     RetrievedItem,
     Retriever,
+    RetrieverContext,
     check_retriever,
+    get_retriever_spec,
 )
 from personalize.router import Router
 from personalize.scoring import candidate_log_likelihoods
@@ -294,9 +294,9 @@ class Personalizer:
         crash_point("forget-sql-deleted")
         report.collection = self.vectors.delete_user(user_id)
         crash_point("forget-chroma-deleted")
-        bm25 = self._retrievers.get("bm25")
-        if isinstance(bm25, BM25Retriever):
-            bm25.forget(user_id)
+        for built in list(self._retrievers.values()):
+            if isinstance(built, ForgetsUsers):
+                built.forget(user_id)
         for cache in self._adapter_caches.values():
             cache.evict(adapter_name(user_id))
         self._forget_in_task_adapters(user_id, report)
@@ -331,15 +331,21 @@ class Personalizer:
     # -- retrieval ---------------------------------------------------------------------------------------------
 
     def retriever(self, name: str | None = None) -> Retriever:
-        name = check_retriever(name or self.settings.retriever)
+        """The retriever registered as ``name`` (default: ``settings.retriever``), built once per client."""
+        name = self._retriever_name(name)
         if name not in self._retrievers:
-            if name == "dense":
-                self._retrievers[name] = DenseRetriever(self.vectors, self.embedder)
-            elif name == "bm25":
-                self._retrievers[name] = BM25Retriever(self.store, self._doc_text)
-            else:
-                self._retrievers[name] = RecencyRetriever(self.store)
+            context = RetrieverContext(self.store, self.vectors, self.embedder, self._doc_text)
+            self._retrievers[name] = get_retriever_spec(name).factory(context)
         return self._retrievers[name]
+
+    def _retriever_name(self, name: str | None) -> str:
+        """``name``, or the settings' default, as a registered retriever; an unknown default says where it came from."""
+        if name:
+            return check_retriever(name)
+        try:
+            return check_retriever(self.settings.retriever)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{exc} (the default: settings.retriever, PERSONALIZE_RETRIEVER)") from None
 
     def retrieve(
         self, user_id: str, query: str, k: int | None = None, retriever: str | None = None
@@ -449,7 +455,7 @@ class Personalizer:
         retrieved: list[RetrievedItem] = []
         retriever_name = None
         if uses_retrieval(chosen):
-            retriever_name = check_retriever(retriever or self.settings.retriever)
+            retriever_name = self._retriever_name(retriever)
             t0 = time.perf_counter()
             retrieved = self.retrieve(user_id, the_task.query_text(prompt), k, retriever_name)
             timings.retrieval_s = time.perf_counter() - t0

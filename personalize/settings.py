@@ -13,7 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 BUNDLED_EMBEDDER = "bundled:all-minilm-l6-v2"
-RetrieverName = Literal["dense", "bm25", "recency"]
+# a name in ``personalize.retrieval.RETRIEVERS`` (dense, bm25, recency, or one registered), checked at use time
+RetrieverName = str
 
 
 class LoraSettings(BaseModel):
@@ -158,7 +159,10 @@ class Settings(BaseSettings):
     )
     model: str = Field(BUNDLED_MODEL, description="Generative model: bundled, a Hugging Face id or a path.")
     embedding_model: str = Field(BUNDLED_EMBEDDER, description="Sentence-transformers model or path.")
-    retriever: RetrieverName = Field("dense", description="Default retriever: dense, bm25 or recency.")
+    retriever: RetrieverName = Field(
+        "dense",
+        description="Default retriever: dense, bm25, recency or another registered one (checked when first used).",
+    )
     k: int = Field(4, ge=0, le=100, description="Default number of items to retrieve.")
     token_budget: int = Field(
         512, ge=32, description="Tokens shared by the input and the retrieved items (LaMP uses 256)."

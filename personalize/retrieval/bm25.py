@@ -1,8 +1,4 @@
-"""Retrievers over one user's items: dense (Chroma + MiniLM), BM25 (LaMP's baseline) and recency.
-
-A retriever is one small class registered by name; ``RETRIEVERS`` is the registry that settings and the per-call
-``retriever=`` argument select from. Every retriever searches only the asking user's items.
-"""
+"""BM25 (LaMP's baseline): Okapi BM25 over one user's items, an index per user cached until their data changes."""
 
 from __future__ import annotations
 
@@ -10,33 +6,13 @@ import math
 import re
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Sequence
 
-from personalize.checks import short
-from personalize.embedding import Embedder
-from personalize.errors import InvalidInputError
 from personalize.items import ProfileItem
+from personalize.retrieval.base import register_retriever
 from personalize.store import Store
-from personalize.vectorstore import VectorStore
 
 _TOKEN = re.compile(r"\w+", re.UNICODE)
-
-
-@dataclass(frozen=True)
-class RetrievedItem:
-    id: str
-    score: float
-    item: ProfileItem
-
-
-class Retriever(Protocol):
-    name: str
-
-    def search(self, user_id: str, query: str, k: int) -> list[tuple[str, float]]:
-        """Return up to ``k`` (item id, score) pairs, best first."""
-        ...
 
 
 def tokenize(text: str) -> list[str]:
@@ -80,7 +56,7 @@ class BM25Index:
 class BM25Retriever:
     name = "bm25"
 
-    def __init__(self, store: Store, doc_text, cache_users: int = 64) -> None:  # noqa: ANN001
+    def __init__(self, store: Store, doc_text: Callable[[ProfileItem], str], cache_users: int = 64) -> None:
         self.store = store
         self.doc_text = doc_text
         self._cache: OrderedDict[str, tuple[int, BM25Index]] = OrderedDict()
@@ -110,45 +86,8 @@ class BM25Retriever:
             self._cache.pop(user_id, None)
 
 
-class DenseRetriever:
-    name = "dense"
-
-    def __init__(self, vectors: VectorStore, embedder: Embedder) -> None:
-        self.vectors = vectors
-        self.embedder = embedder
-        self._last: tuple[str, object] | None = None
-
-    def search(self, user_id: str, query: str, k: int) -> list[tuple[str, float]]:
-        return [(h.id, h.score) for h in self.vectors.query(user_id, self._embedding(query), k)]
-
-    def _embedding(self, query: str):  # noqa: ANN202
-        """The query is embedded once: retrieval asks again with a larger k when it skips vectors with no SQL row."""
-        last = self._last
-        if last is not None and last[0] == query:
-            return last[1]
-        embedding = self.embedder.embed_one(query)
-        self._last = (query, embedding)
-        return embedding
-
-
-class RecencyRetriever:
-    """The user's latest items (by timestamp, then insertion order); the score is the rank from newest."""
-
-    name = "recency"
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def search(self, user_id: str, query: str, k: int) -> list[tuple[str, float]]:
-        items = self.store.items(user_id)
-        latest = list(reversed(items))[:k]
-        return [(item.id, 1.0 / (rank + 1)) for rank, item in enumerate(latest)]
-
-
-RETRIEVER_NAMES = ("dense", "bm25", "recency")
-
-
-def check_retriever(name: str) -> str:
-    if name not in RETRIEVER_NAMES:
-        raise InvalidInputError(f"unknown retriever {short(name)}; choose one of {', '.join(RETRIEVER_NAMES)}")
-    return name
+register_retriever(
+    "bm25",
+    "Okapi BM25 over the user's items (LaMP's baseline); an index per user, rebuilt when their data changes",
+    lambda ctx: BM25Retriever(ctx.store, ctx.doc_text),
+)
