@@ -638,9 +638,8 @@ def task_adapter_train(
     via: str = typer.Option("inline", "--via", help="inline (this process, a bar with an ETA) or workers (Celery)"),
 ) -> None:
     """Train a task adapter on pooled pairs of many users (about half with retrieved context)."""
-    from personalize.retrieval import check_retriever
     from personalize.task_adapter_jobs import queue_train, run_job
-    from personalize.task_adapters import TaskAdapterSource
+    from personalize.task_adapters import TaskAdapterSource, check_pair_retriever
 
     if cut not in ("time", "user"):
         raise InvalidInputError(f"--cut must be time or user, got {cut!r}")
@@ -651,7 +650,7 @@ def task_adapter_train(
         users=users,
         cut=cut,  # type: ignore[arg-type]
         eval_users=eval_users,
-        retriever=check_retriever(retriever),
+        retriever=check_pair_retriever(retriever),
         k=k,
     )
     with _client() as p:

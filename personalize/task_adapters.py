@@ -47,7 +47,7 @@ from personalize.modeling import LoadedModel
 from personalize.naming import eval_user_id, user_key
 from personalize.peft_utils import strip_tuner_layers
 from personalize.prompting import build_prompt, count_tokens
-from personalize.retrieval import BM25Index, RetrievedItem
+from personalize.retrieval import BUILTIN_RETRIEVERS, BM25Index, RetrievedItem, check_retriever
 from personalize.settings import LoraSettings, TaskAdapterSettings
 from personalize.tasks import Task, get_task
 
@@ -338,6 +338,17 @@ def _stable_fraction(key: str) -> float:
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32
 
 
+def check_pair_retriever(name: str) -> str:
+    """A retriever the context of task-adapter pairs can be ranked with: the built-in ones, which ``_earlier_top``
+    mirrors over a user's earlier items (a registered retriever searches stored items, not a prefix of them)."""
+    check_retriever(name)
+    if name not in BUILTIN_RETRIEVERS:
+        raise InvalidInputError(
+            f"task-adapter pairs rank earlier items with {', '.join(BUILTIN_RETRIEVERS)}, not with retriever {name!r}"
+        )
+    return name
+
+
 def _earlier_top(
     items: Sequence[ProfileItem],
     docs: Sequence[str],
@@ -384,6 +395,7 @@ def build_task_pairs(
     ``max_pairs`` and to ``max_tokens``."""
     from personalize.training import item_pair
 
+    check_pair_retriever(source.retriever)
     task = get_task(source.task)
     pairs: list[TaskPair] = []
     for uid, raw_items in users.items():
