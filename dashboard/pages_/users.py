@@ -10,6 +10,7 @@ from personalize.errors import BrokerUnavailableError, PersonalizeError
 from personalize.methods import MODEL_METHODS
 from personalize.personalizer import METHODS
 from personalize.results import GenerationResult
+from personalize.retrieval import RETRIEVERS
 from personalize.tasks import task_names
 
 ANSWERS = "users_answers"
@@ -27,6 +28,14 @@ def users_frame(users: list, synthetic: set[str]) -> pd.DataFrame:
             }
             for u in users
         ]
+    )
+
+
+def retrievers_frame() -> pd.DataFrame:
+    """The registered retrievers (``personalize.retrieval.RETRIEVERS``), in registration order."""
+    return pd.DataFrame.from_records(
+        [{"retriever": spec.name, "description": spec.description} for spec in RETRIEVERS.values()],
+        columns=["retriever", "description"],
     )
 
 
@@ -150,6 +159,9 @@ with ui.page("Users", "Per-user data, adapters and training; try a prompt with e
 
     st.subheader("Try a prompt")
     settings = data.personalizer().settings
+    retrievers = list(RETRIEVERS)
+    with st.expander(f"Registered retrievers ({len(retrievers)})"):
+        st.dataframe(retrievers_frame(), hide_index=True, width="stretch")
     with st.form("users_prompt"):
         prompt = st.text_area("Prompt", key="users_prompt_text")
         cols = st.columns([2, 1, 1, 1, 1])
@@ -158,8 +170,14 @@ with ui.page("Users", "Per-user data, adapters and training; try a prompt with e
         )
         k = cols[1].number_input("k (retrieved items)", 0, 100, settings.k, key="users_k")
         max_new = cols[2].number_input("Max new tokens", 1, 1024, min(settings.max_new_tokens, 32), key="users_new")
-        retrievers = ["dense", "bm25", "recency"]
-        retriever = cols[3].selectbox("Retriever", retrievers, retrievers.index(settings.retriever), key="users_ret")
+        default = retrievers.index(settings.retriever) if settings.retriever in retrievers else 0
+        retriever = cols[3].selectbox(
+            "Retriever",
+            retrievers,
+            default,
+            key="users_ret",
+            help="  \n".join(f"**{spec.name}**: {spec.description}" for spec in RETRIEVERS.values()),
+        )
         task = cols[4].selectbox("Task", ["(from the user's items)", *task_names()], key="users_task")
         submitted = st.form_submit_button("Answer with each method", type="primary")
     if submitted:
