@@ -450,6 +450,23 @@ def test_users_page_searches_and_shows_items_adapters_and_history(app):
     assert any("No user id contains" in i.value for i in at.info)
 
 
+def test_users_page_lists_the_registered_retrievers_and_offers_them(app):
+    from personalize.retrieval import RETRIEVERS, RecencyRetriever, register_retriever, unregister_retriever
+
+    register_retriever("newest", "A test's toy: the latest items", lambda c: RecencyRetriever(c.store))
+    try:
+        at = app("users")
+        at.text_input(key="users_search").input("alice").run()
+        listed = frame_with(at, "description")
+        assert list(listed["retriever"]) == list(RETRIEVERS) and list(RETRIEVERS)[:3] == ["dense", "bm25", "recency"]
+        assert list(listed["description"]) == [spec.description for spec in RETRIEVERS.values()]
+        assert "newest" in list(listed["retriever"])
+        assert at.selectbox(key="users_ret").options == list(RETRIEVERS)
+        assert at.selectbox(key="users_ret").value == "bm25"  # the settings' default (PERSONALIZE_RETRIEVER)
+    finally:
+        unregister_retriever("newest")
+
+
 def test_prompt_box_answers_with_the_four_methods_side_by_side(app):
     at = app("users")
     at.text_input(key="users_search").input("alice").run()
