@@ -144,3 +144,13 @@ def test_a_factory_gets_the_clients_resources(client, longest):
     (context,) = seen
     assert context.store is client.store and context.vectors is client.vectors and context.embedder is client.embedder
     assert context.doc_text(client.items("alice")[0]) == "A film"
+
+
+def test_task_adapter_pairs_take_only_the_built_in_retrievers(longest):
+    from personalize.task_adapters import check_pair_retriever
+
+    assert [check_pair_retriever(name) for name in BUILTIN_RETRIEVERS] == list(BUILTIN_RETRIEVERS)
+    with pytest.raises(InvalidInputError, match="task-adapter pairs rank earlier items with dense, bm25, recency"):
+        check_pair_retriever("longest")  # registered, but it ranks stored items, not the earlier ones of a pair
+    with pytest.raises(InvalidInputError, match="unknown retriever 'magic'"):
+        check_pair_retriever("magic")
