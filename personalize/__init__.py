@@ -28,6 +28,7 @@ from personalize.errors import (
     StoreBusyError,
     TrainingCancelled,
     TrainingFailedError,
+    UnknownAdapterMethodError,
     UnknownUserError,
     VectorStoreUnavailableError,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "Timings",
     "TrainingCancelled",
     "TrainingFailedError",
+    "UnknownAdapterMethodError",
     "UnknownUserError",
     "UserInfo",
     "VectorStoreUnavailableError",

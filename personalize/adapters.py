@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from personalize.adapter_format import read_metadata
+from personalize.adapter_methods import peft_type_name, unsupported_peft_type_reason
 from personalize.errors import AdapterUnavailableError, InvalidInputError
 from personalize.modeling import LoadedModel
 from personalize.peft_utils import private_base_copy, strip_tuner_layers
@@ -110,9 +111,19 @@ class AdapterCache:
         """Load if needed and make ``name`` the active adapter; True on a cache hit."""
         with self._lock:
             hit = self.ensure_loaded(name, path)
-            if self._peft.active_adapter != name:  # set_adapter walks every module (~70 ms): skip when active
-                self._peft.set_adapter(name)
+            self._set_active(name)
             return hit
+
+    def peft_type(self, name: str) -> str:
+        """The peft type of loaded adapter ``name`` ("LORA", "IA3", ...), as its ``adapter_config.json`` says."""
+        with self._lock:
+            if name not in self._paths:
+                raise InvalidInputError(f"adapter {name!r} is not loaded; call ensure_loaded first")
+            return peft_type_name(self._peft.peft_config[name].peft_type)
+
+    def _set_active(self, name: str) -> None:
+        if self._peft.active_adapter != name:  # set_adapter walks every module (~70 ms): skip when active
+            self._peft.set_adapter(name)
 
     def evict(self, name: str) -> bool:
         """Unload ``name``; False if it was not loaded. Evicting the last adapter unwraps the base model."""
@@ -184,9 +195,9 @@ def generate_batch(
 ) -> list[tuple[str, int]]:
     """Greedy generation for several prompts in one left-padded batch, each row with its own adapter (None: the
     base model). The adapters must be loaded (``ensure_loaded``). Returns (text, new tokens) per prompt, the same
-    as ``personalizer.generate_text`` one prompt at a time."""
-    import torch
-
+    as ``personalizer.generate_text`` one prompt at a time. Rows mix in one pass where every adapter's method is
+    registered with ``mixed_batches`` (``adapter_methods``: LoRA); otherwise each adapter's rows run in a pass of
+    their own."""
     if len(encoded_prompts) != len(adapter_names):
         raise InvalidInputError(f"{len(encoded_prompts)} prompts but {len(adapter_names)} adapter names")
     if not encoded_prompts:
@@ -194,6 +205,44 @@ def generate_batch(
     if any(len(ids) == 0 for ids in encoded_prompts):
         raise InvalidInputError("every prompt needs at least one token")
     loaded = cache.loaded
+    with cache.lock:
+        missing = sorted({n for n in adapter_names if n is not None and n not in cache})
+        if missing:
+            raise InvalidInputError(f"adapters not loaded: {', '.join(missing)}; call cache.ensure_loaded first")
+        if not cache.names():  # with no adapter loaded, the model is the plain base
+            return _greedy(loaded, cache.model, encoded_prompts, max_new_tokens)
+        named = {n for n in adapter_names if n is not None}
+        if all(unsupported_peft_type_reason(cache.peft_type(n), "mixed_batches", "a batch") is None for n in named):
+            # a PeftModel: each row names its adapter
+            names = [BASE if n is None else n for n in adapter_names]
+            return _greedy(loaded, cache.model, encoded_prompts, max_new_tokens, names)
+        # Another method (peft applies the *active* adapter to every row and ignores adapter_names): one pass per
+        # adapter, its rows together, the base rows with every adapter disabled.
+        results: list[tuple[str, int]] = [("", 0)] * len(encoded_prompts)
+        for name in dict.fromkeys(adapter_names):
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            prompts = [encoded_prompts[i] for i in rows]
+            if name is None:
+                with cache.base_disabled() as model:
+                    outputs = _greedy(loaded, model, prompts, max_new_tokens)
+            else:
+                cache._set_active(name)
+                outputs = _greedy(loaded, cache.model, prompts, max_new_tokens)
+            for i, output in zip(rows, outputs, strict=True):
+                results[i] = output
+        return results
+
+
+def _greedy(
+    loaded: LoadedModel,
+    model: Any,
+    encoded_prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    adapter_names: list[str] | None = None,
+) -> list[tuple[str, int]]:
+    """One left-padded greedy pass of ``model`` (with peft's per-row ``adapter_names`` where given)."""
+    import torch
+
     tok = loaded.tokenizer
     eos = set(loaded.eos_ids)
     pad_id = loaded.pad_id
@@ -201,14 +250,10 @@ def generate_batch(
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + list(ids) for ids in encoded_prompts], dtype=torch.long)
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded_prompts], dtype=torch.long)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": mask, **loaded.greedy(max_new_tokens)}
-    with cache.lock:
-        missing = sorted({n for n in adapter_names if n is not None and n not in cache})
-        if missing:
-            raise InvalidInputError(f"adapters not loaded: {', '.join(missing)}; call cache.ensure_loaded first")
-        if cache.names():  # a PeftModel: each row names its adapter; with none loaded, the model is the plain base
-            kwargs["adapter_names"] = [BASE if n is None else n for n in adapter_names]
-        with torch.inference_mode():
-            out = cache.model.generate(**kwargs)
+    if adapter_names is not None:
+        kwargs["adapter_names"] = adapter_names
+    with torch.inference_mode():
+        out = model.generate(**kwargs)
     results: list[tuple[str, int]] = []
     for row in out:
         new = row.tolist() if loaded.is_encoder_decoder else row[width:].tolist()

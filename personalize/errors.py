@@ -86,5 +86,15 @@ class AdapterExistsError(PersonalizeError, FileExistsError):
         super().__init__(f"{path} already exists: adapters are never overwritten; train into a new folder")
 
 
+class UnknownAdapterMethodError(InvalidInputError):
+    def __init__(self, method: object, registered: list[str]) -> None:
+        self.method = method
+        self.registered = list(registered)
+        super().__init__(
+            f"unknown adapter method {method!r}: the registered methods are {', '.join(registered) or 'none'} "
+            "(personalize.adapter_methods.register_adapter_method adds one)"
+        )
+
+
 class TrainingCancelled(PersonalizeError):
     """``should_stop()`` asked training to stop; nothing was written to the adapter folder."""

@@ -16,8 +16,11 @@ step in torch: the path when no C compiler is at hand (``fast_weights`` says whi
 
 LoRA adapters stay in peft's format: the decoder reads ``lora_A``/``lora_B``/``scaling`` of a loaded adapter from
 the ``PeftModel`` (the ``AdapterCache``) and adds ``scale * (x @ A_t) @ B_t`` to the layer's output, per row, so one
-batch can mix users. Anything it does not handle (another architecture, DoRA, LoRA on embeddings, biases) is
-reported by ``unsupported_reason`` and the caller falls back to the plain path.
+batch can mix users. Which adapters it takes is an allow-list on their peft type: only methods registered with
+``fast_decoding`` (``adapter_methods``: LoRA), so an adapter of another method (IA3, prompt or prefix tuning, which
+have no ``lora_A``) is never decoded as the base model. Anything else it does not handle (another architecture,
+DoRA, LoRA on embeddings, biases) is reported by ``unsupported_reason`` / ``lora_unsupported_reason`` and the caller
+falls back to the plain path.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from personalize.adapter_methods import unsupported_peft_type_reason
 from personalize.quantization import (
     GROUP,
     QDims,
@@ -63,6 +67,12 @@ def unsupported_reason(model: Any) -> str | None:
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         return f"rope type {rope.get('rope_type')!r}"
     return None
+
+
+def _not_allowed(peft_config: Any) -> str | None:
+    """Why the decoder may not serve an adapter with this peft config, by its peft type: only methods registered
+    with ``fast_decoding`` (``adapter_methods``; LoRA) pass, on the torch steps and the C step alike."""
+    return unsupported_peft_type_reason(getattr(peft_config, "peft_type", None), "fast_decoding", "the fast decoder")
 
 
 @dataclass
@@ -172,6 +182,9 @@ class FastDecoder:
         config = peft_model.peft_config.get(name)
         if config is None:
             return f"adapter {name!r} is not loaded"
+        reason = _not_allowed(config)  # an allow-list: only what the decoder implements, never "no LoRA layers found"
+        if reason:
+            return reason
         if getattr(config, "use_dora", False):
             return "DoRA adapters"
         if getattr(config, "bias", "none") != "none" or getattr(config, "lora_bias", False):
@@ -187,6 +200,10 @@ class FastDecoder:
     def lora_weights(self, peft_model: Any, name: str, source: str) -> dict[tuple[int, str], _LoraPair]:
         """The adapter's A/B matrices per (layer, projection), transposed, scaling folded into B; cached by
         ``(name, source)`` (``source``: the adapter's folder, so a retrained adapter is never served stale)."""
+        config = peft_model.peft_config.get(name)
+        reason = f"adapter {name!r} is not loaded" if config is None else _not_allowed(config)
+        if reason:  # an adapter of another method has no lora_A/lora_B: its empty table would decode as the base
+            raise ValueError(f"fast path not applicable: {reason}")
         cached = self._lora.get((name, source))
         if cached is not None:
             return cached

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from personalize.adapter_methods import unsupported_peft_type_reason
 from personalize.fastpath import _rotate, _sdpa_has_gqa
 from personalize.fastpath import unsupported_reason as decoder_unsupported_reason
 from personalize.kernels import KernelLibrary
@@ -115,6 +116,12 @@ class FastLoraForward:
     def __init__(self, peft_model: Any, adapter: str = "default") -> None:
         import torch
 
+        config = peft_model.peft_config.get(adapter)
+        if config is None:
+            raise ValueError(f"the model has no adapter {adapter!r} to train")
+        reason = unsupported_peft_type_reason(config.peft_type, "fast_training", "the fast training step")
+        if reason:  # an allow-list: a method without lora_A/lora_B would otherwise train nothing, silently
+            raise ValueError(f"fast training step not applicable: {reason}")
         base = peft_model.get_base_model()
         config = base.config
         self.n_heads = config.num_attention_heads

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from personalize.adapter_format import ADAPTER_METADATA, METADATA_FORMAT, read_metadata
+from personalize.adapter_methods import method_for_settings, unsupported_peft_type_reason
 from personalize.adapter_store import temp_prefix
 from personalize.errors import AdapterExistsError, InvalidInputError, TrainingCancelled
 from personalize.items import ProfileItem
@@ -228,16 +229,8 @@ def _loss(model: Any, batch: dict[str, Any], is_encoder_decoder: bool, keep_logi
 
 
 def _lora_config(loaded: LoadedModel, settings: LoraSettings) -> Any:
-    from peft import LoraConfig, TaskType
-
-    return LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-        bias="none",
-        task_type=TaskType.SEQ_2_SEQ_LM if loaded.is_encoder_decoder else TaskType.CAUSAL_LM,
-    )
+    """The peft config of the adapter ``settings`` describe, from its method in the registry (``adapter_methods``)."""
+    return method_for_settings(settings).peft_config(settings, loaded.is_encoder_decoder)
 
 
 def train_adapter(
@@ -385,12 +378,16 @@ def token_capped_steps(examples: Sequence[_Example], settings: LoraSettings) -> 
 
 
 def _trainer(loaded: LoadedModel, settings: LoraSettings) -> tuple[str, str | None]:
-    """Which training step runs: ``fast`` where asked for and it applies, else ``plain``, with why."""
+    """Which training step runs: ``fast`` where asked for, the method is registered with ``fast_training`` and the
+    fast step covers the model, else ``plain``, with why."""
     if settings.trainer != "fast":
         return "plain", None
-    from personalize.fasttrain import unsupported_reason
+    method = method_for_settings(settings)
+    reason = unsupported_peft_type_reason(method.peft_type, "fast_training", "the fast training step")
+    if reason is None:
+        from personalize.fasttrain import unsupported_reason
 
-    reason = unsupported_reason(loaded.model, settings.target_modules, loaded.is_encoder_decoder)
+        reason = unsupported_reason(loaded.model, settings.target_modules, loaded.is_encoder_decoder)
     return ("plain", f"fast training step not applicable: {reason}") if reason else ("fast", None)
 
 

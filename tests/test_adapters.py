@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_model import make_tiny_loaded, make_tiny_t5_loaded
+from tiny_model import make_tiny_loaded, make_tiny_t5_loaded, save_ia3_adapter
 
 from personalize.adapters import AdapterCache, AdapterUnavailableError, generate_batch, validate_adapter_name
 from personalize.errors import InvalidInputError
@@ -162,6 +162,28 @@ def test_mixed_adapter_batch_equals_one_prompt_at_a_time(loaded, adapters):
             alone.append(generate_text(dataclasses.replace(loaded, model=model), ids, 10))
     assert batch == alone
     assert len({text for text, _ in batch}) > 1 and max(n for _, n in batch) > 1  # not a degenerate comparison
+
+
+def test_adapters_of_a_method_without_mixed_batches_run_one_pass_each(loaded, tmp_path):
+    """peft ignores ``adapter_names`` for IA3 and would apply the active adapter to every row: a batch of adapters
+    whose method is not registered with ``mixed_batches`` runs each adapter's rows (and the base rows) apart."""
+    cache = AdapterCache(loaded, capacity=3)
+    ia3 = {name: save_ia3_adapter(loaded, tmp_path / name, seed=i) for i, name in enumerate(["i-a", "i-b"])}
+    for name, path in ia3.items():
+        cache.ensure_loaded(name, path)
+    assert cache.peft_type("i-a") == "IA3"
+    prompts = [encode(loaded, p) for p in PROMPTS] + [encode(loaded, PROMPTS[0]), encode(loaded, PROMPTS[1])]
+    names = ["i-a", "i-b", None, "i-b", "i-a"]
+    batch = generate_batch(cache, prompts, names, max_new_tokens=10)
+    alone = []
+    for ids, name in zip(prompts, names, strict=True):
+        context = cache.base_disabled() if name is None else cache.use(name, ia3[name])
+        with context as model:
+            alone.append(generate_text(dataclasses.replace(loaded, model=model), ids, 10))
+    assert batch == alone
+    base = [generate_text(loaded, ids, 10) for ids in prompts]
+    assert batch[2] == base[2] and batch[0] != base[0] and batch[3] != base[3]  # each row got its own adapter
+    assert batch[0] != batch[3]  # the same prompt, two users' adapters: not one adapter applied to every row
 
 
 def test_batch_without_adapters_is_the_base_model_and_unknown_names_are_refused(loaded, adapters):

@@ -3,19 +3,23 @@ in mixed batches, and a plain-path fallback that says why. With 8-bit weights (q
 generate on a copy of the model holding the dequantised weights: the C decoding step must reproduce it exactly."""
 
 import copy
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_model_dir, movie_items
-from peft import LoraConfig, get_peft_model
-from tiny_model import make_tiny_loaded
+from conftest import FAST_LORA, make_tiny_model_dir, movie_items
+from peft import LoraConfig, PeftModel, get_peft_model
+from tiny_model import make_tiny_loaded, save_ia3_adapter
 
 from personalize import Personalizer, Settings
 from personalize.fastpath import FastDecoder, fast_weights, unsupported_reason
 from personalize.peft_utils import private_base_copy
 from personalize.personalizer import generate_text
+from personalize.prompting import build_prompt
 from personalize.quantization import kernel_unavailable_reason, quantize
+from personalize.tasks import get_task
 
 PROMPTS = [[101, 2023, 2003, 1037, 3231], [101, 7592, 2088, 2003, 2023, 1037, 2936, 3231, 6251, 102, 2054], [101]]
 
@@ -123,6 +127,75 @@ def test_unsupported_adapters_and_models_are_reported(loaded, tmp_path):
     assert "biases" in unsupported_reason(biased.model)
     with pytest.raises(ValueError, match="not applicable"):
         FastDecoder(biased.model)
+
+
+def test_only_adapters_of_a_fast_decoding_method_reach_the_fast_decoder(loaded, fmt, tmp_path):
+    """An allow-list on the adapter's peft type, for the torch steps and the C step alike: an adapter of another
+    method has no lora_A/lora_B, so its (empty) LoRA table would decode as the base model."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    decoder = FastDecoder(loaded.model, fmt)
+    ia3_dir = save_ia3_adapter(loaded, tmp_path / "ia3")
+    ia3 = PeftModel.from_pretrained(private_base_copy(loaded.model), str(ia3_dir), adapter_name="i").eval()
+    reason = decoder.lora_unsupported_reason(ia3, "i")
+    assert reason.startswith("IA3 adapters") and "the fast decoder covers LORA only" in reason
+    with pytest.raises(ValueError, match="not applicable: IA3 adapters"):
+        decoder.lora_weights(ia3, "i", str(ia3_dir))  # never an empty table, whoever asks
+    others = {
+        "PROMPT_TUNING": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "PREFIX_TUNING": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
+        "P_TUNING": PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=16),
+        "SOMETHING_NEW": SimpleNamespace(peft_type="SOMETHING_NEW", target_modules=["q_proj"]),
+        "unknown": SimpleNamespace(target_modules=["q_proj"]),  # no peft type at all
+    }
+    for peft_type, config in others.items():
+        holder = SimpleNamespace(peft_config={"x": config})
+        assert decoder.lora_unsupported_reason(holder, "x").startswith(f"{peft_type} adapters")
+        with pytest.raises(ValueError, match=f"{peft_type} adapters"):
+            decoder.lora_weights(holder, "x", "somewhere")
+    lora = _random_lora(loaded.model, 3, ["q_proj"])
+    assert decoder.lora_unsupported_reason(lora, "a3") is None and decoder.lora_weights(lora, "a3", "l")
+    # after the allow-list, the LoRA-specific checks still apply
+    dora = get_peft_model(
+        private_base_copy(loaded.model), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True), adapter_name="d"
+    )
+    assert "DoRA" in decoder.lora_unsupported_reason(dora, "d")
+
+
+@pytest.mark.parametrize("decoder", ["fast-fp32", "fast"])
+def test_an_ia3_adapter_is_served_by_peft_never_as_the_base_model(tmp_path, tiny_model_dir, decoder):
+    """A user's adapter that is a real peft IA3 adapter: the fast decoder refuses it naming its peft type, and the
+    answer is peft's own generate with that adapter active, not the base model's."""
+    if decoder == "fast" and kernel_unavailable_reason():
+        pytest.skip(f"no q8 kernel here: {kernel_unavailable_reason()}")
+    settings = Settings(
+        home=tmp_path / "home",
+        model=str(tiny_model_dir),
+        auto_train=False,
+        decoder=decoder,
+        lora=FAST_LORA,
+        _env_file=None,
+    )
+    prompt, n = "Pick a film for tonight", 8
+    with Personalizer(settings) as p:
+        p.add_items("u", [{**i, "output": "4"} for i in movie_items(6)])
+        folder = Path(p.train("u").path)
+        ia3_dir = save_ia3_adapter(p.model, tmp_path / "ia3")
+        for name in ("adapter_config.json", "adapter_model.safetensors"):  # the store's record and metadata stay
+            shutil.copy(ia3_dir / name, folder / name)
+        served = p.generate("u", prompt, method="peft", max_new_tokens=n)
+        base = p.generate("u", prompt, method="none", max_new_tokens=n)
+        built = build_prompt(p.model, get_task(served.task), prompt, [], settings.token_budget, settings.input_share, n)
+        reference = PeftModel.from_pretrained(private_base_copy(p.model.model), str(folder)).eval()
+        with_ia3 = generate_text(p.model, built.input_ids, n, model=reference)
+        plain_base = generate_text(p.model, built.input_ids, n)
+    assert served.method == "peft" and served.prompt == built.text == base.prompt
+    assert served.timings.extra["decoder"] == "plain"
+    note = served.timings.extra["decoder_note"]
+    assert note.startswith("fast path not used: IA3 adapters") and "covers LORA only" in note
+    assert base.timings.extra["decoder"] == ("fast-fp32" if decoder == "fast-fp32" else "fast-q8")
+    assert (served.text, served.new_tokens) == with_ia3  # peft's plain generate with the IA3 adapter active
+    assert with_ia3 != plain_base and served.text != base.text  # so it was not served as the base model
 
 
 def test_quantize_reproduces_gguf_style_weights_exactly():

@@ -42,3 +42,31 @@ def make_tiny_t5_loaded(seed: int = 0) -> LoadedModel:
         torch.manual_seed(seed)
         model = T5ForConditionalGeneration(config).eval()
     return LoadedModel("tiny-t5", model, tokenizer, True, 512, 0.0, "memory")
+
+
+def save_ia3_adapter(loaded: LoadedModel, path: Path, seed: int = 0) -> Path:
+    """A real peft IA3 adapter (peft's ``IA3Config`` on the attention keys and values and the MLP's down projection)
+    in an adapter folder as the cache loads it: peft's ``save_pretrained`` files plus ``personalize.json``. Its
+    scaling vectors are random (peft starts them at one, which would change nothing), so it changes the output."""
+    import json
+
+    import torch
+    from peft import IA3Config, get_peft_model
+
+    from personalize.adapter_format import ADAPTER_METADATA, METADATA_FORMAT
+    from personalize.peft_utils import private_base_copy
+
+    config = IA3Config(
+        task_type="CAUSAL_LM",
+        target_modules=["k_proj", "v_proj", "down_proj"],
+        feedforward_modules=["down_proj"],
+        init_ia3_weights=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(private_base_copy(loaded.model), config)
+    path = Path(path)
+    model.save_pretrained(str(path))
+    record = {"format": METADATA_FORMAT, "base_model": loaded.name}
+    (path / ADAPTER_METADATA).write_text(json.dumps(record), encoding="utf-8")
+    return path
