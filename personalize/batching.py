@@ -74,7 +74,8 @@ class Coalescer:
             time.sleep(self.window_s)  # let concurrent callers join this batch
         with self._cond:
             first = self._pending[0]
-            batch, adapters = [], set()
+            batch: list[Request] = []
+            adapters: set[Any] = set()
             for r in self._pending:
                 if len(batch) == self.max_batch:
                     break

@@ -520,7 +520,7 @@ def synthetic_dataset(
         raise InvalidInputError("need n_users >= 1 and 1 <= min_items <= max_items")
     rng = random.Random(f"synthetic:{seed}")
     n_movies = max(400, max_items + 2 * QUERIES_PER_SPLIT + 50)
-    catalogue = []
+    catalogue: list[tuple[str, str, frozenset[str]]] = []
     for k in range(n_movies):
         genres = rng.sample(SYNTHETIC_GENRES, rng.choice((1, 1, 2)))
         title = f"Film {k:04d} ({1950 + rng.randrange(70)})"
@@ -538,8 +538,8 @@ def synthetic_dataset(
         day = start_day + timedelta(days=urng.randrange(3000))
         ratings = []
         for index in picked:
-            movie_id, text, genres = catalogue[index]
-            liked, disliked = bool(genres & loves), bool(genres & hates)
+            movie_id, text, movie_genres = catalogue[index]
+            liked, disliked = bool(movie_genres & loves), bool(movie_genres & hates)
             score = 5 if liked and not disliked else 1 if disliked and not liked else 3
             if urng.random() < 0.1:
                 score = min(5, max(1, score + urng.choice((-1, 1))))

@@ -119,9 +119,14 @@ def make_item(
     check_unicode(text, f"{where}: text")
     if fields is not None and not isinstance(fields, dict):
         raise InvalidInputError(f"{where}: fields must be an object, got {type(fields).__name__}")
+    checked_fields: dict[str, Any] | None = None
     if fields is not None:
-        fields = check_json(fields, f"{where}: fields")
-    output = _check_output(output, where)
+        checked_fields = check_json(fields, f"{where}: fields")
+    checked_output = _check_output(output, where)
+    task_name: str | None = None
     if task is not None:
-        get_task(check_string(task, f"{where}: task"))
-    return ProfileItem(item_id, text, fields, output, parse_timestamp(timestamp, f"{where}: timestamp"), task)
+        task_name = check_string(task, f"{where}: task")
+        get_task(task_name)
+    return ProfileItem(
+        item_id, text, checked_fields, checked_output, parse_timestamp(timestamp, f"{where}: timestamp"), task_name
+    )

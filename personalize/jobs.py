@@ -8,6 +8,7 @@ user never train at once; a running job whose worker is gone (dead pid on this h
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -18,7 +19,7 @@ from sqlalchemy import func, select, update
 from personalize.errors import UnknownUserError
 from personalize.process_ids import local_pid_alive, worker_identity
 from personalize.schema import Adapter, Item, TrainingJob, User, utcnow
-from personalize.store import Store
+from personalize.store import Store, rowcount
 
 ACTIVE = ("queued", "running")
 
@@ -169,7 +170,7 @@ class Jobs:
                 query = query.where(TrainingJob.state.in_(states))
             return [_job_info(job, uid) for job, uid in s.execute(query).all()]
 
-    def states(self, job_ids: list[int]) -> dict[int, tuple[str, str | None]]:
+    def states(self, job_ids: builtins.list[int]) -> dict[int, tuple[str, str | None]]:
         """State and error of many jobs in one query (for pollers)."""
         with self.store.session() as s:
             rows = s.execute(
@@ -177,7 +178,7 @@ class Jobs:
             )
             return {job_id: (state, error) for job_id, state, error in rows}
 
-    def lost_queued(self) -> list[int]:
+    def lost_queued(self) -> builtins.list[int]:
         """Queued jobs older than ``stale_after``: their message may have been lost (e.g. a broker restart)."""
         cutoff = utcnow() - self.stale_after
         with self.store.session() as s:
@@ -240,7 +241,7 @@ class Jobs:
                 )
                 .values(progress=progress, loss=loss, heartbeat_at=utcnow())
             )
-            return bool(result.rowcount)
+            return bool(rowcount(result))
 
     def still_mine(self, job_id: int) -> bool:
         with self.store.session() as s:
@@ -286,7 +287,7 @@ class Jobs:
             job.state, job.error, job.worker = "queued", error[:4000], None
             return True
 
-    def recover_stale(self) -> list[int]:
+    def recover_stale(self) -> builtins.list[int]:
         """Requeue (or fail, past max attempts) running jobs whose worker is gone; return the requeued ids."""
         now = utcnow()
         requeued: list[int] = []
@@ -302,7 +303,7 @@ class Jobs:
                     requeued.append(job.id)
         return requeued
 
-    def users_needing_training(self, min_items: int, base_model: str) -> list[str]:
+    def users_needing_training(self, min_items: int, base_model: str) -> builtins.list[str]:
         """Users with at least ``min_items`` items whose data changed since their latest adapter (or who have none)."""
         with self.store.session() as s:
             counts = select(Item.user_pk, func.count(Item.id).label("n")).group_by(Item.user_pk).subquery()

@@ -253,7 +253,7 @@ class Settings(BaseSettings):
 
     @property
     def chroma_is_server(self) -> bool:
-        return bool(self.chroma) and self.chroma.startswith(("http://", "https://"))
+        return self.chroma is not None and self.chroma.startswith(("http://", "https://"))
 
     @property
     def chroma_path(self) -> Path:

@@ -141,7 +141,7 @@ def _bootstrap(
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """scipy's bootstrap over users (rows), paired across ``samples``; BCa falls back to percentile where BCa is
     undefined (a degenerate resample distribution, e.g. two identical methods)."""
-    method = settings.ci_method
+    method: str = settings.ci_method
     kwargs = dict(
         paired=len(samples) > 1,
         vectorized=True,

@@ -11,9 +11,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, delete, event, func, inspect, select
+from sqlalchemy import CursorResult, Engine, Result, create_engine, delete, event, func, inspect, select
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -21,6 +21,13 @@ from personalize.errors import DatabaseUnavailableError, InvalidInputError, Unkn
 from personalize.items import ProfileItem, UserInfo
 from personalize.naming import parse_eval_user_id, validate_user_id
 from personalize.schema import Adapter, EvalResult, EvalRun, Item, TrainingJob, User, utcnow
+
+
+def rowcount(result: Result[Any]) -> int:
+    """The rows an UPDATE or DELETE matched (0 where the driver does not say). ``Session.execute`` is declared to
+    return a ``Result``; for DML it is a ``CursorResult``, which carries ``rowcount``."""
+    return cast("CursorResult[Any]", result).rowcount or 0
+
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -326,8 +333,8 @@ class Store:
         ids = [i.id for i in items]
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
-            for row in s.scalars(select(Item).where(Item.user_pk == user.id, Item.item_id.in_(chunk))):
-                existing[row.item_id] = row
+            for found in s.scalars(select(Item).where(Item.user_pk == user.id, Item.item_id.in_(chunk))):
+                existing[found.item_id] = found
         now = utcnow()
         for item in items:
             digest = item.content_hash()
@@ -400,9 +407,9 @@ class Store:
             user = self._user(s, user_id)
             out = DeletedRows()
             out.adapter_paths = list(s.scalars(select(Adapter.path).where(Adapter.user_pk == user.id)))
-            out.items = s.execute(delete(Item).where(Item.user_pk == user.id)).rowcount or 0
-            out.jobs = s.execute(delete(TrainingJob).where(TrainingJob.user_pk == user.id)).rowcount or 0
-            out.adapters = s.execute(delete(Adapter).where(Adapter.user_pk == user.id)).rowcount or 0
+            out.items = rowcount(s.execute(delete(Item).where(Item.user_pk == user.id)))
+            out.jobs = rowcount(s.execute(delete(TrainingJob).where(TrainingJob.user_pk == user.id)))
+            out.adapters = rowcount(s.execute(delete(Adapter).where(Adapter.user_pk == user.id)))
             s.execute(delete(User).where(User.id == user.id))
             out.eval_answers = self._delete_eval_answers(s, user_id)
         out.scrubbed = self.scrub_wal()
@@ -417,7 +424,7 @@ class Store:
         task, split, user = parsed
         runs = select(EvalRun.id).where(EvalRun.task == task, EvalRun.split == split)
         query = delete(EvalResult).where(EvalResult.user_external_id == user, EvalResult.run_id.in_(runs))
-        return s.execute(query.execution_options(synchronize_session=False)).rowcount or 0
+        return rowcount(s.execute(query.execution_options(synchronize_session=False)))
 
     def scrub_wal(self) -> bool:
         """Copy SQLite's WAL into the database and truncate it to zero bytes; False when a reader kept it busy.
