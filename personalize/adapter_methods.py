@@ -131,7 +131,7 @@ def lora_peft_config(settings: LoraSettings, is_encoder_decoder: bool) -> Any:
 
     return LoraConfig(
         r=settings.rank,
-        lora_alpha=settings.alpha,
+        lora_alpha=settings.alpha,  # type: ignore[arg-type]  # peft annotates int, but only divides it by r
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
         bias="none",

@@ -141,8 +141,9 @@ def _nearest(data: BaselineInput) -> BaselineAnswer:
         return BaselineAnswer(labels[best])
     if task.labels is None:
         for hit in data.retrieved:
-            if (hit.item.output or "").strip():
-                return BaselineAnswer(hit.item.output.strip())
+            output = (hit.item.output or "").strip()
+            if output:
+                return BaselineAnswer(output)
         return BaselineAnswer("", "nothing retrieved")
     found = labels_of(task, [hit.item for hit in data.retrieved])
     return BaselineAnswer(found[0]) if found else _fallback(data, "no labelled item retrieved")

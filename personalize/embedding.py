@@ -6,6 +6,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +57,8 @@ class Embedder:
         """Characters that surely hold the model's ``max_seq_length`` tokens (None: no limit known). The model
         truncates to that many tokens anyway, but only after tokenizing the whole text."""
         if self._max_chars is None:
-            tokens = getattr(self.model, "max_seq_length", None)
-            tokenizer = getattr(self.model, "tokenizer", None)
+            tokens: Any = getattr(self.model, "max_seq_length", None)
+            tokenizer: Any = getattr(self.model, "tokenizer", None)
             vocab = tokenizer.get_vocab() if tokens and hasattr(tokenizer, "get_vocab") else {}
             self._max_chars = (tokens + 1) * max(16, max(map(len, vocab), default=0)) if vocab else 0
         return self._max_chars or None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from personalize.adapter_methods import unsupported_peft_type_reason
 from personalize.quantization import (
@@ -159,7 +159,7 @@ class FastDecoder:
         self.lm_head = _make_linear([model.lm_head.weight], weights)  # q8 reproduces a GGUF's Q8_0 output exactly
         self.rotary = base.rotary_emb
         self._rope_cache: tuple[Any, Any] | None = None
-        self._lora: dict[tuple[str, int], dict[tuple[int, str], _LoraPair]] = {}
+        self._lora: dict[tuple[str, str], dict[tuple[int, str], _LoraPair]] = {}
         self._lock = threading.Lock()
         self.torch = torch
 
@@ -299,13 +299,15 @@ class FastDecoder:
         """A function running one decoding step in C (``quantization.decode_step``) on these caches and adapters."""
         layers = (QLayer * len(self.layers))()
         for index, layer in enumerate(self.layers):
+            # only q8 weights decode in C, and every projection of q8 weights is a QuantizedLinear
+            qkv, o, gate_up, down = (cast(QuantizedLinear, m) for m in (layer.qkv, layer.o, layer.gate_up, layer.down))
             layers[index] = QLayer(
                 layer.ln1.data_ptr(),
                 layer.ln2.data_ptr(),
-                QMatrix.of(layer.qkv),
-                QMatrix.of(layer.o),
-                QMatrix.of(layer.gate_up),
-                QMatrix.of(layer.down),
+                QMatrix.of(qkv),
+                QMatrix.of(o),
+                QMatrix.of(gate_up),
+                QMatrix.of(down),
                 cache_k[index].data_ptr(),
                 cache_v[index].data_ptr(),
             )

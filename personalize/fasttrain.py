@@ -25,7 +25,7 @@ import ctypes
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from personalize.adapter_methods import unsupported_peft_type_reason
 from personalize.fastpath import _rotate, _sdpa_has_gqa
@@ -269,6 +269,11 @@ def _lib() -> ctypes.CDLL | None:
     return KERNEL.load()
 
 
+def _loaded_lib() -> ctypes.CDLL:
+    """``_lib()`` on the paths that run only once it has returned the library (the kernels are chosen only then)."""
+    return cast(ctypes.CDLL, KERNEL.load())
+
+
 def _ptr(t: Any) -> int:
     return t.data_ptr()
 
@@ -333,7 +338,7 @@ def dropout_mask(shape: Sequence[int], lora: _Lora) -> tuple[Any | None, float]:
         return torch.empty(tuple(shape)).bernoulli_(keep).to(torch.uint8), scale
     state = torch.random.get_rng_state()
     mask = torch.empty(tuple(shape), dtype=torch.uint8)
-    _lib().mt_dropout(_ptr(state), mask.numel(), _threshold(keep), _ptr(mask))
+    _loaded_lib().mt_dropout(_ptr(state), mask.numel(), _threshold(keep), _ptr(mask))
     torch.random.set_rng_state(state)
     return mask, scale
 
@@ -471,7 +476,7 @@ def _lora_fn(torch: Any) -> Any:
 
         @staticmethod
         def forward(ctx: Any, x: Any, weight: Any, a: Any, b: Any, scaling: float, mask: Any, scale: float) -> Any:
-            lib = _lib()
+            lib = _loaded_lib()
             x = x.contiguous()
             rows, rank = x.shape[0], a.shape[0]
             y = x @ weight.t()
@@ -486,7 +491,7 @@ def _lora_fn(torch: Any) -> Any:
         @staticmethod
         def backward(ctx: Any, dy: Any) -> Any:
             x, weight, a, b, h, bs_t, mask = ctx.saved_tensors
-            lib = _lib()
+            lib = _loaded_lib()
             rows, rank, n_in, n_out = x.shape[0], a.shape[0], a.shape[1], b.shape[0]
             dy = dy.contiguous()
             dh = torch.empty(rows, rank)
@@ -514,7 +519,7 @@ def _lm_head_fn(torch: Any) -> Any:
             h = h.contiguous()
             rows, d = h.shape
             logits = torch.empty(rows, weight.shape[0])
-            _lib().lm_head_fwd(rows, d, weight.shape[0], _ptr(h), _ptr(weight), _ptr(logits))
+            _loaded_lib().lm_head_fwd(rows, d, weight.shape[0], _ptr(h), _ptr(weight), _ptr(logits))
             ctx.save_for_backward(weight)
             ctx.rows = rows
             return logits
@@ -527,7 +532,7 @@ def _lm_head_fn(torch: Any) -> Any:
             vocab, d = weight.shape
             scratch = torch.zeros(threads, ctx.rows, d)
             dh = torch.empty(ctx.rows, d)
-            _lib().lm_head_bwd(ctx.rows, d, vocab, _ptr(dlogits), _ptr(weight), threads, _ptr(scratch), _ptr(dh))
+            _loaded_lib().lm_head_bwd(ctx.rows, d, vocab, _ptr(dlogits), _ptr(weight), threads, _ptr(scratch), _ptr(dh))
             return dh, None
 
     return LmHeadFn
@@ -546,7 +551,7 @@ def _attention_fn(torch: Any) -> Any:
             out = torch.empty_like(q)
             lse = torch.empty(batch, heads, lq)
             scale = dim**-0.5
-            _lib().attn_fwd(
+            _loaded_lib().attn_fwd(
                 batch, lq, length, heads, kv_heads, dim, q_offset, scale, *map(_ptr, (q, k, v, real, out, lse))
             )
             ctx.save_for_backward(q, k, v, real, out, lse)
@@ -561,7 +566,9 @@ def _attention_fn(torch: Any) -> Any:
             length, kv_heads = k.shape[1], k.shape[2]
             dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
             tensors = (q, k, v, real, out, lse, dout, dq, dk, dv)
-            _lib().attn_bwd(batch, lq, length, heads, kv_heads, dim, ctx.q_offset, ctx.scale, *map(_ptr, tensors))
+            _loaded_lib().attn_bwd(
+                batch, lq, length, heads, kv_heads, dim, ctx.q_offset, ctx.scale, *map(_ptr, tensors)
+            )
             return dq, dk, dv, None, None
 
     return AttentionFn

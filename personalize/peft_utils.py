@@ -17,7 +17,8 @@ def strip_tuner_layers(model: Any) -> Any:
         if isinstance(module, BaseTunerLayer) and name:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            if getattr(parent, child, None) is module:
+            attached: object = getattr(parent, child, None)
+            if attached is module:
                 setattr(parent, child, module.get_base_layer())
     if "peft_config" in vars(model):  # peft records its adapters on the model it wraps
         del model.peft_config

@@ -327,7 +327,7 @@ def select_training_users(dataset: Any, source: TaskAdapterSource) -> dict[str, 
 def time_order(items: Sequence[ProfileItem]) -> list[ProfileItem]:
     """Oldest first: by timestamp (undated first), ties in their profile order (builders sort by time)."""
     indexed = list(enumerate(items))
-    indexed.sort(key=lambda p: (p[1].timestamp is not None, p[1].timestamp or 0, p[0]))  # type: ignore[arg-type]
+    indexed.sort(key=lambda p: (p[1].timestamp is not None, p[1].timestamp or 0, p[0]))
     return [item for _, item in indexed]
 
 
@@ -473,7 +473,7 @@ def _earlier_candidates(items: Sequence[ProfileItem], position: int) -> list[int
     return [
         j
         for j in range(position)
-        if item.timestamp is None or items[j].timestamp is None or items[j].timestamp <= item.timestamp
+        if item.timestamp is None or (earlier := items[j].timestamp) is None or earlier <= item.timestamp
     ]
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from personalize.adapter_format import ADAPTER_METADATA, METADATA_FORMAT, read_metadata
 from personalize.adapter_methods import method_for_settings, unsupported_peft_type_reason
@@ -29,6 +29,9 @@ from personalize.errors import AdapterExistsError, InvalidInputError, TrainingCa
 from personalize.items import ProfileItem
 from personalize.modeling import LoadedModel
 from personalize.peft_utils import private_base_copy, strip_tuner_layers
+
+if TYPE_CHECKING:
+    from datetime import datetime
 from personalize.prompting import encode
 from personalize.settings import LoraSettings
 from personalize.tasks import Defaulting, Task, get_task
@@ -115,7 +118,9 @@ def item_pair(task: Task, item: ProfileItem) -> Pair | None:
 def most_recent(items: Sequence[ProfileItem], n: int | None) -> list[ProfileItem]:
     """The ``n`` most recent items, oldest first; items without a timestamp count as older, ties keep list order."""
     undated = [item for item in items if item.timestamp is None]
-    dated = sorted((item for item in items if item.timestamp is not None), key=lambda item: item.timestamp)
+    dated = sorted(
+        (item for item in items if item.timestamp is not None), key=lambda item: cast("datetime", item.timestamp)
+    )
     ordered = undated + dated  # sorted() is stable: equal timestamps keep their list order
     return ordered if n is None else ordered[max(0, len(ordered) - n) :]
 
