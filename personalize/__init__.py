@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from personalize.errors import (
     AdapterBaseMismatchError,
@@ -37,6 +37,10 @@ from personalize.personalizer import Personalizer
 from personalize.results import ForgetReport, GenerationResult, RetrievedRef, Timings
 from personalize.settings import Settings
 
+if TYPE_CHECKING:
+    from personalize.retrieval.base import RetrievedItem
+    from personalize.store import UpsertReport
+
 __version__ = "0.1.0"
 
 _default: Personalizer | None = None
@@ -62,11 +66,11 @@ def generate(user_id: str, prompt: str, method: str = "auto", **kwargs: Any) -> 
     return get_default().generate(user_id, prompt, method=method, **kwargs)
 
 
-def add_items(user_id: str, items: Iterable[ProfileItem | dict[str, Any]]):  # noqa: ANN201
+def add_items(user_id: str, items: Iterable[ProfileItem | dict[str, Any]]) -> UpsertReport:
     return get_default().add_items(user_id, items)
 
 
-def retrieve(user_id: str, query: str, k: int | None = None, retriever: str | None = None):  # noqa: ANN201
+def retrieve(user_id: str, query: str, k: int | None = None, retriever: str | None = None) -> list[RetrievedItem]:
     return get_default().retrieve(user_id, query, k, retriever)
 
 

@@ -256,7 +256,7 @@ def _read_prompt(text: str | None, path: Path | None, what: str, max_chars: int)
     limit = 4 * max_chars + 4
     source = "stdin" if path is None or str(path) == STDIN else str(path)
     try:
-        if source == "stdin":
+        if path is None or source == "stdin":  # source is "stdin" whenever path is None
             data = sys.stdin.buffer.read(limit + 1)
         else:
             with open(path, "rb") as fh:
@@ -648,7 +648,7 @@ def task_adapter_train(
         data=data if data in ("store", "SYNTHETIC") else str(Path(data).resolve()),
         split=split,
         users=users,
-        cut=cut,  # type: ignore[arg-type]
+        cut=cut,
         eval_users=eval_users,
         retriever=check_pair_retriever(retriever),
         k=k,

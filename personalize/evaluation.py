@@ -15,8 +15,10 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any, cast
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from personalize.baselines import BaselineInput, check_baseline, is_baseline, labels_of, retrieval_mode
 from personalize.datasets import Dataset, Query
@@ -37,10 +39,15 @@ from personalize.tasks import Task, choice_candidates, get_task
 from personalize.worker_process import start_worker, stop_worker
 
 
-def _bar(iterable: Iterable, total: int, desc: str, show: bool):  # noqa: ANN202
+def _bar(iterable: Iterable[Any] | None, total: int, desc: str, show: bool) -> Any:  # a tqdm bar (tqdm is untyped)
     from tqdm import tqdm
 
     return tqdm(iterable, total=total, desc=desc, disable=not show, dynamic_ncols=True)
+
+
+def _stored_run(s: Session, run_id: str) -> EvalRun:
+    """A run the caller knows exists (it created or read it before); ``Session.get`` is typed as maybe None."""
+    return cast(EvalRun, s.get(EvalRun, run_id))
 
 
 def select_queries(dataset: Dataset, users: int | None, per_user: int | None = None) -> list[Query]:
@@ -82,7 +89,7 @@ class EvaluationRunner:
         if added:
             config.methods = [*config.methods, *added]
             with self.p.store.session() as s:
-                run = s.get(EvalRun, run_id)
+                run = _stored_run(s, run_id)
                 stored = dict(run.config)
                 stored["methods"] = config.methods
                 stored["methods_added"] = [*stored.get("methods_added", []), {"methods": added, "code": code_version()}]
@@ -98,7 +105,7 @@ class EvaluationRunner:
 
     def _set_state(self, run_id: str, state: str, progress: float | None = None, error: str | None = None) -> None:
         with self.p.store.session() as s:
-            run = s.get(EvalRun, run_id)
+            run = _stored_run(s, run_id)
             run.state = state
             if progress is not None:
                 run.progress = progress
@@ -109,7 +116,7 @@ class EvaluationRunner:
 
     def _progress(self, run_id: str, progress: float) -> None:
         with self.p.store.session() as s:
-            s.get(EvalRun, run_id).progress = progress
+            _stored_run(s, run_id).progress = progress
 
     # -- the steps ---------------------------------------------------------------------------------------------
 
@@ -242,7 +249,7 @@ class EvaluationRunner:
                 result = self.p.score_labels(
                     uid,
                     query.input,
-                    list(task.labels),
+                    list(cast("tuple[str, ...]", task.labels)),  # likelihood scoring is used only with labels
                     method,
                     config.k,
                     config.retriever,

@@ -60,6 +60,8 @@ from personalize.training import train_adapter, training_pairs
 from personalize.vectorstore import VectorStore, vector_metadata
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from personalize.consistency import ConsistencyReport
 
 Method = Literal["auto", "none", "rag", "peft", "rag+peft", "zero-shot"]
@@ -117,8 +119,9 @@ class Personalizer:
         base = settings or Settings()
         self.settings = base.model_copy(update=overrides) if overrides else base
         self.store = Store(self.settings.resolved_database_url)
+        chroma = self.settings.chroma
         self.vectors = VectorStore(
-            self.settings.chroma if self.settings.chroma_is_server else self.settings.chroma_path
+            chroma if chroma is not None and self.settings.chroma_is_server else self.settings.chroma_path
         )
         self.embedder = get_embedder(self.settings.embedding_model)
         self._retrievers: dict[str, Retriever] = {}
@@ -636,7 +639,8 @@ class Personalizer:
         results: list[GenerationResult | None] = [None] * len(preps)
         order = list(range(len(preps)))
         while order:  # one batch: one base (task adapter), at most as many distinct adapters as the cache holds
-            chunk, names = [], set()
+            chunk: list[int] = []
+            names: set[str] = set()
             loaded = preps[order[0]].loaded
             cache = self.adapter_cache_for(loaded)
             for i in list(order):
@@ -652,7 +656,7 @@ class Personalizer:
             t0 = time.perf_counter()
             extra: dict[str, Any] = {}
             adapters = [
-                (adapter_name(preps[i].user_id), Path(preps[i].adapter.path)) if preps[i].adapter else None
+                (adapter_name(preps[i].user_id), Path(adapter.path)) if (adapter := preps[i].adapter) else None
                 for i in chunk
             ]
             outputs = self._decode(loaded, [preps[i].built.input_ids for i in chunk], adapters, max_new_tokens, extra)
@@ -752,7 +756,7 @@ class Personalizer:
         return self.jobs.list(user_id, limit=limit)
 
     @property
-    def celery(self):  # noqa: ANN201 - celery is imported lazily
+    def celery(self) -> Celery:  # celery itself is imported lazily
         if self._celery is None:
             self._celery = make_celery(self.settings, main="personalize-client")
         return self._celery
@@ -992,7 +996,9 @@ def adapter_name(user_id: str) -> str:
     return user_key(user_id)
 
 
-def generate_text(loaded: LoadedModel, input_ids: list[int], max_new_tokens: int, model: Any = None) -> tuple[str, int]:
+def generate_text(
+    loaded: LoadedModel, input_ids: Sequence[int], max_new_tokens: int, model: Any = None
+) -> tuple[str, int]:
     """Greedy decoding; returns the new text and how many tokens were generated."""
     import torch
 

@@ -429,7 +429,8 @@ def _claims(report: RunReport, samples: RunSamples, settings: StatsSettings, siz
         if size_p_holm is None or rho.ci_low is None:
             verdict, detail = "not measured", "too few users for an interval"
         elif size_p_holm < alpha and rho.excludes_zero():
-            verdict, detail = ("holds", "") if rho.value > 0 else ("fails", "the gain falls with profile size")
+            # rho.value is None only for a non-finite estimate; a None check here would change what that case does
+            verdict, detail = ("holds", "") if rho.value > 0 else ("fails", "the gain falls with profile size")  # type: ignore[operator]
         else:
             verdict, detail = (
                 "not significant",
@@ -476,20 +477,20 @@ def _cost(store: Store, run: EvalRun, results: list[EvalResult]) -> dict[str, An
     users = {r.user_external_id for r in results}
     with store.session() as s:
         latest = select(Adapter.user_pk, func.max(Adapter.version).label("v")).group_by(Adapter.user_pk).subquery()
-        rows = s.execute(
+        adapter_rows = s.execute(
             select(User.external_id, Adapter.train_seconds, Adapter.size_bytes)
             .join(Adapter, Adapter.user_pk == User.id)
             .join(latest, (latest.c.user_pk == Adapter.user_pk) & (latest.c.v == Adapter.version))
             .where(User.external_id.startswith(prefix, autoescape=True))
         ).all()
-    rows = [r for r in rows if r[0][len(prefix) :] in users]
+    mine = [r for r in adapter_rows if r[0][len(prefix) :] in users]
     training = {}
-    if rows:
+    if mine:
         training = {
-            "adapters": len(rows),
-            "train_seconds_per_user_mean": statistics.mean(r[1] for r in rows),
-            "train_seconds_per_user_max": max(r[1] for r in rows),
-            "adapter_bytes_mean": statistics.mean(r[2] for r in rows),
+            "adapters": len(mine),
+            "train_seconds_per_user_mean": statistics.mean(r[1] for r in mine),
+            "train_seconds_per_user_max": max(r[1] for r in mine),
+            "adapter_bytes_mean": statistics.mean(r[2] for r in mine),
         }
     return {"latency": latency, "training": training}
 
@@ -859,7 +860,12 @@ def export_dict(report: RunReport) -> dict[str, Any]:
         }
         first = next(iter(found.values()), None)
         average = asdict(first.average_gain) if first is not None and first.average_gain is not None else None
-        return {"metric": primary, **by_metric.get(primary, {}), "by_metric": by_metric, "average_gain": average}
+        return {
+            "metric": primary,
+            **(by_metric.get(primary, {}) if primary is not None else {}),
+            "by_metric": by_metric,
+            "average_gain": average,
+        }
 
     for r in report.table:
         entry: dict[str, Any] = {
@@ -911,7 +917,9 @@ def export(report: RunReport, path: Path) -> Path:
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(_CSV_COLUMNS)
-        groups = [(0, None, None, report.n_users, report.table)]
+        groups: list[tuple[int, int | None, int | None, int, list[MethodRow]]] = [
+            (0, None, None, report.n_users, report.table)
+        ]
         groups += [(b.bucket, b.min_items, b.max_items, b.n_users, b.rows) for b in report.buckets]
         for bucket, lo, hi, n_users, rows in groups:
             for r in rows:

@@ -320,7 +320,9 @@ def _pearson(x: np.ndarray, y: np.ndarray, confidence: float) -> tuple[Interval 
     return Interval(float(result.statistic), float(ci.low), float(ci.high), "Fisher z"), float(result.pvalue)
 
 
-def correlation(sizes: Sequence[float], gains: Sequence[float], settings: StatsSettings) -> Correlation:
+def correlation(
+    sizes: Sequence[float] | np.ndarray, gains: Sequence[float] | np.ndarray, settings: StatsSettings
+) -> Correlation:
     """Profile size against per-user gain: Spearman (scipy's p-value, a paired bootstrap interval) and Pearson
     (scipy's p-value and Fisher interval), on the size and on its log."""
     x, y = np.asarray(sizes, dtype=float), np.asarray(gains, dtype=float)
