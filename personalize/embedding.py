@@ -6,12 +6,15 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from personalize.errors import ModelLoadError
 from personalize.settings import BUNDLED_EMBEDDER
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 
 def bundled_embedder_path() -> Path:
@@ -28,7 +31,7 @@ class Embedder:
     def __init__(self, spec: str = BUNDLED_EMBEDDER, batch_size: int = 64) -> None:
         self.spec = spec
         self.batch_size = batch_size
-        self._model = None
+        self._model: SentenceTransformer | None = None
         self._max_chars: int | None = None
         self._lock = threading.Lock()
 
