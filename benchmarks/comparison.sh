@@ -10,7 +10,8 @@
 # movielens: first 100 users, likelihood scoring of the 5 labels; reuters: all 40 authors. Reports carry 95%
 # intervals over users, paired tests with Holm's correction and the paper's claims checked
 # (`personalize eval report RUN --json` for tools). METHODS=... overrides the method list (the reuters runs of
-# session 6 ran none,rag,zero-shot,baselines: per-user adapters for 40 authors did not fit its 2-core budget).
+# session 6 ran none,rag,zero-shot,baselines: per-user adapters for 40 authors did not fit its 2-core budget; its
+# reuters-authorship task adapter ran with PERSONALIZE_TASK_ADAPTER__MAX_TOKENS=80000 for the same reason).
 # Each task gets its own home folder: an embedded Chroma folder has one writer at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
