@@ -19,6 +19,7 @@ from personalize.task_adapters import (
     TaskAdapterInfo,
     TaskAdapterSource,
     TaskTrainResult,
+    _now,
     select_training_users,
     train_task_adapter,
 )
@@ -171,10 +172,6 @@ def queue_task_adapter_retrain(p: Personalizer, info: TaskAdapterInfo) -> str:
     except BrokerUnavailableError as exc:
         return f"{info.ref}: retrain not queued ({exc})"
     return f"{info.ref}: retrain queued as task adapter job {job_id}"
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 __all__ = ["queue_task_adapter_retrain", "queue_train", "retrain_source", "run_job", "source_users", "train_now"]

@@ -24,10 +24,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
-import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -48,8 +45,9 @@ from personalize.naming import eval_user_id, user_key
 from personalize.peft_utils import strip_tuner_layers
 from personalize.prompting import build_prompt, count_tokens
 from personalize.retrieval import BUILTIN_RETRIEVERS, BM25Index, RetrievedItem, check_retriever
-from personalize.settings import LoraSettings, TaskAdapterSettings
+from personalize.settings import TaskAdapterSettings
 from personalize.tasks import Task, get_task
+from personalize.training import _stable_fraction
 
 TASKS_FOLDER = "_tasks"  # under the adapter store's root; user folders are named u-..., so never clash
 FORGOTTEN = "forgotten.json"
@@ -143,17 +141,9 @@ def _check_task_name(task: str) -> str:
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from personalize.datasets import _write_atomic
+
+    _write_atomic(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def _read_json(path: Path) -> Any:
@@ -332,10 +322,6 @@ def time_order(items: Sequence[ProfileItem]) -> list[ProfileItem]:
 
 
 # --- pairs --------------------------------------------------------------------------------------------------------
-
-
-def _stable_fraction(key: str) -> float:
-    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 2**32
 
 
 def check_pair_retriever(name: str) -> str:
@@ -575,10 +561,6 @@ def _merge(base: LoadedModel, info: TaskAdapterInfo) -> LoadedModel:
         load_seconds=time.perf_counter() - start,
         source=f"{base.source} + {info.path}",
     )
-
-
-def steps_for(n_pairs: int, lora: LoraSettings) -> int:
-    return lora.epochs * math.ceil(n_pairs / lora.batch_size)
 
 
 __all__ = [
