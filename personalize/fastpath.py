@@ -14,6 +14,12 @@ norms, rotary, cache writes, attention, SwiGLU and LoRA included); the prompt (p
 with the weights dequantised per layer into a GEMM. ``weights="fp32"`` keeps transposed fp32 copies and runs every
 step in torch: the path when no C compiler is at hand (``fast_weights`` says which applies and why).
 
+A base with a task adapter merged into it (``task_adapters.task_model``) is decoded with 8-bit weights as the
+*unmerged* base plus the task LoRA as a resident adapter on every row (``resident``): 8-bit codes re-derived from
+merged weights are no longer the GGUF's exact weights and changed 1-2 of 30 greedy answers, while base codes plus
+``(x @ A_t) @ B_t`` are the merged weights up to fp32 summation order. A row's own adapter is then concatenated with
+the resident one (ranks add), so the C step and mixed batches need nothing new.
+
 LoRA adapters stay in peft's format: the decoder reads ``lora_A``/``lora_B``/``scaling`` of a loaded adapter from
 the ``PeftModel`` (the ``AdapterCache``) and adds ``scale * (x @ A_t) @ B_t`` to the layer's output, per row, so one
 batch can mix users. Which adapters it takes is an allow-list on their peft type: only methods registered with
@@ -122,10 +128,67 @@ class _LoraPair:
     b_t: Any  # (r, out), scaling folded in
 
 
+LoraPairs = dict[tuple[int, str], _LoraPair]
+_PARTS = [("attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+    ("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")
+]
+
+
+def lora_config_unsupported_reason(config: Any) -> str | None:
+    """Why an adapter with this peft config cannot run on the fast path (None when it can)."""
+    reason = _not_allowed(config)  # an allow-list: only what the decoder implements, never "no LoRA layers found"
+    if reason:
+        return reason
+    if getattr(config, "use_dora", False):
+        return "DoRA adapters"
+    if getattr(config, "bias", "none") != "none" or getattr(config, "lora_bias", False):
+        return "LoRA with biases"
+    targets = config.target_modules
+    targets = {targets} if isinstance(targets, str) else set(targets or ())
+    if not targets <= set(_PROJECTIONS):
+        return f"LoRA on {sorted(targets - set(_PROJECTIONS))}"
+    if getattr(config, "modules_to_save", None):
+        return "adapters that save whole modules"
+    return None
+
+
+def lora_pairs(peft_model: Any, name: str) -> LoraPairs:
+    """Adapter ``name``'s A/B matrices of a loaded ``PeftModel`` per (layer, projection): new tensors, transposed,
+    with peft's own scaling folded into B (so they outlive a later ``merge_and_unload`` of the same model)."""
+    pairs: LoraPairs = {}
+    for index, layer in enumerate(peft_model.get_base_model().model.layers):
+        for part, proj in _PARTS:
+            module = getattr(layer.self_attn if part == "attn" else layer.mlp, proj)
+            lora_a = getattr(module, "lora_A", None)
+            if lora_a is None or name not in lora_a:
+                continue
+            a = lora_a[name].weight
+            b = module.lora_B[name].weight
+            scale = float(module.scaling[name])
+            pairs[(index, proj)] = _LoraPair(a.detach().t().contiguous(), (b.detach() * scale).t().contiguous())
+    return pairs
+
+
+def join_lora_pairs(first: LoraPairs, second: LoraPairs) -> LoraPairs:
+    """One adapter computing both: where both target a projection, A's columns and B's rows are concatenated, so
+    ``(x @ [A1 A2]) @ [B1; B2] = (x @ A1) @ B1 + (x @ A2) @ B2`` with rank r1 + r2."""
+    import torch
+
+    joined = dict(first)
+    for key, pair in second.items():
+        if key in joined:
+            head = joined[key]
+            pair = _LoraPair(
+                torch.cat([head.a_t, pair.a_t], dim=1).contiguous(), torch.cat([head.b_t, pair.b_t]).contiguous()
+            )
+        joined[key] = pair
+    return joined
+
+
 class FastDecoder:
     """Greedy decoding of a Llama-family model with static caches and transposed weights (see the module doc)."""
 
-    def __init__(self, model: Any, weights: WeightFormat = "q8") -> None:
+    def __init__(self, model: Any, weights: WeightFormat = "q8", resident: LoraPairs | None = None) -> None:
         import torch
 
         reason = unsupported_reason(model)
@@ -159,9 +222,11 @@ class FastDecoder:
         self.lm_head = _make_linear([model.lm_head.weight], weights)  # q8 reproduces a GGUF's Q8_0 output exactly
         self.rotary = base.rotary_emb
         self._rope_cache: tuple[Any, Any] | None = None
-        self._lora: dict[tuple[str, str], dict[tuple[int, str], _LoraPair]] = {}
+        self._lora: dict[tuple[str, str], LoraPairs] = {}
         self._lock = threading.Lock()
         self.torch = torch
+        # a LoRA every row carries (a task adapter over the unmerged base); None: rows without an adapter have none
+        self.resident: LoraPairs | None = resident or None
 
     # -- rotary tables, grown on demand ----------------------------------------------------------------------------
 
@@ -180,26 +245,12 @@ class FastDecoder:
     def lora_unsupported_reason(self, peft_model: Any, name: str) -> str | None:
         """Why adapter ``name`` of ``peft_model`` cannot run on the fast path (None when it can)."""
         config = peft_model.peft_config.get(name)
-        if config is None:
-            return f"adapter {name!r} is not loaded"
-        reason = _not_allowed(config)  # an allow-list: only what the decoder implements, never "no LoRA layers found"
-        if reason:
-            return reason
-        if getattr(config, "use_dora", False):
-            return "DoRA adapters"
-        if getattr(config, "bias", "none") != "none" or getattr(config, "lora_bias", False):
-            return "LoRA with biases"
-        targets = config.target_modules
-        targets = {targets} if isinstance(targets, str) else set(targets or ())
-        if not targets <= set(_PROJECTIONS):
-            return f"LoRA on {sorted(targets - set(_PROJECTIONS))}"
-        if getattr(config, "modules_to_save", None):
-            return "adapters that save whole modules"
-        return None
+        return f"adapter {name!r} is not loaded" if config is None else lora_config_unsupported_reason(config)
 
-    def lora_weights(self, peft_model: Any, name: str, source: str) -> dict[tuple[int, str], _LoraPair]:
-        """The adapter's A/B matrices per (layer, projection), transposed, scaling folded into B; cached by
-        ``(name, source)`` (``source``: the adapter's folder, so a retrained adapter is never served stale)."""
+    def lora_weights(self, peft_model: Any, name: str, source: str) -> LoraPairs:
+        """The adapter's A/B matrices per (layer, projection), transposed, scaling folded into B, joined with the
+        resident adapter's where there is one; cached by ``(name, source)`` (``source``: the adapter's folder, so a
+        retrained adapter is never served stale)."""
         config = peft_model.peft_config.get(name)
         reason = f"adapter {name!r} is not loaded" if config is None else _not_allowed(config)
         if reason:  # an adapter of another method has no lora_A/lora_B: its empty table would decode as the base
@@ -207,20 +258,9 @@ class FastDecoder:
         cached = self._lora.get((name, source))
         if cached is not None:
             return cached
-        base = peft_model.get_base_model().model
-        pairs: dict[tuple[int, str], _LoraPair] = {}
-        for index, layer in enumerate(base.layers):
-            for part, proj in [("attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
-                ("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")
-            ]:
-                module = getattr(layer.self_attn if part == "attn" else layer.mlp, proj)
-                lora_a = getattr(module, "lora_A", None)
-                if lora_a is None or name not in lora_a:
-                    continue
-                a = lora_a[name].weight
-                b = module.lora_B[name].weight
-                scale = float(module.scaling[name])
-                pairs[(index, proj)] = _LoraPair(a.detach().t().contiguous(), (b.detach() * scale).t().contiguous())
+        pairs = lora_pairs(peft_model, name)
+        if self.resident:
+            pairs = join_lora_pairs(self.resident, pairs)
         with self._lock:
             if len(self._lora) >= 64:  # adapters evicted from the cache leave their entries behind; bound them
                 self._lora.clear()
@@ -241,6 +281,8 @@ class FastDecoder:
         torch = self.torch
         batch = len(prompts)
         loras = list(loras) if loras is not None else [None] * batch
+        if self.resident:  # rows without their own adapter still carry the resident one (theirs already joins it)
+            loras = [pairs or self.resident for pairs in loras]
         width = max(len(p) for p in prompts)
         total = width + max_new_tokens
         ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
@@ -462,17 +504,41 @@ def _sdpa_has_gqa() -> bool:
         return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-_DECODERS: dict[tuple[int, str], FastDecoder] = {}
+_DECODERS: dict[tuple[int, str, str | None], FastDecoder] = {}
 _DECODERS_LOCK = threading.Lock()
 
 
 def get_fast_decoder(model: Any, weights: WeightFormat = "q8") -> FastDecoder:
     """The process-wide fast decoder of ``model`` (built once: it copies the weights into its own layout)."""
-    key = (id(model), weights)
+    return _cached_decoder((id(model), weights, None), lambda: FastDecoder(model, weights))
+
+
+def decoder_for(loaded: Any, weights: WeightFormat = "q8") -> FastDecoder:
+    """The process-wide fast decoder for a ``LoadedModel``. A merged task-adapted base with 8-bit weights decodes
+    as its unmerged base plus the task LoRA as a resident adapter (the module doc); else as ``loaded.model``."""
+    merged = getattr(loaded, "merged_lora", None)
+    if weights != "q8" or merged is None:
+        return get_fast_decoder(loaded.model, weights)
+    key = (id(merged.base.model), weights, merged.key)
+    return _cached_decoder(key, lambda: FastDecoder(merged.base.model, weights, resident=merged.pairs))
+
+
+def _cached_decoder(key: tuple[int, str, str | None], build: Any) -> FastDecoder:
     with _DECODERS_LOCK:
         if key not in _DECODERS:
-            _DECODERS[key] = FastDecoder(model, weights)
+            _DECODERS[key] = build()
         return _DECODERS[key]
 
 
-__all__ = ["FastDecoder", "WeightFormat", "fast_weights", "get_fast_decoder", "unsupported_reason"]
+__all__ = [
+    "FastDecoder",
+    "LoraPairs",
+    "WeightFormat",
+    "decoder_for",
+    "fast_weights",
+    "get_fast_decoder",
+    "join_lora_pairs",
+    "lora_config_unsupported_reason",
+    "lora_pairs",
+    "unsupported_reason",
+]

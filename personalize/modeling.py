@@ -24,6 +24,16 @@ BUNDLED_CACHE_NAME = "smollm2-135m-instruct"
 _COMPLETE = "personalize-complete"
 
 
+@dataclass(frozen=True)
+class MergedLora:
+    """The unmerged origin of a model with a LoRA merged into its weights: the fast decoder runs the base's exact
+    8-bit weights plus these pairs (``fastpath.lora_pairs``) instead of re-quantising the merged weights."""
+
+    base: LoadedModel
+    key: str  # what identifies the LoRA (its folder): the decoder built for it is cached under it
+    pairs: Any  # fastpath.LoraPairs
+
+
 @dataclass
 class LoadedModel:
     """A model with its tokenizer and the facts generation needs about it."""
@@ -35,6 +45,7 @@ class LoadedModel:
     context_length: int
     load_seconds: float
     source: str
+    merged_lora: MergedLora | None = None  # set on a base with a task adapter merged in (``task_adapters``)
 
     @property
     def uses_chat_template(self) -> bool:

@@ -33,7 +33,7 @@ from personalize.errors import (
     TrainingFailedError,
     UnknownUserError,
 )
-from personalize.fastpath import FastDecoder, WeightFormat, fast_weights, get_fast_decoder, unsupported_reason
+from personalize.fastpath import FastDecoder, WeightFormat, decoder_for, fast_weights, unsupported_reason
 from personalize.items import ProfileItem, UserInfo, item_chars, make_item
 from personalize.jobs import AdapterInfo, Claim, JobInfo, Jobs
 from personalize.methods import AUTO, SERVED_METHODS, ZERO_SHOT, uses_adapter, uses_retrieval, without_adapter
@@ -567,7 +567,7 @@ class Personalizer:
         note = None
         if self.settings.decoder == "fast":
             weights, note = fast_weights(loaded.model)
-        return get_fast_decoder(loaded.model, weights), note
+        return decoder_for(loaded, weights), note
 
     def _decode(
         self,

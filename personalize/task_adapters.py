@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from personalize.adapter_format import read_metadata
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.items import ProfileItem
-from personalize.modeling import LoadedModel
+from personalize.modeling import LoadedModel, MergedLora
 from personalize.naming import eval_user_id, user_key
 from personalize.peft_utils import strip_tuner_layers
 from personalize.prompting import build_prompt, count_tokens
@@ -544,6 +544,7 @@ def _merge(base: LoadedModel, info: TaskAdapterInfo) -> LoadedModel:
     start = time.perf_counter()
     try:
         peft_model = PeftModel.from_pretrained(strip_tuner_layers(copy.deepcopy(base.model)), str(info.path))
+        unmerged = _unmerged_lora(base, peft_model, info)
         merged = peft_model.merge_and_unload()
     except Exception as exc:
         raise PersonalizeError(
@@ -560,7 +561,19 @@ def _merge(base: LoadedModel, info: TaskAdapterInfo) -> LoadedModel:
         context_length=base.context_length,
         load_seconds=time.perf_counter() - start,
         source=f"{base.source} + {info.path}",
+        merged_lora=unmerged,
     )
+
+
+def _unmerged_lora(base: LoadedModel, peft_model: Any, info: TaskAdapterInfo) -> MergedLora | None:
+    """The task LoRA's pairs, read before merging, for the fast decoder's exact 8-bit path; None where the fast
+    decoder could not run the LoRA unmerged (it then decodes the merged weights, as the plain path does)."""
+    from personalize.fastpath import lora_config_unsupported_reason, lora_pairs, unsupported_reason
+
+    config = peft_model.peft_config["default"]
+    if unsupported_reason(base.model) or lora_config_unsupported_reason(config):
+        return None
+    return MergedLora(base=base, key=str(info.path), pairs=lora_pairs(peft_model, "default"))
 
 
 __all__ = [

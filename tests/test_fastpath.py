@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_model import make_tiny_loaded, save_ia3_adapter
 
 from personalize import Personalizer, Settings
-from personalize.fastpath import FastDecoder, fast_weights, unsupported_reason
+from personalize.fastpath import FastDecoder, fast_weights, lora_pairs, unsupported_reason
 from personalize.peft_utils import private_base_copy
 from personalize.personalizer import generate_text
 from personalize.prompting import build_prompt
@@ -114,6 +114,29 @@ def test_lora_on_the_fast_path_matches_peft_and_mixes_in_one_batch(loaded, fmt, 
         assert decoder.generate([p], 10, [], 0, [lora_b]) == [b]
     mixed = decoder.generate([PROMPTS[0], PROMPTS[1], PROMPTS[0]], 10, [], 0, [lora_a, None, lora_b])
     assert mixed == [want_a[0], base[1], want_b[0]]
+
+
+def test_a_resident_lora_decodes_as_the_merged_model_with_and_without_a_user_adapter(loaded, fmt, reference):
+    """A task LoRA merged into the weights (the plain path) against the unmerged base plus that LoRA on every row
+    (the fast decoder's resident adapter): the same greedy tokens, alone, joined with a user's adapter trained on
+    the merged model, and in a mixed batch."""
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    task = _random_lora(reference, 7, every)
+    resident = lora_pairs(task, "a7")  # read before merging, as task_adapters does
+    merged = task.merge_and_unload().eval()
+    user = _random_lora(merged, 8, ["q_proj", "v_proj", "down_proj"])
+    decoder = FastDecoder(loaded.model, fmt, resident=resident)
+    joined = decoder.lora_weights(user, "a8", "user")
+    assert joined[(0, "q_proj")].a_t.shape[1] == 4 + 4 and joined[(0, "o_proj")] is resident[(0, "o_proj")]
+    want_task = [_plain_tokens(loaded, p, 10, model=merged) for p in PROMPTS]
+    want_user = [_plain_tokens(loaded, p, 10, model=user) for p in PROMPTS]
+    base = [_plain_tokens(loaded, p, 10, model=reference) for p in PROMPTS]
+    assert want_task != base and want_user != want_task  # both adapters really change the output
+    for p, t, u in zip(PROMPTS, want_task, want_user, strict=True):
+        assert decoder.generate([p], 10, [], 0) == [t]
+        assert decoder.generate([p], 10, [], 0, [joined]) == [u]
+    mixed = decoder.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], 10, [], 0, [joined, None, joined])
+    assert mixed == [want_user[0], want_task[1], want_user[2]]
 
 
 def test_unsupported_adapters_and_models_are_reported(loaded, tmp_path):

@@ -15,6 +15,7 @@ from personalize.datasets import Dataset, Query, synthetic_dataset
 from personalize.errors import AdapterBaseMismatchError, InvalidInputError
 from personalize.eval_config import EvalConfig
 from personalize.evaluation import EvaluationRunner
+from personalize.fastpath import decoder_for
 from personalize.naming import eval_user_id, user_key
 from personalize.settings import LoraSettings, TaskAdapterSettings
 from personalize.task_adapter_jobs import queue_train, retrain_source, source_users, train_now
@@ -169,6 +170,10 @@ def test_the_merged_base_gives_the_same_answers_through_the_fast_and_plain_decod
         expected = {m: plain.generate(uid, PROMPT, m, max_new_tokens=8) for m in ("none", "peft", "rag+peft")}
     with Personalizer(ta_settings.model_copy(update={"decoder": fast})) as quick:
         got = {m: quick.generate(uid, PROMPT, m, max_new_tokens=8) for m in expected}
+        merged, _ = quick.base_for(TASK, "none")
+        # 8-bit weights decode the unmerged base plus the task LoRA on every row, not re-quantised merged weights
+        assert merged.merged_lora is not None and decoder_for(merged, "q8").resident
+        assert decoder_for(merged, "fp32").resident is None
     for method, result in got.items():
         assert result.timings.extra["decoder"].startswith("fast"), result.timings.extra
         assert result.method == expected[method].method == method
