@@ -430,6 +430,12 @@ def eval_run(
     retriever: str = typer.Option("bm25", "--retriever"),
     k: int = typer.Option(4, "--k"),
     scoring: str = typer.Option("auto", "--scoring", help="auto|likelihood|calibrated|generate (label tasks)"),
+    decision: str = typer.Option(
+        "argmax",
+        "--decision",
+        help="argmax|median: under likelihood scoring, the most likely label, or the median of the label "
+        "distribution (numeric labels; minimises expected absolute error)",
+    ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     train_via: str = typer.Option("workers", "--train-via", help="workers (Celery) or inline"),
     workers: int = typer.Option(1, "--workers", help="Local workers to start for training (0: use running ones)"),
@@ -470,25 +476,29 @@ def eval_run(
             adapted = base == "task" and p.current_task_adapter(task) is not None
             chosen = resolve_methods(task, _method_list(methods)) if methods else default_methods(task, adapted)
             dataset, source = _load_dataset(task, split, data, synthetic_users)
-            config = EvalConfig(
-                task=task,
-                split=split,
-                source=source,
-                synthetic=dataset.synthetic,
-                users=synthetic_users or users,  # a SYNTHETIC run of N users resumes with the same N
-                per_user=per_user,
-                methods=chosen,
-                retriever=retriever,
-                k=k,
-                scoring=scoring,
-                max_new_tokens=max_new_tokens,
-                train_via=train_via,
-                model=p.settings.model,
-                decoder=p.settings.decoder,
-                lora=p.settings.lora.model_dump(),
-                base=base,
-                code_version=code_version(),
-            )
+            try:
+                config = EvalConfig(
+                    task=task,
+                    split=split,
+                    source=source,
+                    synthetic=dataset.synthetic,
+                    users=synthetic_users or users,  # a SYNTHETIC run of N users resumes with the same N
+                    per_user=per_user,
+                    methods=chosen,
+                    retriever=retriever,
+                    k=k,
+                    scoring=scoring,
+                    decision=decision,
+                    max_new_tokens=max_new_tokens,
+                    train_via=train_via,
+                    model=p.settings.model,
+                    decoder=p.settings.decoder,
+                    lora=p.settings.lora.model_dump(),
+                    base=base,
+                    code_version=code_version(),
+                )
+            except ValidationError as exc:  # an option the run's task cannot take
+                raise InvalidInputError(str(exc.errors()[0].get("msg", exc))) from None
         run_id = runner.run(dataset, config, run_id=resume, start_workers=workers)
         typer.echo(format_report(build_report(p.store, run_id, stats=p.settings.stats)))
         typer.echo(f"\nrun id: {run_id}")

@@ -72,6 +72,11 @@ class EvalConfig(BaseModel):
         description="Label tasks: likelihood of each label (auto), likelihood minus the label's content-free "
         "prior (calibrated), or free generation; other tasks generate.",
     )
+    decision: Literal["argmax", "median"] = Field(
+        "argmax",
+        description="Likelihood scoring: answer the most likely label (argmax), or the median of the label "
+        "distribution (median: numeric labels only; it minimises the expected absolute error, MAE's loss).",
+    )
     max_new_tokens: int = 32
     train_via: Literal["workers", "inline"] = "workers"
     model: str = ""
@@ -94,6 +99,22 @@ class EvalConfig(BaseModel):
                 self.methods = default_methods(self.task)
         return self
 
+    @model_validator(mode="after")
+    def _check_decision(self) -> EvalConfig:
+        if self.decision == "median":
+            labels = get_task(self.task).labels
+            if self.used_scoring() == "generate" or not labels or not all(_is_number(x) for x in labels):
+                raise ValueError(
+                    f"decision 'median' needs likelihood scoring of numeric labels; task {self.task!r} "
+                    f"with scoring {self.used_scoring()!r} has labels {labels}"
+                )
+        return self
+
+    def scoring_label(self) -> str:
+        """How answers were chosen, as reports print it."""
+        scoring = self.used_scoring()
+        return f"{scoring}, median decision" if self.decision == "median" else scoring
+
     def used_scoring(self) -> str:
         has_labels = get_task(self.task).labels is not None
         if not has_labels:
@@ -101,6 +122,14 @@ class EvalConfig(BaseModel):
         if self.scoring in ("generate", "calibrated"):
             return self.scoring
         return "likelihood"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def code_version() -> str:

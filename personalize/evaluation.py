@@ -34,6 +34,7 @@ from personalize.metrics import parse_prediction
 from personalize.naming import eval_user_id
 from personalize.personalizer import Personalizer
 from personalize.schema import EvalResult, EvalRun, utcnow
+from personalize.scoring import median_label
 from personalize.settings import LoraSettings
 from personalize.tasks import Task, choice_candidates, get_task
 from personalize.worker_process import start_worker, stop_worker
@@ -255,12 +256,14 @@ class EvaluationRunner:
                     config.retriever,
                     calibrate=scoring == "calibrated",
                 )
-                prediction = result.text
+                scores = result.timings.extra["label_log_likelihoods"]
+                prediction = median_label(scores) if config.decision == "median" else result.text
             else:
                 result = self.p.generate(
                     uid, query.input, method, config.k, config.max_new_tokens, config.retriever, config.task
                 )
                 prediction = parse_prediction(config.task, result.text)
+                scores = None
             timings = {
                 "retrieval_s": result.timings.retrieval_s,
                 "prompt_s": result.timings.prompt_s,
@@ -271,11 +274,22 @@ class EvaluationRunner:
                 "decoder": result.timings.extra.get("decoder", "likelihood"),
                 "raw": result.text[:2000],
             }
-            self._store_answer(run_id, query, method, uid, prediction, timings)
+            self._store_answer(run_id, query, method, uid, prediction, timings, scores)
             if n % 10 == 0:
                 self._progress(run_id, (finished + n + 1) / max(total, 1))
 
-    def _store_answer(self, run_id: str, query: Query, method: str, uid: str, prediction: str, timings: dict) -> None:
+    def _store_answer(
+        self,
+        run_id: str,
+        query: Query,
+        method: str,
+        uid: str,
+        prediction: str,
+        timings: dict,
+        scores: dict[str, float] | None = None,
+    ) -> None:
+        """One answer; ``scores``: each label's log-likelihood under likelihood scoring (so any decision rule can
+        be re-derived from a stored run)."""
         with self.p.store.session() as s:
             s.add(
                 EvalResult(
@@ -286,7 +300,7 @@ class EvaluationRunner:
                     profile_size=self.p.store.count_items(uid),
                     prediction=prediction,
                     gold=query.gold or "",
-                    scores=None,
+                    scores=scores,
                     timings=timings,
                 )
             )

@@ -47,6 +47,11 @@ def test_errors_are_one_clear_line(run, tmp_path):
     run("users", "add", "someone")
     result = run("generate", "someone", "")
     assert result.exit_code == 2 and "prompt is empty" in result.output
+    for option in (["--scoring", "generate"], ["--scoring", "nonsense"]):  # an eval option the task cannot take
+        args = ["eval", "run", "--task", "movielens-rating", "--synthetic", "2", "--decision", "median", *option]
+        result = run(*args)
+        assert result.exit_code == 2 and result.output.startswith("error: ") and "Traceback" not in result.output
+        assert ("numeric labels" if option[1] == "generate" else "'likelihood'") in result.output
 
 
 def test_db_upgrade_on_embedded_sqlite(run):

@@ -184,3 +184,23 @@ def test_select_queries_takes_the_first_users_and_at_most_n_queries_each(dataset
     one_each = select_queries(dataset, users=2, per_user=1)
     assert [q.user_id for q in one_each] == users
     assert one_each == [next(q for q in first_two if q.user_id == u) for u in users]
+
+
+def test_the_median_decision_answers_the_median_of_the_stored_label_distribution(client, dataset):
+    """``decision=median``: every answer is the median label of its stored log-likelihoods (minimum expected
+    absolute error); the argmax answer of the same query is recorded beside it, and the report says which rule."""
+    from personalize.scoring import median_label
+
+    run_id = EvaluationRunner(client, show_progress=False).run(dataset, _config(methods=["none"], decision="median"))
+    with client.store.session() as s:
+        rows = s.query(EvalResult).filter(EvalResult.run_id == run_id).all()
+    assert len(rows) == len(dataset.queries)
+    for row in rows:
+        assert set(row.scores) == {"1", "2", "3", "4", "5"}
+        assert row.prediction == median_label(row.scores)
+        assert row.timings["raw"] == max(row.scores, key=row.scores.get)  # what argmax would have answered
+    assert build_report(client.store, run_id).scoring == "likelihood, median decision"
+    with pytest.raises(ValueError, match="numeric labels"):
+        _config(task="reuters-lead", methods=["none"], decision="median")
+    with pytest.raises(ValueError, match="numeric labels"):
+        _config(methods=["none"], decision="median", scoring="generate")
