@@ -2,6 +2,7 @@
 
     python benchmarks/retrieval.py            # users of 10 to 10,000 items (8 min on 2 quiet cores, 11 busy)
     python benchmarks/retrieval.py --quick    # 10 and 100 items, fewer queries (~1 minute)
+    python benchmarks/retrieval.py --only bm25 --bm25-items 10000   # the BM25 index against the scan (~1 minute)
 
 Everything runs in a fresh temporary home folder (SQLite + embedded Chroma), deleted at the end. Items are synthetic
 movie-like titles ("The Silent River (1987) (Drama, Thriller)") drawn with a fixed seed; queries are short
@@ -24,6 +25,7 @@ from _common import Clock, cpu_pressure, loadavg, machine_line, median, pct, rer
 from tqdm import tqdm
 
 from personalize.personalizer import Personalizer
+from personalize.retrieval.bm25 import BM25Index, ScanBM25Index
 from personalize.settings import Settings
 
 FULL_SIZES = (10, 100, 1_000, 10_000)
@@ -282,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--embed-rounds", type=int, help="rounds of the embedding benchmark (default 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch-threads", type=int, help="Settings.torch_threads (default: torch's own)")
+    parser.add_argument("--bm25-items", type=int, default=10_000, help="documents in the BM25 index comparison")
+    parser.add_argument("--only", choices=["bm25"], help="run only this part")
     args = parser.parse_args(argv)
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     n_queries = args.queries or (10 if args.quick else 50)
@@ -292,14 +296,20 @@ def main(argv: list[str] | None = None) -> None:
         resolved += ["--torch-threads", str(args.torch_threads)]
     if args.quick:
         resolved = ["--quick", *resolved]
+    resolved += ["--bm25-items", str(args.bm25_items)]
+    if args.only:
+        resolved += ["--only", args.only]
 
     home = Path(tempfile.mkdtemp(prefix="personalize-bench-retrieval-"))
     load_start = loadavg()
     started = time.perf_counter()
     out: list[str] = []
     try:
-        with Personalizer(Settings(home=home, database_url=None, chroma=None, torch_threads=args.torch_threads)) as p:
-            out += run(p, sizes, n_queries, rounds, args.seed, args.quick)
+        out.append(bm25_bench(args.bm25_items, n_queries, args.seed))
+        if args.only is None:
+            settings = Settings(home=home, database_url=None, chroma=None, torch_threads=args.torch_threads)
+            with Personalizer(settings) as p:
+                out += run(p, sizes, n_queries, rounds, args.seed, args.quick)
     finally:
         shutil.rmtree(home, ignore_errors=True)
     elapsed = time.perf_counter() - started
@@ -309,6 +319,77 @@ def main(argv: list[str] | None = None) -> None:
     )
     out.append(rerun_line("benchmarks/retrieval.py", resolved))
     print("\n\n".join(out))
+
+
+BM25_QUERY_TARGET = 10.0  # issue 17: the index at least 10x the scan per query at 10,000 items
+
+
+def bm25_bench(n_items: int, n_queries: int, seed: int) -> str:
+    """The inverted BM25 index against the scan (the definition, and the implementation before issue 17) on the
+    same documents, queries interleaved: per-query latency, build time, and an update of 10 new items in place
+    against a rebuild. Also checks they agree on every top 4."""
+    corpora = {
+        "titles": [m["text"] for m in make_items(n_items, seed + 7)],
+        "reviews": make_reviews(n_items, seed + 8),
+    }
+    queries = make_queries(max(n_queries, 20), seed + 9)
+    rows, agree = [], 0
+    for name, docs in corpora.items():
+        ids = [f"d{i}" for i in range(len(docs))]
+        with Clock() as scan_build:
+            scan = ScanBM25Index(ids, docs)
+        with Clock() as index_build:
+            index = BM25Index(ids, docs)
+        lat: dict[str, list[float]] = {"scan": [], "index": []}
+        for qi, query in enumerate(queries):
+            order = [("scan", scan), ("index", index)]
+            for label, which in order if qi % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                top = which.top(query, 4)
+                lat[label].append(time.perf_counter() - t0)
+                if label == "index":
+                    agree += [i for i, _ in top] == [i for i, _ in scan.top(query, 4)]
+        extra = [(f"new{i}", docs[i]) for i in range(10)]
+        with Clock() as update:
+            updated = index.copy()
+            updated.add(extra)
+        with Clock() as rebuild:
+            ScanBM25Index(ids + [i for i, _ in extra], docs + [d for _, d in extra])
+        ratio = median(lat["scan"]) / median(lat["index"])
+        rows.append(
+            [
+                name,
+                f"{len(docs):,}",
+                f"{median(lat['scan']) * 1000:.2f}",
+                f"{median(lat['index']) * 1000:.2f}",
+                f"{pct(lat['index'], 95) * 1000:.2f}",
+                f"{ratio:.1f}x",
+                f">= {BM25_QUERY_TARGET:.0f}x: {'met' if ratio >= BM25_QUERY_TARGET else 'NOT met'}",
+                f"{scan_build.wall:.2f} / {index_build.wall:.2f}",
+                f"{update.wall * 1000:.1f} / {rebuild.wall * 1000:.0f}",
+            ]
+        )
+    checked = len(queries) * len(corpora)
+    return (
+        f"BM25: inverted index (numpy over the query terms' postings) against the scan, {len(queries)} queries, "
+        "interleaved, top 4\n"
+        + table(
+            [
+                "corpus",
+                "docs",
+                "scan p50 ms",
+                "index p50 ms",
+                "index p95 ms",
+                "speed-up",
+                "target",
+                "build s scan / index",
+                "add 10 ms: in place / rebuild",
+            ],
+            rows,
+        )
+        + f"\nthe same top 4 on {agree} of {checked} queries. 'in place' copies the index (what the retriever does, so "
+        "readers never see a half-updated one) and indexes the 10 new items; 'rebuild' re-tokenises everything."
+    )
 
 
 def run(p: Personalizer, sizes: list[int], n_queries: int, rounds: int, seed: int, quick: bool) -> list[str]:

@@ -373,13 +373,17 @@ class Store:
             before_commit(report)
         return report
 
-    def item_hashes(self, user_id: str, ids: Sequence[str]) -> dict[str, str]:
-        """Content hashes of the given items that are stored (an unknown user has none)."""
+    def item_hashes(self, user_id: str, ids: Sequence[str] | None = None) -> dict[str, str]:
+        """Content hashes of the given items that are stored, or of all the user's items (``ids`` None); an unknown
+        user has none."""
         out: dict[str, str] = {}
         with self.session() as s:
             user_pk = s.scalar(select(User.id).where(User.external_id == user_id))
             if user_pk is None:
                 return out
+            if ids is None:
+                query = select(Item.item_id, Item.content_hash).where(Item.user_pk == user_pk)
+                return dict(s.execute(query).tuples().all())
             for start in range(0, len(ids), 500):
                 query = select(Item.item_id, Item.content_hash).where(
                     Item.user_pk == user_pk, Item.item_id.in_(list(ids[start : start + 500]))

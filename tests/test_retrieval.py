@@ -60,3 +60,95 @@ def test_retrieve_errors(client):
     with pytest.raises(InvalidInputError, match="unknown retriever"):
         client.retrieve("alice", "x", retriever="magic")
     assert client.retrieve("alice", "x", k=0) == []
+
+
+def _corpus(n: int, seed: int) -> list[tuple[str, str]]:
+    """Documents over a small vocabulary (so terms repeat, frequencies vary and scores tie), some empty."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(60)] + ["Star", "wars", "love", "Paris", "ocean"]
+    docs = []
+    for i in range(n):
+        words = [rng.choice(vocab[: rng.randint(3, len(vocab))]) for _ in range(rng.randint(0, 30))]
+        docs.append((f"d{i:04d}", " ".join(words) + (", ." if i % 7 == 0 else "")))
+    return docs
+
+
+QUERIES = ["w1 w2 w3", "star WARS love", "w0", "nothing-matches-here", "w5 w5 w59 paris", "", "ocean w10 w11 w12"]
+
+
+def _assert_same(index, reference, ks=(1, 3, 10, 1000)):
+    assert index.ids == reference.ids
+    for query in QUERIES:
+        assert index.scores(query) == pytest.approx(reference.scores(query), abs=1e-6, rel=1e-9)
+        for k in ks:
+            got, want = index.top(query, k), reference.top(query, k)
+            assert [i for i, _ in got] == [i for i, _ in want], (query, k)
+            assert [s for _, s in got] == pytest.approx([s for _, s in want], abs=1e-6)
+
+
+def test_the_inverted_bm25_index_gives_the_scan_definitions_scores_and_order():
+    from personalize.retrieval.bm25 import ScanBM25Index
+
+    docs = _corpus(400, seed=3)
+    ids, texts = [d for d, _ in docs], [t for _, t in docs]
+    _assert_same(BM25Index(ids, texts), ScanBM25Index(ids, texts))
+    assert BM25Index().top("w1", 3) == [] and BM25Index(["a"], [""]).top("w1", 3) == [("a", 0.0)]
+
+
+def test_the_bm25_index_updated_in_place_equals_a_fresh_one():
+    """Adds, replacements of a changed item and removals (past the compaction point) keep every statistic (n,
+    document frequencies, average length) as a fresh index on the final corpus has them."""
+    from personalize.retrieval.bm25 import ScanBM25Index
+
+    docs = dict(_corpus(300, seed=5))
+    ids = list(docs)
+    index = BM25Index(ids[:100], [docs[i] for i in ids[:100]])
+    index.add((i, docs[i]) for i in ids[100:])
+    changed = {i: docs[j] for i, j in zip(ids[:40], ids[-40:], strict=True)}  # 40 items get another's text
+    index.add(changed.items())
+    docs.update(changed)
+    removed = ids[50:250]  # more than the live ones left: the index compacts
+    index.remove([*removed, "never-there"])
+    for i in removed:
+        del docs[i]
+    before = index.copy()
+    index.add([("fresh", "w1 w1 ocean")])
+    assert "fresh" not in before.ids  # a copy is independent of later updates
+    docs["fresh"] = "w1 w1 ocean"
+    order = index.ids  # slot order: survivors, then replacements and additions
+    assert sorted(order) == sorted(docs)
+    _assert_same(index, ScanBM25Index(order, [docs[i] for i in order]))
+
+
+def test_adding_items_indexes_only_the_new_and_changed_ones(client):
+    """The BM25 retriever over the real store: after a user's data changes, only added or changed items are
+    rendered and tokenised again, and its answers equal a fresh retriever's."""
+    from personalize.retrieval.bm25 import BM25Retriever
+
+    seen: list[str] = []
+
+    def doc_text(item):
+        seen.append(item.id)
+        return client._doc_text(item)
+
+    items = [
+        {"id": f"m{i}", "text": f"film number {i} about {'space' if i % 3 else 'love'} and w{i % 7}"} for i in range(60)
+    ]
+    client.add_items("carol", items)
+    retriever = BM25Retriever(client.store, doc_text)
+    first = retriever.search("carol", "number 3 love w3", 5)
+    assert first[0][0] == "m3"
+    assert len(seen) == 60
+    seen.clear()
+    client.add_items(
+        "carol", [{"id": "new", "text": "a submarine film about the ocean"}, {**items[3], "text": "ocean"}]
+    )
+    client.add_items("carol", items[:2])  # unchanged: the version may move, nothing is re-indexed
+    after = retriever.search("carol", "ocean submarine", 3)
+    assert sorted(seen) == ["m3", "new"]
+    fresh = BM25Retriever(client.store, client._doc_text)
+    assert after == fresh.search("carol", "ocean submarine", 3) and after[0][0] == "new"
+    again = retriever.search("carol", "number 3 love w3", 5)
+    assert again == fresh.search("carol", "number 3 love w3", 5) and "m3" not in [i for i, _ in again]
