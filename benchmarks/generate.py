@@ -26,10 +26,10 @@ from _common import Clock, footer, loadavg, median, table
 from tqdm import tqdm
 
 import personalize
-from personalize.ingest import read_jsonl
-from personalize.modeling import BUNDLED_CACHE_NAME, load_model
+from personalize.data.ingest import read_jsonl
 from personalize.personalizer import Personalizer
 from personalize.results import GenerationResult
+from personalize.serving.modeling import BUNDLED_CACHE_NAME, load_model
 from personalize.settings import BUNDLED_MODEL, Settings
 
 SAMPLE_USERS = Path(personalize.__file__).resolve().parent / "data" / "sample_users.jsonl"

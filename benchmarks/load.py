@@ -33,10 +33,10 @@ from pathlib import Path
 from _common import contention_note, footer, loadavg, pct, table
 from tqdm import tqdm
 
+from personalize.data.store import upgrade_database
+from personalize.jobs.worker_process import start_worker, stop_worker
 from personalize.personalizer import Personalizer
 from personalize.settings import LoraSettings, Settings
-from personalize.store import upgrade_database
-from personalize.worker_process import start_worker, stop_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [
@@ -84,7 +84,7 @@ def user_items(user: int, n: int, rng: random.Random) -> list[dict]:
 @contextlib.contextmanager
 def chroma_server(folder: Path) -> Iterator[str]:
     """A Chroma server (``chroma run``) on a free port, stopped on exit (the library's launcher)."""
-    from personalize.worker_process import chroma_server as server
+    from personalize.jobs.worker_process import chroma_server as server
 
     with server(folder, folder.parent / "chroma.log") as url:
         yield url

@@ -30,9 +30,9 @@ from pathlib import Path
 from _common import Clock, contention_note, footer, loadavg, median, table
 from tqdm import tqdm
 
-from personalize.modeling import BUNDLED_CACHE_NAME
 from personalize.personalizer import Personalizer, adapter_name
 from personalize.results import GenerationResult
+from personalize.serving.modeling import BUNDLED_CACHE_NAME
 from personalize.settings import BUNDLED_MODEL, LoraSettings, Settings
 
 GENRES = ("Action", "Adventure", "Comedy", "Drama", "Fantasy", "Horror", "Romance", "Sci-Fi", "Thriller", "War")

@@ -10,8 +10,8 @@ The first load of the bundled model dequantises its GGUF and caches safetensors 
 minutes); it is reported apart, as is the first training in the process (it builds or loads the C kernels and
 checks the dropout kernel against torch). Each user gets synthetic movie-rating items (task movielens-rating) and
 one adapter trained with the default LoRA settings except ``epochs`` (default 1), by calling
-``personalize.training.train_adapter`` on ``training_pairs(items)``, as ``Personalizer.train`` does, once per
-trainer (``LoraSettings.trainer``: ``fast`` is personalize.fasttrain, ``plain`` is peft's own forward), the trainers
+``personalize.adapters.training.train_adapter`` on ``training_pairs(items)``, as ``Personalizer.train`` does, once per
+trainer (``LoraSettings.trainer``: ``fast`` is personalize.cpu.fasttrain, ``plain`` is peft's own forward), the trainers
 and sizes interleaved and the whole set repeated ``--repeat`` times. A fp32 matmul rate is measured before and after
 every training run (interleaved, because CPU speed drifts by 15-20% from minute to minute); each run's floor uses
 the mean of its two. Nothing here asserts a time: it prints what it measured.
@@ -32,10 +32,10 @@ from pathlib import Path
 from _common import Clock, contention_note, footer, loadavg, median, table
 from tqdm import tqdm
 
-from personalize.items import ProfileItem, make_item
-from personalize.modeling import BUNDLED_CACHE_NAME, get_model, load_model
+from personalize.adapters.training import TrainResult, train_adapter, training_pairs
+from personalize.data.items import ProfileItem, make_item
+from personalize.serving.modeling import BUNDLED_CACHE_NAME, get_model, load_model
 from personalize.settings import BUNDLED_MODEL, LoraSettings, Settings
-from personalize.training import TrainResult, train_adapter, training_pairs
 
 GENRES = ("Action", "Adventure", "Comedy", "Drama", "Fantasy", "Horror", "Romance", "Sci-Fi", "Thriller", "War")
 

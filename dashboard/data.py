@@ -16,15 +16,15 @@ import pandas as pd
 import streamlit as st
 from sqlalchemy import select
 
-from personalize.items import ProfileItem, UserInfo
-from personalize.jobs import AdapterInfo, JobInfo
-from personalize.modeling import LoadedModel
-from personalize.naming import eval_user_id
+from personalize.data.items import ProfileItem, UserInfo
+from personalize.data.naming import eval_user_id
+from personalize.data.schema import EvalResult, EvalRun
+from personalize.eval.reports import RunReport, build_report, compare_runs, list_runs, per_user_scores
+from personalize.jobs.queue import describe_broker
+from personalize.jobs.store import AdapterInfo, JobInfo
 from personalize.personalizer import Personalizer
-from personalize.queue import describe_broker
-from personalize.reports import RunReport, build_report, compare_runs, list_runs, per_user_scores
-from personalize.router import Decision, Policy
-from personalize.schema import EvalResult, EvalRun
+from personalize.serving.modeling import LoadedModel
+from personalize.serving.router import Decision, Policy
 from personalize.settings import Settings
 
 LIVE_TTL_S = 5  # runs, jobs: what a worker or an evaluation changes while one watches

@@ -11,17 +11,17 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
+from personalize.data.store import redact_url
 from personalize.errors import (
     BrokerUnavailableError,
     DatabaseUnavailableError,
     ModelLoadError,
     PersonalizeError,
 )
-from personalize.jobs import JobInfo
+from personalize.eval.metrics import LOWER_IS_BETTER
+from personalize.eval.reports import Claim, Estimate, MethodRow, RunReport
+from personalize.jobs.store import JobInfo
 from personalize.methods import METHODS, ordered
-from personalize.metrics import LOWER_IS_BETTER
-from personalize.reports import Claim, Estimate, MethodRow, RunReport
-from personalize.store import redact_url
 
 SYNTHETIC = "SYNTHETIC"
 NO_MODEL = "no model"

@@ -7,7 +7,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from personalize.schema import Base
+from personalize.data.schema import Base
 from personalize.settings import Settings
 
 config = context.config

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from personalize.data.items import ProfileItem, UserInfo
 from personalize.errors import (
     AdapterBaseMismatchError,
     AdapterExistsError,
@@ -32,14 +33,13 @@ from personalize.errors import (
     UnknownUserError,
     VectorStoreUnavailableError,
 )
-from personalize.items import ProfileItem, UserInfo
 from personalize.personalizer import Personalizer
 from personalize.results import ForgetReport, GenerationResult, RetrievedRef, Timings
 from personalize.settings import Settings
 
 if TYPE_CHECKING:
+    from personalize.data.store import UpsertReport
     from personalize.retrieval.base import RetrievedItem
-    from personalize.store import UpsertReport
 
 __version__ = "0.1.0"
 

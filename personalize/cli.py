@@ -12,11 +12,11 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from personalize.data.ingest import read_jsonl, read_lamp_questions
+from personalize.data.store import redact_url, upgrade_database
 from personalize.errors import InvalidInputError, PersonalizeError
-from personalize.ingest import read_jsonl, read_lamp_questions
 from personalize.personalizer import Personalizer
 from personalize.settings import Settings
-from personalize.store import redact_url, upgrade_database
 
 app = typer.Typer(
     help="Personalize a language model per user: RAG, per-user LoRA (PEFT), or both.",
@@ -208,7 +208,7 @@ def train(
 @clear_errors
 def jobs(user_id: str | None = None, limit: int = 20, as_json: bool = typer.Option(False, "--json")) -> None:
     """Training jobs, newest first, with state, progress, loss and errors."""
-    from personalize.consistency import lost_jobs
+    from personalize.data.consistency import lost_jobs
 
     with _client() as p:
         rows = p.training_jobs(user_id, limit)
@@ -352,7 +352,7 @@ def data_build(
     split: list[str] = typer.Option(["dev", "test"], help="Splits to build"),
 ) -> None:
     """Write LaMP-format files for movielens-rating, reuters-lead or reuters-authorship (deterministic)."""
-    from personalize.datasets import BUILDERS, write_lamp
+    from personalize.eval.datasets import BUILDERS, write_lamp
 
     if task not in BUILDERS:
         raise InvalidInputError(f"no builder for {task!r}; builders: {', '.join(sorted(BUILDERS))}")
@@ -371,7 +371,7 @@ def data_synthetic(
     split: str = "test",
 ) -> None:
     """Write a SYNTHETIC movielens-rating-style task with planted per-user signals (for tests and demos)."""
-    from personalize.datasets import synthetic_dataset, write_lamp
+    from personalize.eval.datasets import synthetic_dataset, write_lamp
 
     dataset = synthetic_dataset(n_users=users, seed=seed, split=split)
     questions, outputs = write_lamp(dataset, out / "synthetic")
@@ -386,8 +386,8 @@ def data_import_lamp(
     outputs: Path | None = typer.Argument(None, help="{split}_outputs.json (golds), optional"),
 ) -> None:
     """Import the users' profiles of an official LaMP questions file (user-based or time-based)."""
-    from personalize.datasets import read_lamp
-    from personalize.ingest import lamp_item
+    from personalize.data.ingest import lamp_item
+    from personalize.eval.datasets import read_lamp
 
     dataset = read_lamp(questions, outputs, task)
     users = {user_id: [lamp_item(task, r) for r in raw] for user_id, raw in dataset.users().items()}
@@ -400,7 +400,7 @@ def data_import_lamp(
 
 
 def _load_dataset(task: str, split: str, data: Path | None, synthetic_users: int | None):  # noqa: ANN202
-    from personalize.datasets import load_dataset
+    from personalize.eval.datasets import load_dataset
 
     return load_dataset(task, split, data, synthetic_users)
 
@@ -449,9 +449,9 @@ def eval_run(
     ),
 ) -> None:
     """Ingest, train (workers), answer every query with every method, and store it all under a run id."""
-    from personalize.eval_config import EvalConfig, code_version, default_methods, resolve_methods
-    from personalize.evaluation import EvaluationRunner
-    from personalize.reports import build_report, format_report
+    from personalize.eval.config import EvalConfig, code_version, default_methods, resolve_methods
+    from personalize.eval.reports import build_report, format_report
+    from personalize.eval.runner import EvaluationRunner
 
     with _client() as p:
         runner = EvaluationRunner(p)
@@ -513,7 +513,7 @@ def eval_report(
     json_out: Path | None = typer.Option(None, "--json"),
 ) -> None:
     """The paper-style table, the by-profile-size buckets, the correlation and the cost of a run."""
-    from personalize.reports import build_report, export, format_report
+    from personalize.eval.reports import build_report, export, format_report
 
     with _client() as p:
         report = build_report(p.store, run_id, buckets, p.settings.stats)
@@ -535,7 +535,7 @@ def eval_compare(
 ) -> None:
     """Every metric of two runs side by side (e.g. the fast decoder against the plain path); exit 1 when any
     metric moved more than the tolerance."""
-    from personalize.reports import compare_runs, format_comparison
+    from personalize.eval.reports import compare_runs, format_comparison
 
     with _client() as p:
         if candidate_home is None:
@@ -552,7 +552,7 @@ def eval_compare(
 @clear_errors
 def eval_list() -> None:
     """Evaluation runs, newest first."""
-    from personalize.reports import list_runs
+    from personalize.eval.reports import list_runs
 
     with _client() as p:
         for r in list_runs(p.store):
@@ -575,7 +575,7 @@ def router_calibrate(
 ) -> None:
     """Set a task's thresholds from a run: per bucket, the cheapest method unless a costlier one's gain over it is
     significant (paired test over the bucket's users); each band keeps the interval and p-value that chose it."""
-    from personalize.calibration import calibrate_from_run
+    from personalize.eval.calibration import calibrate_from_run
 
     with _client() as p:
         policy = calibrate_from_run(p.store, run_id, tolerance, alpha, p.settings.stats)
@@ -648,8 +648,8 @@ def task_adapter_train(
     via: str = typer.Option("inline", "--via", help="inline (this process, a bar with an ETA) or workers (Celery)"),
 ) -> None:
     """Train a task adapter on pooled pairs of many users (about half with retrieved context)."""
-    from personalize.task_adapter_jobs import queue_train, run_job
-    from personalize.task_adapters import TaskAdapterSource, check_pair_retriever
+    from personalize.adapters.task_adapters import TaskAdapterSource, check_pair_retriever
+    from personalize.jobs.task_adapter_jobs import queue_train, run_job
 
     if cut not in ("time", "user"):
         raise InvalidInputError(f"--cut must be time or user, got {cut!r}")

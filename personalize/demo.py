@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from personalize.datasets import synthetic_dataset
-from personalize.ingest import read_jsonl
+from personalize.adapters.task_adapters import TaskAdapterSource
+from personalize.data.ingest import read_jsonl
+from personalize.eval.datasets import synthetic_dataset
 from personalize.personalizer import Personalizer
 from personalize.settings import LoraSettings, TaskAdapterSettings
-from personalize.task_adapters import TaskAdapterSource
 
 SAMPLE_FILE = Path(__file__).resolve().parent / "data" / "sample_users.jsonl"
 TASK = "movielens-rating"
@@ -58,7 +58,7 @@ def load_sample(p: Personalizer, echo: Echo) -> list[str]:
 
 def ensure_task_adapter(p: Personalizer, echo: Echo) -> str:
     """The sample's task adapter: trained once (the sample users' items, pooled), then reused."""
-    from personalize.task_adapter_jobs import train_now
+    from personalize.jobs.task_adapter_jobs import train_now
 
     current = p.current_task_adapter(TASK)
     if current is not None:
@@ -95,9 +95,9 @@ def answer_every_method(p: Personalizer, users: list[str], echo: Echo) -> None:
 
 def small_comparison(p: Personalizer, echo: Echo) -> str:
     """A comparison on SYNTHETIC users (planted tastes; not real data) with every method and baseline."""
-    from personalize.eval_config import EvalConfig, code_version, default_methods
-    from personalize.evaluation import EvaluationRunner
-    from personalize.reports import build_report, format_report
+    from personalize.eval.config import EvalConfig, code_version, default_methods
+    from personalize.eval.reports import build_report, format_report
+    from personalize.eval.runner import EvaluationRunner
 
     dataset = synthetic_dataset(n_users=DEMO_SYNTHETIC_USERS, max_items=60)
     config = EvalConfig(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from personalize.adapter_format import ADAPTER_METADATA
+from personalize.adapters.format import ADAPTER_METADATA
 
 
 class PersonalizeError(Exception):
@@ -92,7 +92,7 @@ class UnknownAdapterMethodError(InvalidInputError):
         self.registered = list(registered)
         super().__init__(
             f"unknown adapter method {method!r}: the registered methods are {', '.join(registered) or 'none'} "
-            "(personalize.adapter_methods.register_adapter_method adds one)"
+            "(personalize.adapters.methods.register_adapter_method adds one)"
         )
 
 

@@ -1,6 +1,6 @@
 """What a method is, stated once: whether it retrieves, whether it needs an adapter, what it costs, what it falls
 back to, how it is drawn. The personalizer, the router, the evaluation runner, the reports and the dashboard read
-this registry; the no-model baselines (``personalize.baselines``) register themselves here too.
+this registry; the no-model baselines (``personalize.eval.baselines``) register themselves here too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ class Method:
     cost_rank: int = 0  # cheapest first: retrieval costs a search, an adapter costs training, storage and memory
     without_adapter: str | None = None  # what runs instead when the user has no adapter yet
     colour: str = "#444444"
-    baseline: bool = False  # needs no language model (personalize.baselines)
+    baseline: bool = False  # needs no language model (personalize.eval.baselines)
 
 
 METHODS: dict[str, Method] = {}

@@ -12,14 +12,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from personalize.adapter_format import read_metadata
-from personalize.adapter_store import LocalAdapterStore
-from personalize.adapters import AdapterCache
-from personalize.adapters import generate_batch as batch_generate
-from personalize.batching import Coalescer, Request
-from personalize.checks import check_int, check_unicode, short
-from personalize.crashpoints import crash_point
-from personalize.embedding import get_embedder
+from personalize.adapters.cache import AdapterCache
+from personalize.adapters.cache import generate_batch as batch_generate
+from personalize.adapters.format import read_metadata
+from personalize.adapters.store import LocalAdapterStore
+from personalize.adapters.task_adapters import TASKS_FOLDER, TaskAdapterInfo, TaskAdapterStore, task_model
+from personalize.adapters.training import train_adapter, training_pairs
+from personalize.cpu.fastpath import FastDecoder, WeightFormat, decoder_for, fast_weights, unsupported_reason
+from personalize.data.checks import check_int, check_unicode, short
+from personalize.data.crashpoints import crash_point
+from personalize.data.items import ProfileItem, UserInfo, item_chars, make_item
+from personalize.data.naming import user_dir, user_key, validate_user_id
+from personalize.data.store import Store, UpsertReport
 from personalize.errors import (
     AdapterBaseMismatchError,
     AdapterOwnershipError,
@@ -33,14 +37,9 @@ from personalize.errors import (
     TrainingFailedError,
     UnknownUserError,
 )
-from personalize.fastpath import FastDecoder, WeightFormat, decoder_for, fast_weights, unsupported_reason
-from personalize.items import ProfileItem, UserInfo, item_chars, make_item
-from personalize.jobs import AdapterInfo, Claim, JobInfo, Jobs
+from personalize.jobs.queue import QUEUE, TRAIN_USER, describe_broker, make_celery
+from personalize.jobs.store import AdapterInfo, Claim, JobInfo, Jobs
 from personalize.methods import AUTO, SERVED_METHODS, ZERO_SHOT, uses_adapter, uses_retrieval, without_adapter
-from personalize.modeling import LoadedModel, get_model
-from personalize.naming import user_dir, user_key, validate_user_id
-from personalize.prompting import BuiltPrompt, build_prompt, encode
-from personalize.queue import QUEUE, TRAIN_USER, describe_broker, make_celery
 from personalize.results import ForgetReport, GenerationResult, RetrievedRef, Timings
 from personalize.retrieval import (
     ForgetsUsers,
@@ -50,19 +49,20 @@ from personalize.retrieval import (
     check_retriever,
     get_retriever_spec,
 )
-from personalize.router import Router
-from personalize.scoring import candidate_log_likelihoods
+from personalize.retrieval.embedding import get_embedder
+from personalize.retrieval.vectorstore import VectorStore, vector_metadata
+from personalize.serving.batching import Coalescer, Request
+from personalize.serving.modeling import LoadedModel, get_model
+from personalize.serving.router import Router
+from personalize.serving.scoring import candidate_log_likelihoods
 from personalize.settings import Settings
-from personalize.store import Store, UpsertReport
-from personalize.task_adapters import TASKS_FOLDER, TaskAdapterInfo, TaskAdapterStore, task_model
-from personalize.tasks import Task, get_task
-from personalize.training import train_adapter, training_pairs
-from personalize.vectorstore import VectorStore, vector_metadata
+from personalize.tasks.prompting import BuiltPrompt, build_prompt, encode
+from personalize.tasks.registry import Task, get_task
 
 if TYPE_CHECKING:
     from celery import Celery
 
-    from personalize.consistency import ConsistencyReport
+    from personalize.data.consistency import ConsistencyReport
 
 Method = Literal["auto", "none", "rag", "peft", "rag+peft", "zero-shot"]
 METHODS = (AUTO, *SERVED_METHODS)
@@ -318,7 +318,7 @@ class Personalizer:
     def _forget_in_task_adapters(self, user_id: str, report: ForgetReport) -> None:
         """Mark every task adapter trained on the user's items and (``task_adapter.retrain_on_forget``) queue a
         retrain without them; a broker that cannot be reached is said in the report, never a failed forget."""
-        from personalize.task_adapter_jobs import queue_task_adapter_retrain
+        from personalize.jobs.task_adapter_jobs import queue_task_adapter_retrain
 
         for info in self.task_adapters.mark_forgotten(user_key(user_id)):
             report.task_adapters.append(info.ref)
@@ -327,7 +327,7 @@ class Personalizer:
 
     def check(self, repair: bool = False) -> ConsistencyReport:
         """Compare SQL, Chroma and the adapter folders (and fix them with ``repair``); see ``consistency``."""
-        from personalize.consistency import check_stores
+        from personalize.data.consistency import check_stores
 
         return check_stores(self, repair)
 

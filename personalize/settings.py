@@ -68,7 +68,8 @@ class LoraSettings(BaseModel):
     trainer: Literal["fast", "plain"] = Field(
         "fast",
         description=(
-            "fast: the functional training step of personalize.fasttrain (Llama-family models, LoRA on the attention "
+            "fast: the functional training step of personalize.cpu.fasttrain (Llama-family models, LoRA on the "
+            "attention "
             "and MLP projections; the same loss, gradients and dropout masks as peft's, ~1.4x faster on the CPU); "
             "plain: peft's own forward on a private copy of the model. fast falls back to plain, and says why in "
             "the result, where it does not apply."
@@ -132,7 +133,7 @@ class RouterSettings(BaseModel):
 
 
 class StatsSettings(BaseModel):
-    """How reports draw their intervals and tests (personalize.significance)."""
+    """How reports draw their intervals and tests (personalize.eval.significance)."""
 
     resamples: int = Field(2000, ge=100, description="Bootstrap resamples of users per interval.")
     permutations: int = Field(9999, ge=99, description="Within-user swaps per paired test (exact when fewer).")

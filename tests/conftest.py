@@ -154,7 +154,7 @@ def free_port() -> int:
 @pytest.fixture
 def chroma_server(tmp_path: Path):
     """A real Chroma server (`chroma run`) on a free localhost port; yields its URL."""
-    from personalize.worker_process import chroma_server as server
+    from personalize.jobs.worker_process import chroma_server as server
 
     with server(tmp_path / "chroma-server", tmp_path / "chroma.log") as url:
         yield url
@@ -162,14 +162,14 @@ def chroma_server(tmp_path: Path):
 
 def start_worker(env: dict[str, str], log: Path, hostname: str | None = None) -> subprocess.Popen:
     """A real `celery -A workers worker` process (prefork, one pool process), in its own process group."""
-    from personalize.worker_process import start_worker as start
+    from personalize.jobs.worker_process import start_worker as start
 
     return start(env, log, name=hostname)
 
 
 def stop_process(proc: subprocess.Popen) -> None:
     """SIGTERM the process group, SIGKILL it after 20 s."""
-    from personalize.worker_process import stop_worker
+    from personalize.jobs.worker_process import stop_worker
 
     stop_worker(proc, timeout=20)
 

@@ -10,8 +10,8 @@ from peft import LoraConfig, PeftType, TaskType, get_peft_model
 from tiny_model import make_tiny_loaded, save_ia3_adapter
 
 import personalize
-from personalize import adapter_methods
-from personalize.adapter_methods import (
+from personalize.adapters import methods as adapter_methods
+from personalize.adapters.methods import (
     ADAPTER_METHODS,
     AdapterMethod,
     get_adapter_method,
@@ -20,10 +20,10 @@ from personalize.adapter_methods import (
     register_adapter_method,
     unsupported_peft_type_reason,
 )
+from personalize.adapters.peft_utils import private_base_copy
+from personalize.adapters.training import _lora_config, _trainer
 from personalize.errors import InvalidInputError, UnknownAdapterMethodError
-from personalize.peft_utils import private_base_copy
 from personalize.settings import LoraSettings, Settings, TaskAdapterSettings
-from personalize.training import _lora_config, _trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -146,7 +146,7 @@ def test_the_trainer_follows_the_methods_fast_training_flag(loaded, registry):
 def test_the_fast_training_step_refuses_an_adapter_of_another_method(loaded, tmp_path):
     from peft import PeftModel
 
-    from personalize.fasttrain import FastLoraForward
+    from personalize.cpu.fasttrain import FastLoraForward
 
     ia3 = PeftModel.from_pretrained(private_base_copy(loaded.model), str(save_ia3_adapter(loaded, tmp_path / "ia3")))
     with pytest.raises(ValueError, match=r"fast training step not applicable: IA3 adapters"):

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from tiny_model import make_tiny_loaded, make_tiny_t5_loaded, save_ia3_adapter
 
-from personalize.adapters import AdapterCache, AdapterUnavailableError, generate_batch, validate_adapter_name
+from personalize.adapters.cache import AdapterCache, AdapterUnavailableError, generate_batch, validate_adapter_name
+from personalize.adapters.training import ADAPTER_METADATA, LoraSettings, train_adapter
 from personalize.errors import InvalidInputError
 from personalize.personalizer import generate_text
-from personalize.prompting import encode
-from personalize.training import ADAPTER_METADATA, LoraSettings, train_adapter
+from personalize.tasks.prompting import encode
 
 FAST = {"max_length": 48, "batch_size": 4, "max_steps": 3, "learning_rate": 5e-2}
 PROMPTS = ["hello", "the quick brown fox jumps over the lazy dog and keeps running far away", "rate alien (1979)"]

@@ -7,7 +7,7 @@ import torch
 from conftest import movie_items
 
 from personalize import Personalizer
-from personalize.jobs import Claim
+from personalize.jobs.store import Claim
 from personalize.personalizer import adapter_name
 
 PROMPT = "Which film should I watch tonight?"
@@ -91,7 +91,7 @@ def test_two_jobs_of_one_user_never_train_at_once(client):
     assert client.jobs.claim(second.id)[0] is Claim.BUSY
     assert client.jobs.claim(first.id)[0] is Claim.DUPLICATE  # a redelivered message for a live job
     with client.store.session() as s:  # the first job's worker died (a pid that does not exist on this host)
-        from personalize.schema import TrainingJob
+        from personalize.data.schema import TrainingJob
 
         s.get(TrainingJob, first.id).worker = f"{__import__('socket').gethostname()}:999999999"
     assert client.jobs.claim(second.id)[0] is Claim.CLAIMED

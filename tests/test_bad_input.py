@@ -18,11 +18,11 @@ from typer.testing import CliRunner
 
 from personalize import Personalizer, Settings
 from personalize.cli import app
-from personalize.datasets import read_lamp
+from personalize.data.ingest import read_jsonl, read_lamp_questions
+from personalize.data.items import make_item
+from personalize.data.store import Store, upgrade_database
 from personalize.errors import DatabaseUnavailableError, InvalidInputError, MalformedFileError, PersonalizeError
-from personalize.ingest import read_jsonl, read_lamp_questions
-from personalize.items import make_item
-from personalize.store import Store, upgrade_database
+from personalize.eval.datasets import read_lamp
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

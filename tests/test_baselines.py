@@ -7,17 +7,17 @@ from collections import Counter
 import pytest
 from typer.testing import CliRunner
 
-from personalize.baselines import BASELINES, BaselineInput, baselines_for, check_baseline, round_score
 from personalize.cli import app
-from personalize.datasets import Dataset, Query, synthetic_dataset
+from personalize.data.items import ProfileItem
+from personalize.data.naming import eval_user_id
+from personalize.data.schema import EvalResult
 from personalize.errors import InvalidInputError
-from personalize.eval_config import EvalConfig, default_methods, resolve_methods
-from personalize.evaluation import EvaluationRunner
-from personalize.items import ProfileItem
-from personalize.naming import eval_user_id
-from personalize.reports import build_report
-from personalize.schema import EvalResult
-from personalize.tasks import get_task
+from personalize.eval.baselines import BASELINES, BaselineInput, baselines_for, check_baseline, round_score
+from personalize.eval.config import EvalConfig, default_methods, resolve_methods
+from personalize.eval.datasets import Dataset, Query, synthetic_dataset
+from personalize.eval.reports import build_report
+from personalize.eval.runner import EvaluationRunner
+from personalize.tasks.registry import get_task
 
 MOVIES = get_task("movielens-rating")
 
@@ -146,7 +146,7 @@ def test_forgetting_an_evaluation_user_removes_their_answers_from_every_run(clie
 
 def test_one_method_vocabulary_holds_model_methods_and_baselines():
     from personalize.methods import METHODS, MODEL_METHODS, by_cost, ordered, without_adapter
-    from personalize.router import COST_ORDER
+    from personalize.serving.router import COST_ORDER
 
     assert MODEL_METHODS == ("none", "rag", "peft", "rag+peft") == COST_ORDER == tuple(by_cost(MODEL_METHODS))
     assert [without_adapter(m) for m in MODEL_METHODS] == ["none", "rag", "none", "rag"]

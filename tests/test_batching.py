@@ -6,7 +6,7 @@ import pytest
 from conftest import movie_items
 
 from personalize import Personalizer
-from personalize.batching import Coalescer, Request
+from personalize.serving.batching import Coalescer, Request
 
 
 def _submit_all(coalescer: Coalescer, requests: list[Request]) -> list:

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from personalize import Personalizer, Settings
-from personalize.modeling import BUNDLED_CACHE_NAME, bundled_gguf_path, load_model
+from personalize.serving.modeling import BUNDLED_CACHE_NAME, bundled_gguf_path, load_model
 
 pytestmark = pytest.mark.slow
 

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from personalize import Personalizer
 from personalize.cli import app
-from personalize.crashpoints import ADD_ITEMS_STEPS, CRASH_ENV
-from personalize.ingest import read_jsonl
-from personalize.naming import collection_name, user_key
-from personalize.schema import Adapter, User
+from personalize.data.crashpoints import ADD_ITEMS_STEPS, CRASH_ENV
+from personalize.data.ingest import read_jsonl
+from personalize.data.naming import collection_name, user_key
+from personalize.data.schema import Adapter, User
 
 BASE, NEW, UPDATED = 6, 30, 2  # alice's items before the import; the import's new items; items it rewrites
 

@@ -15,12 +15,12 @@ import pytest
 from sqlalchemy import select
 
 from personalize import Personalizer, Settings
-from personalize.eval_config import EvalConfig
-from personalize.naming import eval_user_id
-from personalize.reports import build_report
-from personalize.schema import Adapter, EvalResult, EvalRun, TrainingJob, User
-from personalize.task_adapter_jobs import train_now
-from personalize.task_adapters import TaskAdapterSource
+from personalize.adapters.task_adapters import TaskAdapterSource
+from personalize.data.naming import eval_user_id
+from personalize.data.schema import Adapter, EvalResult, EvalRun, TrainingJob, User
+from personalize.eval.config import EvalConfig
+from personalize.eval.reports import build_report
+from personalize.jobs.task_adapter_jobs import train_now
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA
 
-from personalize.datasets import (
+from personalize.errors import InvalidInputError, MalformedFileError
+from personalize.eval.datasets import (
     BUILDERS,
     Dataset,
     Query,
@@ -27,9 +28,8 @@ from personalize.datasets import (
     synthetic_dataset,
     write_lamp,
 )
-from personalize.errors import InvalidInputError, MalformedFileError
-from personalize.metrics import mae
-from personalize.tasks import get_task
+from personalize.eval.metrics import mae
+from personalize.tasks.registry import get_task
 
 DAY = 86400
 T0 = 1_000_000_000  # 2001-09-09 UTC

@@ -6,14 +6,14 @@ import pytest
 from typer.testing import CliRunner
 
 from personalize import Personalizer
-from personalize.calibration import calibrate_from_run
 from personalize.cli import app
-from personalize.datasets import synthetic_dataset
-from personalize.eval_config import EvalConfig
-from personalize.evaluation import EvaluationRunner
-from personalize.reports import build_report, compare_runs, export, format_comparison, format_report
-from personalize.router import Router
-from personalize.schema import EvalResult
+from personalize.data.schema import EvalResult
+from personalize.eval.calibration import calibrate_from_run
+from personalize.eval.config import EvalConfig
+from personalize.eval.datasets import synthetic_dataset
+from personalize.eval.reports import build_report, compare_runs, export, format_comparison, format_report
+from personalize.eval.runner import EvaluationRunner
+from personalize.serving.router import Router
 
 
 def _config(**kw) -> EvalConfig:
@@ -176,7 +176,7 @@ def test_fast_and_plain_decoders_give_the_same_run_and_compare_says_so(client, d
 
 
 def test_select_queries_takes_the_first_users_and_at_most_n_queries_each(dataset):
-    from personalize.evaluation import select_queries
+    from personalize.eval.runner import select_queries
 
     first_two = select_queries(dataset, users=2)
     users = list(dict.fromkeys(q.user_id for q in first_two))
@@ -189,7 +189,7 @@ def test_select_queries_takes_the_first_users_and_at_most_n_queries_each(dataset
 def test_the_median_decision_answers_the_median_of_the_stored_label_distribution(client, dataset):
     """``decision=median``: every answer is the median label of its stored log-likelihoods (minimum expected
     absolute error); the argmax answer of the same query is recorded beside it, and the report says which rule."""
-    from personalize.scoring import median_label
+    from personalize.serving.scoring import median_label
 
     run_id = EvaluationRunner(client, show_progress=False).run(dataset, _config(methods=["none"], decision="median"))
     with client.store.session() as s:

@@ -14,12 +14,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_model import make_tiny_loaded, save_ia3_adapter
 
 from personalize import Personalizer, Settings
-from personalize.fastpath import FastDecoder, fast_weights, lora_pairs, unsupported_reason
-from personalize.peft_utils import private_base_copy
+from personalize.adapters.peft_utils import private_base_copy
+from personalize.cpu.fastpath import FastDecoder, fast_weights, lora_pairs, unsupported_reason
+from personalize.cpu.quantization import kernel_unavailable_reason, quantize
 from personalize.personalizer import generate_text
-from personalize.prompting import build_prompt
-from personalize.quantization import kernel_unavailable_reason, quantize
-from personalize.tasks import get_task
+from personalize.tasks.prompting import build_prompt
+from personalize.tasks.registry import get_task
 
 PROMPTS = [[101, 2023, 2003, 1037, 3231], [101, 7592, 2088, 2003, 2023, 1037, 2936, 3231, 6251, 102, 2054], [101]]
 
@@ -258,7 +258,7 @@ def test_q8_kernel_matches_its_dequantised_weights_for_any_row_count():
 
 
 def test_fast_weights_falls_back_to_fp32_and_says_why(loaded, monkeypatch):
-    from personalize import quantization
+    from personalize.cpu import quantization
 
     monkeypatch.setattr(quantization.KERNEL, "lib", None)
     monkeypatch.setattr(quantization.KERNEL, "error", "no C compiler (cc or gcc) to build the weight-only kernel")

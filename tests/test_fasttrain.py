@@ -10,10 +10,8 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from tiny_model import make_tiny_loaded, make_tiny_t5_loaded
 
-from personalize import fasttrain
-from personalize.fasttrain import FastLoraForward, dropout_matches_torch, shared_skeleton
-from personalize.peft_utils import private_base_copy
-from personalize.training import (
+from personalize.adapters.peft_utils import private_base_copy
+from personalize.adapters.training import (
     ADAPTER_METADATA,
     LoraSettings,
     _collate,
@@ -22,6 +20,8 @@ from personalize.training import (
     encode_pair,
     train_adapter,
 )
+from personalize.cpu import fasttrain
+from personalize.cpu.fasttrain import FastLoraForward, dropout_matches_torch, shared_skeleton
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAIRS = [

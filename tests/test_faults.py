@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from personalize import Personalizer, Settings
+from personalize.data.store import upgrade_database
 from personalize.errors import DatabaseUnavailableError
-from personalize.store import upgrade_database
 
 
 class TcpProxy:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from personalize import Personalizer, Settings
-from personalize.crashpoints import CRASH_ENV, FORGET_STEPS
+from personalize.data.crashpoints import CRASH_ENV, FORGET_STEPS
+from personalize.data.naming import collection_name, user_dir
+from personalize.data.store import upgrade_database
 from personalize.errors import StoreBusyError, UnknownUserError, VectorStoreUnavailableError
-from personalize.naming import collection_name, user_dir
-from personalize.store import upgrade_database
 
 MARKER = "zebracorn-unique-marker"
 
@@ -105,7 +105,7 @@ def test_forget_while_another_process_writes_chroma_changes_nothing(settings, ho
     with Personalizer(settings) as first:
         first.add_items(VICTIM, _victim_items(20))
     writer = _holder(
-        "import time\nfrom personalize.vectorstore import VectorStore\n"
+        "import time\nfrom personalize.retrieval.vectorstore import VectorStore\n"
         f"VectorStore({str(home / 'chroma')!r}).lock_for_writing()\nprint('ready', flush=True); time.sleep(600)\n"
     )
     try:

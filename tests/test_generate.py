@@ -4,9 +4,9 @@ import pytest
 
 from personalize import Personalizer, Settings
 from personalize.errors import EmptyPromptError, InvalidInputError, UnknownUserError
-from personalize.prompting import build_prompt, count_tokens
 from personalize.retrieval import RetrievedItem
-from personalize.tasks import get_task
+from personalize.tasks.prompting import build_prompt, count_tokens
+from personalize.tasks.registry import get_task
 
 RATINGS = [
     {
@@ -98,7 +98,7 @@ def test_long_prompt_cuts_retrieved_context_first_then_prompt_from_the_left(tiny
 def test_items_share_the_budget_and_unused_budget_passes_on(client):
     loaded = client.model
     task = get_task("lamp-3")
-    from personalize.items import make_item
+    from personalize.data.items import make_item
 
     short = make_item("s", "ok", {"text": "ok", "score": "4"}, "4", task="lamp-3")
     long = make_item("l", "word " * 300, {"text": "word " * 300, "score": "2"}, "2", task="lamp-3")

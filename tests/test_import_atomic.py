@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from personalize import Personalizer, Settings
 from personalize.cli import app
+from personalize.data.items import ProfileItem
+from personalize.data.store import Store, upgrade_database
 from personalize.errors import ImportIncompleteError, InvalidInputError, StoreBusyError
-from personalize.items import ProfileItem
-from personalize.store import Store, upgrade_database
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

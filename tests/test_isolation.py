@@ -10,9 +10,9 @@ from conftest import movie_items
 from peft import PeftModel
 
 from personalize import AdapterOwnershipError, Personalizer
-from personalize.naming import user_key
-from personalize.peft_utils import private_base_copy
-from personalize.scoring import candidate_log_likelihoods
+from personalize.adapters.peft_utils import private_base_copy
+from personalize.data.naming import user_key
+from personalize.serving.scoring import candidate_log_likelihoods
 
 # prefixes of each other, differing only in case, in unicode normal form, or holding path characters
 LOOKALIKES = [

@@ -8,8 +8,8 @@ import time
 from conftest import movie_items
 
 from personalize import Personalizer
-from personalize.adapter_store import temp_prefix
-from personalize.jobs import Claim, Jobs, worker_identity
+from personalize.adapters.store import temp_prefix
+from personalize.jobs.store import Claim, Jobs, worker_identity
 
 
 def test_stale_heartbeats_reclaim_remote_workers_but_not_a_live_local_one(client):

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from personalize import Personalizer, prompting
+from personalize import Personalizer
 from personalize.cli import app
+from personalize.data.items import make_item
 from personalize.errors import InvalidInputError
-from personalize.items import make_item
-from personalize.prompting import build_prompt, count_tokens, max_token_chars
 from personalize.retrieval import RetrievedItem
-from personalize.tasks import get_task
+from personalize.tasks import prompting
+from personalize.tasks.prompting import build_prompt, count_tokens, max_token_chars
+from personalize.tasks.registry import get_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

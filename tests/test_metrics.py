@@ -7,7 +7,7 @@ import math
 import pytest
 
 from personalize.errors import InvalidInputError
-from personalize.metrics import (
+from personalize.eval.metrics import (
     LOWER_IS_BETTER,
     accuracy,
     average_gain,

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
+from personalize.data.naming import collection_name, user_dir, user_key
 from personalize.errors import InvalidInputError
-from personalize.naming import collection_name, user_dir, user_key
 
 HOSTILE = [
     "alice",

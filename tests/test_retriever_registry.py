@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from personalize import Personalizer
+from personalize.data.store import Store
 from personalize.errors import InvalidInputError
 from personalize.retrieval import (
     BUILTIN_RETRIEVERS,
@@ -15,7 +16,6 @@ from personalize.retrieval import (
     retriever_names,
     unregister_retriever,
 )
-from personalize.store import Store
 
 
 class Longest:
@@ -147,7 +147,7 @@ def test_a_factory_gets_the_clients_resources(client, longest):
 
 
 def test_task_adapter_pairs_take_only_the_built_in_retrievers(longest):
-    from personalize.task_adapters import check_pair_retriever
+    from personalize.adapters.task_adapters import check_pair_retriever
 
     assert [check_pair_retriever(name) for name in BUILTIN_RETRIEVERS] == list(BUILTIN_RETRIEVERS)
     with pytest.raises(InvalidInputError, match="task-adapter pairs rank earlier items with dense, bm25, recency"):

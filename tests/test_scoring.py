@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from personalize.modeling import load_model
-from personalize.scoring import candidate_log_likelihoods
+from personalize.serving.modeling import load_model
+from personalize.serving.scoring import candidate_log_likelihoods
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_the_median_label_minimises_expected_absolute_error_where_argmax_does_no
 
     import numpy as np
 
-    from personalize.scoring import median_label
+    from personalize.serving.scoring import median_label
 
     probs = {"1": 0.15, "2": 0.1, "3": 0.1, "4": 0.2, "5": 0.45}
     scores = {label: math.log(p) + 3.0 for label, p in probs.items()}  # unnormalised log-likelihoods

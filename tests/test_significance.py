@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from personalize.calibration import calibrate_from_run
 from personalize.cli import app
-from personalize.metrics import score
-from personalize.reports import build_report, compare_runs, export, export_dict, format_comparison, format_report
-from personalize.router import Router
-from personalize.schema import EvalResult, EvalRun
-from personalize.settings import StatsSettings
-from personalize.significance import (
+from personalize.data.schema import EvalResult, EvalRun
+from personalize.data.store import Store
+from personalize.eval.calibration import calibrate_from_run
+from personalize.eval.metrics import score
+from personalize.eval.reports import build_report, compare_runs, export, export_dict, format_comparison, format_report
+from personalize.eval.significance import (
     MetricFamily,
     correlation,
     gain_intervals,
@@ -25,7 +24,8 @@ from personalize.significance import (
     paired_pvalues,
     smallest_pvalue,
 )
-from personalize.store import Store
+from personalize.serving.router import Router
+from personalize.settings import StatsSettings
 
 PERCENTILE = StatsSettings(ci_method="percentile")
 

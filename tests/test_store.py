@@ -3,11 +3,11 @@ import json
 import pytest
 from sqlalchemy import inspect
 
+from personalize.data.ingest import read_jsonl, read_lamp_questions
+from personalize.data.items import make_item
+from personalize.data.schema import Base
+from personalize.data.store import Store, redact_url, upgrade_database
 from personalize.errors import InvalidInputError, MalformedFileError, UnknownUserError
-from personalize.ingest import read_jsonl, read_lamp_questions
-from personalize.items import make_item
-from personalize.schema import Base
-from personalize.store import Store, redact_url, upgrade_database
 
 
 def _exercise_store(store: Store) -> None:

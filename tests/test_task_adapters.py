@@ -11,20 +11,20 @@ import pytest
 from conftest import FAST_LORA, start_worker, stop_process, wait_for
 
 from personalize import Personalizer, Settings
-from personalize.datasets import Dataset, Query, synthetic_dataset
-from personalize.errors import AdapterBaseMismatchError, InvalidInputError
-from personalize.eval_config import EvalConfig
-from personalize.evaluation import EvaluationRunner
-from personalize.fastpath import decoder_for
-from personalize.naming import eval_user_id, user_key
-from personalize.settings import LoraSettings, TaskAdapterSettings
-from personalize.task_adapter_jobs import queue_train, retrain_source, source_users, train_now
-from personalize.task_adapters import (
+from personalize.adapters.task_adapters import (
     TaskAdapterSource,
     build_task_pairs,
     select_training_users,
     time_order,
 )
+from personalize.cpu.fastpath import decoder_for
+from personalize.data.naming import eval_user_id, user_key
+from personalize.errors import AdapterBaseMismatchError, InvalidInputError
+from personalize.eval.config import EvalConfig
+from personalize.eval.datasets import Dataset, Query, synthetic_dataset
+from personalize.eval.runner import EvaluationRunner
+from personalize.jobs.task_adapter_jobs import queue_train, retrain_source, source_users, train_now
+from personalize.settings import LoraSettings, TaskAdapterSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -265,8 +265,8 @@ def test_a_celery_worker_trains_a_task_adapter_and_reports_progress(ta_settings,
 
 
 def test_authorship_pairs_are_the_choice_task_made_from_profiles(p):
-    from personalize.datasets import AUTHORSHIP_INPUT_TEMPLATE
-    from personalize.ingest import lamp_item
+    from personalize.data.ingest import lamp_item
+    from personalize.eval.datasets import AUTHORSHIP_INPUT_TEMPLATE
 
     words = " ".join(f"w{i}" for i in range(80))
     users = {
@@ -291,7 +291,7 @@ def test_authorship_pairs_are_the_choice_task_made_from_profiles(p):
 
 
 def test_the_per_user_budget_grows_with_data_up_to_the_token_cap(p):
-    from personalize.training import train_adapter, training_pairs
+    from personalize.adapters.training import train_adapter, training_pairs
 
     def steps(n_items: int, tmp: Path) -> int:
         items = [

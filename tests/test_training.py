@@ -10,11 +10,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_model import make_tiny_loaded
 
-from personalize.errors import InvalidInputError
-from personalize.items import ProfileItem
-from personalize.prompting import encode
-from personalize.tasks import get_task
-from personalize.training import (
+from personalize.adapters.training import (
     ADAPTER_METADATA,
     AdapterExistsError,
     LoraSettings,
@@ -23,6 +19,10 @@ from personalize.training import (
     train_adapter,
     training_pairs,
 )
+from personalize.data.items import ProfileItem
+from personalize.errors import InvalidInputError
+from personalize.tasks.prompting import encode
+from personalize.tasks.registry import get_task
 
 FAST = {"max_length": 48, "batch_size": 4}
 TWEET = "the storm moved east over the plains and the farmers watched the sky turn green before the rain"
@@ -142,7 +142,7 @@ def test_long_pairs_fit_max_length_keeping_the_template(chat_loaded):
 
 
 def test_a_left_padded_batch_has_the_loss_of_its_pairs_one_by_one(loaded):
-    from personalize.training import _collate, _loss
+    from personalize.adapters.training import _collate, _loss
 
     pairs = [("short", "one two"), ("a much longer prompt with many words in it", "x"), ("mid prompt", "a b c d e")]
     examples = [encode_pair(loaded, p, o, 64) for p, o in pairs]
@@ -199,7 +199,7 @@ def test_training_leaves_the_base_model_unchanged(loaded, tmp_path):
 def test_adapter_folder_is_peft_format_with_metadata_and_loads(loaded, tmp_path):
     from peft import PeftModel
 
-    from personalize.peft_utils import private_base_copy
+    from personalize.adapters.peft_utils import private_base_copy
 
     out = tmp_path / "users" / "adapter"
     result = train_adapter(loaded, rating_pairs(), LoraSettings(max_steps=2, learning_rate=5e-2, **FAST), out)
@@ -262,7 +262,7 @@ def test_settings_reject_unknown_fields_and_bad_values():
 def test_group_by_length_keeps_every_pair_once_and_cuts_padding():
     import torch
 
-    from personalize.training import group_by_length
+    from personalize.adapters.training import group_by_length
 
     lengths = [60 if i % 2 else 600 for i in range(64)]
     order = torch.randperm(64, generator=torch.Generator().manual_seed(0)).tolist()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import make_tiny_model_dir
 
-from personalize.modeling import LoadedModel, load_model
+from personalize.serving.modeling import LoadedModel, load_model
 
 
 def make_tiny_loaded(path: Path | None = None, chat_template: bool = False, seed: int = 0) -> LoadedModel:
@@ -53,8 +53,8 @@ def save_ia3_adapter(loaded: LoadedModel, path: Path, seed: int = 0) -> Path:
     import torch
     from peft import IA3Config, get_peft_model
 
-    from personalize.adapter_format import ADAPTER_METADATA, METADATA_FORMAT
-    from personalize.peft_utils import private_base_copy
+    from personalize.adapters.format import ADAPTER_METADATA, METADATA_FORMAT
+    from personalize.adapters.peft_utils import private_base_copy
 
     config = IA3Config(
         task_type="CAUSAL_LM",

@@ -14,8 +14,8 @@ import time
 from celery.signals import worker_ready
 
 from personalize.errors import BrokerUnavailableError, DatabaseUnavailableError
+from personalize.jobs.queue import TRAIN_ALL, TRAIN_TASK_ADAPTER, TRAIN_USER, make_celery
 from personalize.personalizer import Personalizer
-from personalize.queue import TRAIN_ALL, TRAIN_TASK_ADAPTER, TRAIN_USER, make_celery
 from personalize.settings import Settings
 
 log = logging.getLogger("personalize.workers")
@@ -63,7 +63,7 @@ def train_all() -> list[int]:
 @app.task(name=TRAIN_TASK_ADAPTER, acks_late=True)
 def train_task_adapter(job_id: str) -> str:
     """Train a task adapter for the job record ``job_id`` (its progress is written to the record)."""
-    from personalize.task_adapter_jobs import run_job
+    from personalize.jobs.task_adapter_jobs import run_job
 
     outcome = run_job(personalizer(), job_id)
     log.info("task adapter job %s: %s", job_id, outcome)

@@ -10,8 +10,8 @@ import streamlit as st
 
 from dashboard import data, ui
 from dashboard.published import PUBLISHED_AVERAGE_GAIN, SOURCE, published_for
-from personalize.metrics import LOWER_IS_BETTER, relative_gain
-from personalize.reports import MethodRow, RunReport
+from personalize.eval.metrics import LOWER_IS_BETTER, relative_gain
+from personalize.eval.reports import MethodRow, RunReport
 
 
 def paper_table(reports: list[RunReport]) -> pd.DataFrame:

@@ -9,8 +9,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import data, ui
-from personalize.metrics import LOWER_IS_BETTER
-from personalize.reports import RunReport
+from personalize.eval.metrics import LOWER_IS_BETTER
+from personalize.eval.reports import RunReport
 
 COLORS = ui.METHOD_COLORS
 

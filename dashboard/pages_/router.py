@@ -7,10 +7,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from dashboard import data, ui
-from personalize.calibration import calibrate_from_run
-from personalize.reports import Estimate
-from personalize.router import DEFAULT_TASK, Policy
-from personalize.tasks import task_names
+from personalize.eval.calibration import calibrate_from_run
+from personalize.eval.reports import Estimate
+from personalize.serving.router import DEFAULT_TASK, Policy
+from personalize.tasks.registry import task_names
 
 COLORS = ui.METHOD_COLORS
 MAX_AXIS = 10_000

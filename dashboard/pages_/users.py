@@ -11,7 +11,7 @@ from personalize.methods import MODEL_METHODS
 from personalize.personalizer import METHODS
 from personalize.results import GenerationResult
 from personalize.retrieval import RETRIEVERS
-from personalize.tasks import task_names
+from personalize.tasks.registry import task_names
 
 ANSWERS = "users_answers"
 

@@ -10,9 +10,9 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from dashboard import data, ui
-from personalize.metrics import LOWER_IS_BETTER
-from personalize.reports import Estimate, RunReport
-from personalize.router import Policy
+from personalize.eval.metrics import LOWER_IS_BETTER
+from personalize.eval.reports import Estimate, RunReport
+from personalize.serving.router import Policy
 
 COLORS = ui.METHOD_COLORS
 

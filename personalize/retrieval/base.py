@@ -14,14 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from personalize.checks import short
+from personalize.data.checks import short
+from personalize.data.items import ProfileItem
 from personalize.errors import InvalidInputError
-from personalize.items import ProfileItem
 
 if TYPE_CHECKING:
-    from personalize.embedding import Embedder
-    from personalize.store import Store
-    from personalize.vectorstore import VectorStore
+    from personalize.data.store import Store
+    from personalize.retrieval.embedding import Embedder
+    from personalize.retrieval.vectorstore import VectorStore
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from personalize.items import ProfileItem
+from personalize.data.items import ProfileItem
+from personalize.data.store import Store
 from personalize.retrieval.base import register_retriever
-from personalize.store import Store
 
 _TOKEN = re.compile(r"\w+", re.UNICODE)
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from personalize.embedding import Embedder
 from personalize.retrieval.base import register_retriever
-from personalize.vectorstore import VectorStore
+from personalize.retrieval.embedding import Embedder
+from personalize.retrieval.vectorstore import VectorStore
 
 
 class DenseRetriever:

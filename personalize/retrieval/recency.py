@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from personalize.data.store import Store
 from personalize.retrieval.base import register_retriever
-from personalize.store import Store
 
 
 class RecencyRetriever:

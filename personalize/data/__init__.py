@@ -1,0 +1,1 @@
+"""Per-user data: the SQL schema and store, items and their checks, naming, file ingest, consistency."""

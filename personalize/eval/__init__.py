@@ -1,0 +1,1 @@
+"""Evaluation: configs, the runner, datasets, metrics, baselines, significance, reports, calibration."""

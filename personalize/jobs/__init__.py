@@ -1,0 +1,1 @@
+"""Jobs: training jobs in SQL, the Celery queue, worker processes, task-adapter jobs."""

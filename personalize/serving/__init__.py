@@ -1,0 +1,1 @@
+"""Serving: the base model, batching, the router, label scoring."""

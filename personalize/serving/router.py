@@ -1,0 +1,133 @@
+"""The router: pick ``none``, ``rag``, ``peft`` or ``rag+peft`` for a user from their data volume.
+
+A policy is a list of profile-size bands per task, each with a method. Before any calibration the policy follows the
+paper's finding (RAG for cold-start and small profiles, RAG+PEFT once a user has enough data and an adapter).
+``calibrate`` replaces it from a run's per-bucket results, and moves only on evidence: a bucket starts at the
+cheapest method and moves to a costlier one only when that method's gain over the cheaper one is significant
+(a paired within-user permutation test over the bucket's users at ``RouterSettings.alpha``, Holm-adjusted over the
+bucket's candidates) and larger than ``tolerance`` (relative). Buckets with too few users to ever reach that level
+are merged with a neighbour first. Each band keeps the interval and p-value that chose it. Peft methods need a
+current adapter; without one the router steps down to the same method without it.
+
+Calibrating from a run (the bridge from evaluation results to policies) lives in ``personalize.eval.calibration``: the
+router itself reads and stores policies only, and never imports reports or the evaluation runner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from personalize.data.schema import RouterCalibration
+from personalize.data.store import Store
+from personalize.errors import InvalidInputError
+from personalize.methods import MODEL_METHODS, by_cost, uses_adapter, without_adapter
+from personalize.settings import RouterSettings
+
+COST_ORDER = tuple(by_cost(MODEL_METHODS))  # cheapest first: adapters cost training and memory
+DEFAULT_TASK = "*"
+
+
+@dataclass(frozen=True)
+class Band:
+    min_items: int
+    method: str
+    quality: dict[str, float] = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)  # the test that chose the method (or kept the cheaper)
+
+
+@dataclass
+class Policy:
+    task: str
+    bands: list[Band]  # ascending min_items; the first band starts at 1
+    source_run_id: str | None = None
+    created_at: str | None = None
+    metric: str | None = None
+    tolerance: float | None = None
+    alpha: float | None = None
+
+    def method_for(self, n_items: int) -> Band:
+        chosen = self.bands[0]
+        for band in self.bands:
+            if n_items >= band.min_items:
+                chosen = band
+        return chosen
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Decision:
+    method: str
+    reason: str
+
+
+def default_policy(task: str, settings: RouterSettings | None = None) -> Policy:
+    settings = settings or RouterSettings()
+    return Policy(task, [Band(1, "rag"), Band(settings.rag_peft_min_items, "rag+peft")])
+
+
+class Router:
+    """Reads the newest calibration per task from SQL; falls back to the paper-shaped default."""
+
+    def __init__(self, store: Store, settings: RouterSettings | None = None) -> None:
+        self.store = store
+        self.settings = settings or RouterSettings()
+
+    def policy(self, task: str | None) -> Policy:
+        task = task or DEFAULT_TASK
+        with self.store.session() as s:
+            row = s.scalar(
+                select(RouterCalibration)
+                .where(RouterCalibration.task.in_([task, DEFAULT_TASK]))
+                .order_by((RouterCalibration.task == task).desc(), RouterCalibration.id.desc())
+                .limit(1)
+            )
+        if row is None:
+            return default_policy(task, self.settings)
+        data = row.thresholds
+        return Policy(
+            row.task,
+            [Band(b["min_items"], b["method"], b.get("quality", {}), b.get("evidence", {})) for b in data["bands"]],
+            row.source_run_id,
+            row.created_at.isoformat(timespec="seconds"),
+            data.get("metric"),
+            data.get("tolerance"),
+            data.get("alpha"),
+        )
+
+    def policies(self) -> list[Policy]:
+        with self.store.session() as s:
+            tasks = sorted(set(s.scalars(select(RouterCalibration.task))))
+        return [self.policy(t) for t in tasks]
+
+    def choose(self, task: str | None, n_items: int, has_adapter: bool) -> Decision:
+        if n_items <= 0:
+            return Decision("none", "the user has no items")
+        policy = self.policy(task)
+        band = policy.method_for(n_items)
+        origin = f"calibrated from run {policy.source_run_id}" if policy.source_run_id else "default policy"
+        reason = f"{n_items} item(s) fall in the band from {band.min_items} ({origin}, task {policy.task})"
+        method = band.method
+        if uses_adapter(method) and not has_adapter:
+            method = without_adapter(method)
+            reason += f"; {band.method} needs an adapter the user does not have yet"
+        return Decision(method, reason)
+
+    def save(self, policy: Policy) -> None:
+        if not policy.bands or policy.bands[0].min_items > 1:
+            raise InvalidInputError("a policy needs bands starting at 1 item")
+        for band in policy.bands:
+            if band.method not in COST_ORDER:
+                raise InvalidInputError(f"unknown method {band.method!r} in a router band")
+        thresholds = {
+            "bands": [asdict(b) for b in policy.bands],
+            "metric": policy.metric,
+            "tolerance": policy.tolerance,
+            "alpha": policy.alpha,
+        }
+        with self.store.session() as s:
+            s.add(RouterCalibration(task=policy.task, thresholds=thresholds, source_run_id=policy.source_run_id))
