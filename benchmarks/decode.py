@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                 first.generate(user, PROMPT, method=method, max_new_tokens=2, k=8)
         for _ in range(args.rounds):
             rates.append(matmul_gflops())
-            ids = list(first._prepare(user, PROMPT, "none", None, 1, None, None).built.input_ids)  # same tokens
+            ids = list(first.prepare(user, PROMPT, method="none").built.input_ids)  # same tokens
             times = llama_cpp_times(ids, args.new_tokens, args.threads, llm)
             if times:
                 samples.setdefault(("llama.cpp Q4_1", "none"), []).append((*times, len(ids)))

@@ -34,7 +34,7 @@ from personalize.errors import (
     VectorStoreUnavailableError,
 )
 from personalize.personalizer import Personalizer
-from personalize.results import ForgetReport, GenerationResult, RetrievedRef, Timings
+from personalize.results import ForgetReport, GenerationResult, RetrievedRef, ServingFacts, Timings
 from personalize.settings import Settings
 
 if TYPE_CHECKING:
@@ -62,15 +62,27 @@ def set_default(personalizer: Personalizer | None) -> None:
         _default = personalizer
 
 
-def generate(user_id: str, prompt: str, method: str = "auto", **kwargs: Any) -> GenerationResult:
-    return get_default().generate(user_id, prompt, method=method, **kwargs)
+def generate(
+    user_id: str,
+    prompt: str,
+    method: str = "auto",
+    *,
+    k: int | None = None,
+    max_new_tokens: int | None = None,
+    retriever: str | None = None,
+    task: str | None = None,
+) -> GenerationResult:
+    """``Personalizer.generate`` on the default client (built from the environment)."""
+    return get_default().generate(
+        user_id, prompt, method, k=k, max_new_tokens=max_new_tokens, retriever=retriever, task=task
+    )
 
 
 def add_items(user_id: str, items: Iterable[ProfileItem | dict[str, Any]]) -> UpsertReport:
     return get_default().add_items(user_id, items)
 
 
-def retrieve(user_id: str, query: str, k: int | None = None, retriever: str | None = None) -> list[RetrievedItem]:
+def retrieve(user_id: str, query: str, *, k: int | None = None, retriever: str | None = None) -> list[RetrievedItem]:
     return get_default().retrieve(user_id, query, k, retriever)
 
 
@@ -98,6 +110,7 @@ __all__ = [
     "RetrievedRef",
     "Settings",
     "StoreBusyError",
+    "ServingFacts",
     "Timings",
     "TrainingCancelled",
     "TrainingFailedError",

@@ -308,7 +308,7 @@ def generate(
     """Generate an answer for a user."""
     with _client() as p:
         prompt = _read_prompt(prompt, prompt_file, "prompt", p.settings.max_prompt_chars)
-        result = p.generate(user_id, prompt, method, k, max_new_tokens, retriever, task)
+        result = p.generate(user_id, prompt, method, k=k, max_new_tokens=max_new_tokens, retriever=retriever, task=task)
     if as_json:
         _print_json(result.to_dict())
     else:

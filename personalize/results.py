@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 
 @dataclass(frozen=True)
 class RetrievedRef:
     id: str
     score: float
+
+
+class ServingFacts(TypedDict, total=False):
+    """What serving records about one answer beside its timings (``Timings.extra``): which decoder ran and why,
+    the adapter it used and whether it was cached, the batch it ran in, and label scores under likelihood scoring."""
+
+    backend: str  # the serving backend that answered (``personalize.serving.backend``)
+    decoder: str  # fast-q8, fast-fp32 or plain
+    decoder_note: str  # why the decoder is not the fastest one
+    adapter_version: int
+    adapter_cache_hit: bool
+    adapter_load_s: float
+    task_adapter: str | None  # the task adapter merged into the base, as ``task@vN#hash``
+    batch_size: int
+    label_log_likelihoods: dict[str, float]
 
 
 @dataclass
@@ -20,7 +35,7 @@ class Timings:
     prompt_s: float = 0.0
     generation_s: float = 0.0
     total_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: ServingFacts = field(default_factory=lambda: ServingFacts())
 
 
 @dataclass

@@ -14,7 +14,7 @@ from tiny_model import make_tiny_loaded, make_tiny_t5_loaded, save_ia3_adapter
 from personalize.adapters.cache import AdapterCache, AdapterUnavailableError, generate_batch, validate_adapter_name
 from personalize.adapters.training import ADAPTER_METADATA, LoraSettings, train_adapter
 from personalize.errors import InvalidInputError
-from personalize.personalizer import generate_text
+from personalize.serving.hf_backend import generate_text
 from personalize.tasks.prompting import encode
 
 FAST = {"max_length": 48, "batch_size": 4, "max_steps": 3, "learning_rate": 5e-2}

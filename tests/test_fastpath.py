@@ -17,7 +17,7 @@ from personalize import Personalizer, Settings
 from personalize.adapters.peft_utils import private_base_copy
 from personalize.cpu.fastpath import FastDecoder, fast_weights, lora_pairs, unsupported_reason
 from personalize.cpu.quantization import kernel_unavailable_reason, quantize
-from personalize.personalizer import generate_text
+from personalize.serving.hf_backend import generate_text
 from personalize.tasks.prompting import build_prompt
 from personalize.tasks.registry import get_task
 

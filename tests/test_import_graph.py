@@ -256,10 +256,10 @@ def test_moved_names_still_import_from_their_old_modules() -> None:
     for old, new, names in moved:
         for name in names:
             assert getattr(old, name) is getattr(new, name), f"{old.__name__}.{name}"
-    from personalize import personalizer
     from personalize.adapters import format as adapter_format
+    from personalize.data import indexing
 
     assert training.read_metadata is adapter_format.read_metadata
     assert training.ADAPTER_METADATA == adapter_format.ADAPTER_METADATA
-    assert personalizer.vector_metadata is vectorstore.vector_metadata
+    assert indexing.vector_metadata is vectorstore.vector_metadata
     assert callable(calibration.calibrate_from_run)

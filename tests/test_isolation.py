@@ -31,7 +31,7 @@ LABELS = ["1", "2", "3", "4", "5"]
 def _own_scores(client, path: Path) -> list[float]:
     """The label log-likelihoods from a fresh PeftModel holding only this adapter: ground truth for serving."""
     model = PeftModel.from_pretrained(private_base_copy(client.model.model), str(path)).eval()
-    prep = client._prepare(LOOKALIKES[0], PROMPT, "none", None, 1, None, None)
+    prep = client.prepare(LOOKALIKES[0], PROMPT, method="none")
     with torch.no_grad():
         return candidate_log_likelihoods(client.model, prep.built.input_ids, LABELS, model=model)
 

@@ -131,7 +131,7 @@ def test_adding_items_indexes_only_the_new_and_changed_ones(client):
 
     def doc_text(item):
         seen.append(item.id)
-        return client._doc_text(item)
+        return doc_text(item)
 
     items = [
         {"id": f"m{i}", "text": f"film number {i} about {'space' if i % 3 else 'love'} and w{i % 7}"} for i in range(60)
@@ -148,7 +148,7 @@ def test_adding_items_indexes_only_the_new_and_changed_ones(client):
     client.add_items("carol", items[:2])  # unchanged: the version may move, nothing is re-indexed
     after = retriever.search("carol", "ocean submarine", 3)
     assert sorted(seen) == ["m3", "new"]
-    fresh = BM25Retriever(client.store, client._doc_text)
+    fresh = BM25Retriever(client.store, doc_text)
     assert after == fresh.search("carol", "ocean submarine", 3) and after[0][0] == "new"
     again = retriever.search("carol", "number 3 love w3", 5)
     assert again == fresh.search("carol", "number 3 love w3", 5) and "m3" not in [i for i, _ in again]

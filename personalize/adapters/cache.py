@@ -195,7 +195,7 @@ def generate_batch(
 ) -> list[tuple[str, int]]:
     """Greedy generation for several prompts in one left-padded batch, each row with its own adapter (None: the
     base model). The adapters must be loaded (``ensure_loaded``). Returns (text, new tokens) per prompt, the same
-    as ``personalizer.generate_text`` one prompt at a time. Rows mix in one pass where every adapter's method is
+    as ``serving.hf_backend.generate_text`` one prompt at a time. Rows mix in one pass where every adapter's method is
     registered with ``mixed_batches`` (``adapter_methods``: LoRA); otherwise each adapter's rows run in a pass of
     their own."""
     if len(encoded_prompts) != len(adapter_names):

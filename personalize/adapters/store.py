@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from personalize.adapters.format import read_metadata
 from personalize.data.naming import user_dir
+from personalize.errors import AdapterOwnershipError
 from personalize.jobs.process_ids import local_pid_alive
 
 TEMP_MARK = ".tmp-"
@@ -89,3 +91,16 @@ class LocalAdapterStore:
             return []
         shutil.rmtree(folder)
         return [str(folder)]
+
+
+def owned_adapter(path: Path, owner_key: str, what: str = "the adapter") -> bool:
+    """Whether the folder holds a complete adapter that is ``owner_key``'s (or stamped for nobody); raises
+    ``AdapterOwnershipError`` for one stamped for another user: a mixed-up row or a copied folder on a shared
+    store must never answer for the wrong person."""
+    metadata = read_metadata(path)
+    if metadata is None:
+        return False
+    owner = metadata.get("owner")
+    if owner is not None and owner != owner_key:
+        raise AdapterOwnershipError(f"{what} at {path} was trained for another user ({owner}); refusing to serve it")
+    return True

@@ -170,7 +170,7 @@ def _check_vectors(p: Personalizer, s: Session, pk: int, uid: str, report: Consi
     for start in range(0, len(unindexed), 500):
         rows = s.scalars(select(Item).where(Item.user_pk == pk, Item.item_id.in_(unindexed[start : start + 500])))
         items = [ProfileItem(r.item_id, r.text, r.fields, r.output, r.timestamp, r.task) for r in rows]
-        matrix = np.asarray(p._embed(items, False))
+        matrix = np.asarray(p.indexer.embed(items))
         p.vectors.upsert(uid, [i.id for i in items], matrix, [vector_metadata(i) for i in items])
 
 

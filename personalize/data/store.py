@@ -234,17 +234,22 @@ class Store:
     def get_user(self, user_id: str) -> UserInfo:
         validate_user_id(user_id)
         with self.session() as s:
-            user = self._user(s, user_id)
-            n_items = s.scalar(select(func.count(Item.id)).where(Item.user_pk == user.id)) or 0
-            tasks = s.scalars(select(Item.task).where(Item.user_pk == user.id).distinct()).all()
-            return UserInfo(
-                user.external_id,
-                n_items,
-                user.data_version,
-                user.created_at,
-                user.updated_at,
-                sorted(t for t in tasks if t),
-            )
+            return self.user_info(s, self._user(s, user_id))
+
+    @staticmethod
+    def user_info(session: Session, user: User) -> UserInfo:
+        """A user row as ``UserInfo``: its item count and tasks in one grouped query."""
+        counts = session.execute(
+            select(Item.task, func.count(Item.id)).where(Item.user_pk == user.id).group_by(Item.task)
+        ).all()
+        return UserInfo(
+            user.external_id,
+            sum(int(n) for _, n in counts),
+            user.data_version,
+            user.created_at,
+            user.updated_at,
+            sorted(task for task, _ in counts if task),
+        )
 
     def has_user(self, user_id: str) -> bool:
         with self.session() as s:
@@ -378,12 +383,12 @@ class Store:
         user has none."""
         out: dict[str, str] = {}
         with self.session() as s:
+            if ids is None:  # one round trip: a retriever checks this on every search
+                query = select(Item.item_id, Item.content_hash).join(User, Item.user_pk == User.id)
+                return dict(s.execute(query.where(User.external_id == user_id)).tuples().all())
             user_pk = s.scalar(select(User.id).where(User.external_id == user_id))
             if user_pk is None:
                 return out
-            if ids is None:
-                query = select(Item.item_id, Item.content_hash).where(Item.user_pk == user_pk)
-                return dict(s.execute(query).tuples().all())
             for start in range(0, len(ids), 500):
                 query = select(Item.item_id, Item.content_hash).where(
                     Item.user_pk == user_pk, Item.item_id.in_(list(ids[start : start + 500]))
@@ -394,10 +399,11 @@ class Store:
     def items(self, user_id: str, ids: Sequence[str] | None = None) -> list[ProfileItem]:
         """The user's items in time order (items without a timestamp last, then by insertion)."""
         with self.session() as s:
-            user = self._user(s, user_id)
-            query = select(Item).where(Item.user_pk == user.id)
-            if ids is not None:
-                query = query.where(Item.item_id.in_(list(ids)))
+            if ids is None:
+                query = select(Item).where(Item.user_pk == self._user(s, user_id).id)
+            else:  # one round trip (retrieval's hits): an unknown user simply has none of them
+                query = select(Item).join(User, Item.user_pk == User.id)
+                query = query.where(User.external_id == user_id, Item.item_id.in_(list(ids)))
             rows = s.scalars(query.order_by(Item.timestamp.is_(None), Item.timestamp, Item.id)).all()
             return [ProfileItem(r.item_id, r.text, r.fields, r.output, r.timestamp, r.task) for r in rows]
 

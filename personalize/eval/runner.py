@@ -252,15 +252,21 @@ class EvaluationRunner:
                     query.input,
                     list(cast("tuple[str, ...]", task.labels)),  # likelihood scoring is used only with labels
                     method,
-                    config.k,
-                    config.retriever,
+                    k=config.k,
+                    retriever=config.retriever,
                     calibrate=scoring == "calibrated",
                 )
                 scores = result.timings.extra["label_log_likelihoods"]
                 prediction = median_label(scores) if config.decision == "median" else result.text
             else:
                 result = self.p.generate(
-                    uid, query.input, method, config.k, config.max_new_tokens, config.retriever, config.task
+                    uid,
+                    query.input,
+                    method,
+                    k=config.k,
+                    max_new_tokens=config.max_new_tokens,
+                    retriever=config.retriever,
+                    task=config.task,
                 )
                 prediction = parse_prediction(config.task, result.text)
                 scores = None

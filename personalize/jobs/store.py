@@ -9,19 +9,47 @@ user never train at once; a running job whose worker is gone (dead pid on this h
 from __future__ import annotations
 
 import builtins
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
+from personalize.data.items import UserInfo
 from personalize.data.schema import Adapter, Item, TrainingJob, User, utcnow
 from personalize.data.store import Store, rowcount
 from personalize.errors import UnknownUserError
 from personalize.jobs.process_ids import local_pid_alive, worker_identity
 
 ACTIVE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """What a finished training job registers: the adapter row's columns (``config``: how it was trained)."""
+
+    version: int
+    path: str
+    base_model: str
+    n_items: int
+    train_seconds: float
+    final_loss: float | None
+    size_bytes: int
+    config: dict[str, Any]
+
+
+class JobOutcome(StrEnum):
+    """How running one training job ended (a worker's task returns it; ``busy`` asks for a retry)."""
+
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DISCARDED = "discarded"  # the user was forgotten meanwhile, or the job reclaimed: nothing written back
+    BUSY = "busy"
+    DUPLICATE = "duplicate"
+    GONE = "gone"
 
 
 class Claim(StrEnum):
@@ -111,12 +139,23 @@ class Jobs:
 
     def current_adapter(self, user_id: str, base_model: str | None = None) -> AdapterInfo | None:
         with self.store.session() as s:
+            return self._current_adapter(s, self.store._user(s, user_id), base_model)
+
+    def resolve(self, user_id: str, base_model: str, with_adapter: bool) -> tuple[UserInfo, AdapterInfo | None]:
+        """A request's user in one transaction, its row read once: the user's info and (``with_adapter``) their
+        newest adapter for ``base_model``."""
+        with self.store.session() as s:
             user = self.store._user(s, user_id)
-            query = select(Adapter).where(Adapter.user_pk == user.id)
-            if base_model is not None:
-                query = query.where(Adapter.base_model == base_model)
-            row = s.scalar(query.order_by(Adapter.version.desc()).limit(1))
-            return _adapter_info(row, user_id) if row else None
+            info = self.store.user_info(s, user)
+            return info, self._current_adapter(s, user, base_model) if with_adapter else None
+
+    @staticmethod
+    def _current_adapter(s: Session, user: User, base_model: str | None) -> AdapterInfo | None:
+        query = select(Adapter).where(Adapter.user_pk == user.id)
+        if base_model is not None:
+            query = query.where(Adapter.base_model == base_model)
+        row = s.scalar(query.order_by(Adapter.version.desc()).limit(1))
+        return _adapter_info(row, user.external_id) if row else None
 
     def adapters(self, user_id: str) -> list[AdapterInfo]:
         with self.store.session() as s:
@@ -250,17 +289,17 @@ class Jobs:
             ).first() or (None, None)
             return state == "running" and worker == worker_identity()
 
-    def finish(self, job_id: int, adapter: dict) -> int | None:
+    def finish(self, job_id: int, adapter: TrainedAdapter) -> int | None:
         """Register the adapter and mark the job done in one transaction; None if the job is no longer ours."""
         with self.store.session() as s:
             job = s.get(TrainingJob, job_id, with_for_update=True)
             if job is None or job.state != "running" or job.worker != worker_identity():
                 return None
-            row = Adapter(user_pk=job.user_pk, data_version=job.data_version, **adapter)
+            row = Adapter(user_pk=job.user_pk, data_version=job.data_version, **asdict(adapter))
             s.add(row)
             s.flush()
             job.state, job.progress, job.adapter_id, job.finished_at = "done", 1.0, row.id, utcnow()
-            job.loss = adapter.get("final_loss")
+            job.loss = adapter.final_loss
             return row.id
 
     def fail(self, job_id: int, error: str, state: str = "failed") -> None:

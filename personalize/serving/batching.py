@@ -11,23 +11,28 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from personalize.results import GenerationResult, ServingFacts
+from personalize.serving.backend import AdapterRef, DecodeRow, ServingBackend
+from personalize.serving.modeling import LoadedModel
+from personalize.serving.requests import PreparedRequest, request_result
 
 
 @dataclass
 class Request:
-    """One caller's prompt: encoded ids, its adapter (name, folder) or None, and how many tokens to make."""
+    """One caller's prompt: encoded ids, its adapter or None, and how many tokens to make."""
 
     input_ids: Sequence[int]
-    adapter: Any
+    adapter: AdapterRef | None
     max_new_tokens: int
     result: tuple[str, int] | None = None
     error: BaseException | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    facts: ServingFacts = field(default_factory=lambda: ServingFacts())
     done: bool = False
-    model: Any = None  # the LoadedModel it runs on (plain or task-adapted base): a batch shares one
+    model: LoadedModel | None = None  # the base it runs on (plain or task-adapted): a batch shares one
 
 
 RunBatch = Callable[[list[Request]], None]  # fills result (or raises) for every request of the batch
@@ -99,4 +104,43 @@ class Coalescer:
                 r.done = True
 
 
-__all__ = ["Coalescer", "Request"]
+def batched_results(
+    backend: ServingBackend, preps: Sequence[PreparedRequest], max_new_tokens: int
+) -> list[GenerationResult]:
+    """Serve prepared requests in batched forward passes (``Personalizer.generate_batch``): one base per batch and
+    at most as many distinct adapters as a batch may hold; results in the requests' order."""
+    results: dict[int, GenerationResult] = {}
+    for chunk in _batches(preps, backend):
+        t0 = time.perf_counter()
+        facts = ServingFacts()
+        rows = [DecodeRow(preps[i].built.input_ids, preps[i].adapter) for i in chunk]
+        outputs = backend.generate(preps[chunk[0]].loaded, rows, max_new_tokens, facts)
+        for i, (text, n_new) in zip(chunk, outputs, strict=True):
+            preps[i].timings.generation_s = time.perf_counter() - t0
+            preps[i].timings.extra.update(facts)
+            preps[i].timings.extra["batch_size"] = len(chunk)
+            results[i] = request_result(preps[i], text, n_new)
+    return [results[i] for i in range(len(preps))]
+
+
+def _batches(preps: Sequence[PreparedRequest], backend: ServingBackend) -> Iterator[list[int]]:
+    order = list(range(len(preps)))
+    while order:
+        loaded = preps[order[0]].loaded
+        capacity = backend.adapters_per_batch(loaded)
+        chunk: list[int] = []
+        names: set[str] = set()
+        for i in list(order):
+            ref = preps[i].adapter
+            if preps[i].loaded is not loaded:
+                continue
+            if ref is not None and ref.user_key not in names and len(names) >= capacity:
+                continue
+            if ref is not None:
+                names.add(ref.user_key)
+            chunk.append(i)
+            order.remove(i)
+        yield chunk
+
+
+__all__ = ["Coalescer", "Request", "batched_results"]

@@ -1,0 +1,20 @@
+"""The built-in serving backends (importing this registers them), and the one a client's settings choose."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import personalize.serving.fast_backend  # noqa: F401  (registers fast, fast-fp32)
+import personalize.serving.hf_backend  # noqa: F401  (registers plain)
+from personalize.serving.backend import ServingBackend, get_backend_factory
+
+if TYPE_CHECKING:
+    from personalize.settings import Settings
+
+
+def backend_for(settings: Settings) -> ServingBackend:
+    """The backend registered for ``settings.decoder``."""
+    return get_backend_factory(settings.decoder)(settings)
+
+
+__all__ = ["backend_for"]
