@@ -109,3 +109,50 @@ def test_items_share_the_budget_and_unused_budget_passes_on(client):
     assert [h.id for h in built.used] == ["s", "l"]
     assert count_tokens(loaded, items_part) <= 100 - n_input + 5  # the join adds a few tokens
     assert count_tokens(loaded, items_part) > (100 - n_input) // 2  # the long item got the short one's leftovers
+
+
+def _count_statements(client):
+    """SQL statements run on the client's engine, recorded while the returned list is live."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        statements.append(" ".join(statement.split()))
+
+    event.listen(client.store.engine, "before_cursor_execute", record)
+    return statements, lambda: event.remove(client.store.engine, "before_cursor_execute", record)
+
+
+def _user_row_reads(statements: list[str]) -> int:
+    """Statements that look a user up by id on its own (not joined into an item query)."""
+    return sum(1 for s in statements if "FROM users WHERE users.external_id" in s)
+
+
+@pytest.mark.parametrize("retriever", ["bm25", "dense"])
+def test_one_generate_resolves_its_user_once_and_counts_its_sql_round_trips(client, retriever):
+    """A request reads the user once (row, item counts and tasks, the newest adapter: one transaction) and
+    retrieval fetches the hits' rows in one joined query; a regression to per-layer lookups fails here."""
+    client.add_items("alice", RATINGS)
+    client.generate("alice", PROMPT, method="rag", k=3, max_new_tokens=2, retriever=retriever)  # build the index
+    statements, stop = _count_statements(client)
+    try:
+        result = client.generate("alice", PROMPT, method="rag", k=3, max_new_tokens=2, retriever=retriever)
+        rag = list(statements)
+        statements.clear()
+        client.generate("alice", PROMPT, method="none", max_new_tokens=2)
+        none = list(statements)
+        statements.clear()
+        client.generate("alice", PROMPT, method="auto", max_new_tokens=2)
+        auto = list(statements)
+    finally:
+        stop()
+    assert len(result.retrieved) == 3
+    for run in (rag, none, auto):
+        assert _user_row_reads(run) == 1, "\n".join(s[:150] for s in run)
+    # none: the user row, its items grouped by task (one transaction)
+    assert len(none) == 2, "\n".join(s[:150] for s in none)
+    # auto: + the newest adapter (same transaction), the router's policy and, routed to rag, the hits
+    assert len(auto) <= 5, "\n".join(s[:150] for s in auto)
+    # rag: + the hits' rows (one join); bm25 gets the data version from the resolved user, so no extra read
+    assert len(rag) == 3, "\n".join(s[:150] for s in rag)

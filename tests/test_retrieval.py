@@ -1,5 +1,6 @@
 import pytest
 
+from personalize.data.indexing import doc_text
 from personalize.errors import InvalidInputError, UnknownUserError
 from personalize.retrieval import BM25Index, tokenize
 
@@ -129,7 +130,7 @@ def test_adding_items_indexes_only_the_new_and_changed_ones(client):
 
     seen: list[str] = []
 
-    def doc_text(item):
+    def counting_doc_text(item):
         seen.append(item.id)
         return doc_text(item)
 
@@ -137,7 +138,7 @@ def test_adding_items_indexes_only_the_new_and_changed_ones(client):
         {"id": f"m{i}", "text": f"film number {i} about {'space' if i % 3 else 'love'} and w{i % 7}"} for i in range(60)
     ]
     client.add_items("carol", items)
-    retriever = BM25Retriever(client.store, doc_text)
+    retriever = BM25Retriever(client.store, counting_doc_text)
     first = retriever.search("carol", "number 3 love w3", 5)
     assert first[0][0] == "m3"
     assert len(seen) == 60

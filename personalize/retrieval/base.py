@@ -49,6 +49,14 @@ class ForgetsUsers(Protocol):
     def forget(self, user_id: str) -> None: ...
 
 
+@runtime_checkable
+class SearchesAtVersion(Protocol):
+    """The optional hook of a retriever that keeps a per-user index: search given the user's data version, which
+    the request already resolved, instead of reading it again to check the index is fresh."""
+
+    def search_at(self, user_id: str, query: str, k: int, data_version: int) -> list[tuple[str, float]]: ...
+
+
 @dataclass(frozen=True)
 class RetrieverContext:
     """What a retriever factory may use: the SQL store, the vector store, the embedder, and the text an item is

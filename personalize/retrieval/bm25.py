@@ -221,8 +221,8 @@ class BM25Retriever:
         self._cache_users = cache_users
         self._lock = threading.Lock()
 
-    def _index(self, user_id: str) -> BM25Index:
-        version = self.store.data_version(user_id)
+    def _index(self, user_id: str, version: int | None = None) -> BM25Index:
+        version = self.store.data_version(user_id) if version is None else version
         with self._lock:
             cached = self._cache.get(user_id)
             if cached and cached.version == version:
@@ -246,6 +246,10 @@ class BM25Retriever:
 
     def search(self, user_id: str, query: str, k: int) -> list[tuple[str, float]]:
         return self._index(user_id).top(query, k)
+
+    def search_at(self, user_id: str, query: str, k: int, data_version: int) -> list[tuple[str, float]]:
+        """``search`` with the user's data version known (a resolved request): no SQL unless the index is stale."""
+        return self._index(user_id, data_version).top(query, k)
 
     def forget(self, user_id: str) -> None:
         with self._lock:

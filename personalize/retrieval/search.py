@@ -13,6 +13,7 @@ from personalize.retrieval.base import (
     RetrievedItem,
     Retriever,
     RetrieverContext,
+    SearchesAtVersion,
     check_retriever,
     get_retriever_spec,
 )
@@ -46,12 +47,18 @@ class Retrievers:
             if isinstance(built, ForgetsUsers):
                 built.forget(user_id)
 
-    def search(self, user_id: str, query: str, k: int, retriever: str | None = None) -> list[RetrievedItem]:
-        """The top k hits that SQL holds; each round that finds too few asks for four times more."""
+    def search(
+        self, user_id: str, query: str, k: int, retriever: str | None = None, data_version: int | None = None
+    ) -> list[RetrievedItem]:
+        """The top k hits that SQL holds; each round that finds too few asks for four times more. ``data_version``
+        (a resolved request's) spares a retriever with a per-user index reading it again."""
         found_by = self.get(retriever)
         fetch = k
         while True:
-            hits = found_by.search(user_id, query, fetch)
+            if data_version is not None and isinstance(found_by, SearchesAtVersion):
+                hits = found_by.search_at(user_id, query, fetch, data_version)
+            else:
+                hits = found_by.search(user_id, query, fetch)
             by_id = {i.id: i for i in self.store.items(user_id, [h[0] for h in hits])} if hits else {}
             found = [RetrievedItem(item_id, score, by_id[item_id]) for item_id, score in hits if item_id in by_id]
             if len(found) >= k or len(hits) < fetch:

@@ -146,7 +146,8 @@ def prepare_request(
         t0 = time.perf_counter()
         k = p.settings.k if k is None else k
         query = the_task.query_text(prompt)
-        retrieved = p.retrievers.search(user_id, query, k, retriever_name) if k else []
+        version = user.info.data_version
+        retrieved = p.retrievers.search(user_id, query, k, retriever_name, version) if k else []
         timings.retrieval_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     built = build_prompt(
