@@ -21,7 +21,8 @@ def data_build(
     split: list[str] = typer.Option(["dev", "test"], help="Splits to build"),
 ) -> None:
     """Write LaMP-format files for movielens-rating, reuters-lead or reuters-authorship (deterministic)."""
-    from personalize.eval.datasets import BUILDERS, write_lamp
+    from personalize.eval.datasets.lamp import write_lamp
+    from personalize.eval.datasets.loading import BUILDERS
 
     if task not in BUILDERS:
         raise InvalidInputError(f"no builder for {task!r}; builders: {', '.join(sorted(BUILDERS))}")
@@ -40,7 +41,8 @@ def data_synthetic(
     split: str = "test",
 ) -> None:
     """Write a SYNTHETIC movielens-rating-style task with planted per-user signals (for tests and demos)."""
-    from personalize.eval.datasets import synthetic_dataset, write_lamp
+    from personalize.eval.datasets.lamp import write_lamp
+    from personalize.eval.datasets.synthetic import synthetic_dataset
 
     dataset = synthetic_dataset(n_users=users, seed=seed, split=split)
     questions, outputs = write_lamp(dataset, out / "synthetic")
@@ -56,7 +58,7 @@ def data_import_lamp(
 ) -> None:
     """Import the users' profiles of an official LaMP questions file (user-based or time-based)."""
     from personalize.data.ingest import lamp_item
-    from personalize.eval.datasets import read_lamp
+    from personalize.eval.datasets.lamp import read_lamp
 
     dataset = read_lamp(questions, outputs, task)
     users = {user_id: [lamp_item(task, r) for r in raw] for user_id, raw in dataset.users().items()}

@@ -16,7 +16,7 @@ eval_app = typer.Typer(help="The LaMP-style comparison: run, resume, report.", n
 
 
 def _load_dataset(task: str, split: str, data: Path | None, synthetic_users: int | None):  # noqa: ANN202
-    from personalize.eval.datasets import load_dataset
+    from personalize.eval.datasets.loading import load_dataset
 
     return load_dataset(task, split, data, synthetic_users)
 
