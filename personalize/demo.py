@@ -14,7 +14,7 @@ from pathlib import Path
 
 from personalize.adapters.task_adapters import TaskAdapterSource
 from personalize.data.ingest import read_jsonl
-from personalize.eval.datasets import synthetic_dataset
+from personalize.eval.datasets.synthetic import synthetic_dataset
 from personalize.personalizer import Personalizer
 from personalize.settings import LoraSettings, TaskAdapterSettings
 

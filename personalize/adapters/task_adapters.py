@@ -141,7 +141,7 @@ def _check_task_name(task: str) -> str:
 
 
 def _write_json_atomic(path: Path, value: Any) -> None:
-    from personalize.eval.datasets import _write_atomic
+    from personalize.eval.datasets.lamp import _write_atomic
 
     _write_atomic(path, json.dumps(value, indent=2, sort_keys=True))
 
@@ -436,7 +436,7 @@ def _choice_pairs(task: Task, key: str, users: dict[str, list[ProfileItem]]) -> 
     label says which one the user wrote. Pooled over users this teaches the choice format; with retrieved context
     it teaches comparing a passage to the user's earlier articles. (Per-user training keeps LaMP's continuation
     stand-in.)"""
-    from personalize.eval.datasets import AUTHORSHIP_INPUT_TEMPLATE, first_words
+    from personalize.eval.datasets.reuters import AUTHORSHIP_INPUT_TEMPLATE, first_words
 
     others = sorted(u for u in users if user_key(u) != key)
 

@@ -94,7 +94,7 @@ def labels_of(task: Task, items: Sequence[ProfileItem]) -> list[str]:
 
 def round_score(value: float) -> str:
     """A mean score rounded the way golds are (half up, clipped to 1..5)."""
-    from personalize.eval.datasets import rating_score
+    from personalize.eval.datasets.movielens import rating_score
 
     return str(rating_score(repr(value)))
 
@@ -155,7 +155,7 @@ def _nearest_mean(data: BaselineInput) -> BaselineAnswer:
 
 
 def _input_copy(data: BaselineInput) -> BaselineAnswer:
-    from personalize.eval.datasets import first_sentence
+    from personalize.eval.datasets.reuters import first_sentence
 
     return BaselineAnswer(first_sentence(data.task.query_text(data.prompt)))
 

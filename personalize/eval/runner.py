@@ -30,7 +30,7 @@ from personalize.eval.config import EvalConfig as EvalConfig
 from personalize.eval.config import code_version as code_version
 from personalize.eval.config import default_methods as default_methods
 from personalize.eval.config import resolve_methods as resolve_methods
-from personalize.eval.datasets import Dataset, Query
+from personalize.eval.datasets.lamp import Dataset, Query
 from personalize.eval.metrics import parse_prediction
 from personalize.jobs.worker_process import start_worker, stop_worker
 from personalize.methods import uses_adapter

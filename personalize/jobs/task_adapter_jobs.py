@@ -35,7 +35,7 @@ def source_users(p: Personalizer, source: TaskAdapterSource) -> dict[str, list[P
     """The users and items a source names, after its hygiene rule and its exclusions."""
     if source.data == STORE_SOURCE:
         return _store_users(p, source)
-    from personalize.eval.datasets import load_dataset
+    from personalize.eval.datasets.loading import load_dataset
 
     synthetic = (source.users or 20) if source.data == SYNTHETIC_SOURCE else None
     dataset, _ = load_dataset(source.task, source.split, None if synthetic else source.data, synthetic)
