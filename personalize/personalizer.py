@@ -93,7 +93,8 @@ class Personalizer:
         self.jobs = Jobs(self.store, self.settings.job_stale_after_s, self.settings.job_max_attempts)
         self.adapter_store = LocalAdapterStore(self.settings.resolved_adapters_dir)
         self.task_adapters = TaskAdapterStore(self.settings.resolved_adapters_dir / TASKS_FOLDER)
-        self.backend: ServingBackend = backend_for(self.settings)
+        self._plain = HFBackend(self.settings.adapter_cache_size)
+        self._backend: tuple[str, ServingBackend] | None = None
         self._coalescer: Coalescer | None = None
         self._coalescer_lock = threading.Lock()
         self._celery: Celery | None = None
@@ -111,6 +112,13 @@ class Personalizer:
     def close(self) -> None:
         self.vectors.close()
         self.store.close()
+
+    @property
+    def backend(self) -> ServingBackend:
+        """The serving backend ``settings.decoder`` names (rebuilt if the settings change; one adapter cache)."""
+        if self._backend is None or self._backend[0] != self.settings.decoder:
+            self._backend = (self.settings.decoder, backend_for(self.settings, self._plain))
+        return self._backend[1]
 
     @property
     def model(self) -> LoadedModel:
@@ -317,10 +325,7 @@ class Personalizer:
 
     def adapter_cache_for(self, loaded: LoadedModel) -> AdapterCache:
         """The user adapters loaded on ``loaded`` (the plain base, or a task-adapted one)."""
-        plain = getattr(self.backend, "plain", self.backend)
-        if not isinstance(plain, HFBackend):
-            raise InvalidInputError(f"the {self.backend.name} backend keeps no peft adapter cache")
-        return plain.cache_for(loaded)
+        return self._plain.cache_for(loaded)
 
     def current_adapter(self, user_id: str) -> AdapterInfo | None:
         """The user's newest complete adapter for the configured model, or None."""

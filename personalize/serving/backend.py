@@ -20,6 +20,7 @@ from personalize.serving.modeling import LoadedModel
 
 if TYPE_CHECKING:
     from personalize.jobs.store import AdapterInfo
+    from personalize.serving.hf_backend import HFBackend
     from personalize.settings import Settings
 
 
@@ -86,7 +87,8 @@ class ServingBackend(Protocol):
         ...
 
 
-BackendFactory = Callable[["Settings"], ServingBackend]
+# settings, and the client's plain backend: the reference and fallback any backend may share (its adapter cache)
+BackendFactory = Callable[["Settings", "HFBackend"], ServingBackend]
 BACKENDS: dict[str, BackendFactory] = {}
 
 

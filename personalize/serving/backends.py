@@ -7,14 +7,15 @@ from typing import TYPE_CHECKING
 import personalize.serving.fast_backend  # noqa: F401  (registers fast, fast-fp32)
 import personalize.serving.hf_backend  # noqa: F401  (registers plain)
 from personalize.serving.backend import ServingBackend, get_backend_factory
+from personalize.serving.hf_backend import HFBackend
 
 if TYPE_CHECKING:
     from personalize.settings import Settings
 
 
-def backend_for(settings: Settings) -> ServingBackend:
-    """The backend registered for ``settings.decoder``."""
-    return get_backend_factory(settings.decoder)(settings)
+def backend_for(settings: Settings, plain: HFBackend) -> ServingBackend:
+    """The backend registered for ``settings.decoder``, sharing the client's ``plain`` backend."""
+    return get_backend_factory(settings.decoder)(settings, plain)
 
 
 __all__ = ["backend_for"]

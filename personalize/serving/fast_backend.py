@@ -110,12 +110,12 @@ class FastBackend:
         return self.plain.score_labels(loaded, prompts, labels, adapter)
 
 
-def _fast(settings: Settings) -> FastBackend:
-    return FastBackend(HFBackend(settings.adapter_cache_size))
+def _fast(settings: Settings, plain: HFBackend) -> FastBackend:
+    return FastBackend(plain)
 
 
-def _fast_fp32(settings: Settings) -> FastBackend:
-    return FastBackend(HFBackend(settings.adapter_cache_size), fp32_only=True)
+def _fast_fp32(settings: Settings, plain: HFBackend) -> FastBackend:
+    return FastBackend(plain, fp32_only=True)
 
 
 register_backend("fast", _fast)

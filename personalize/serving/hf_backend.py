@@ -92,8 +92,8 @@ def generate_text(loaded: LoadedModel, input_ids: Sequence[int], max_new_tokens:
     return Generated(tok.decode(new, skip_special_tokens=True).strip(), int(new.shape[0]))
 
 
-def _plain(settings: Settings) -> HFBackend:
-    return HFBackend(settings.adapter_cache_size)
+def _plain(settings: Settings, plain: HFBackend) -> HFBackend:
+    return plain
 
 
 register_backend("plain", _plain)
