@@ -125,15 +125,17 @@ def test_the_allow_list_names_the_peft_type_and_what_is_allowed(registry):
 
 
 def test_the_trainer_follows_the_methods_fast_training_flag(loaded, registry):
-    assert _trainer(loaded, LoraSettings()) == ("fast", None)
-    assert _trainer(loaded, LoraSettings(trainer="plain")) == ("plain", None)
+    fast, note = _trainer(loaded, LoraSettings())
+    assert (fast.name, note) == ("fast", None)
+    plain, note = _trainer(loaded, LoraSettings(trainer="plain"))
+    assert (plain.name, note) == ("plain", None)
 
     class SlowLoraSettings(LoraSettings):
         """Settings of a method the fast step does not cover (registered without fast_training)."""
 
     register_adapter_method(AdapterMethod("slow-lora", "SLOW_LORA", SlowLoraSettings, lambda s, e: None))
     trainer, note = _trainer(loaded, SlowLoraSettings())
-    assert trainer == "plain" and "SLOW_LORA adapters (method 'slow-lora'" in note
+    assert trainer.name == "plain" and "SLOW_LORA adapters (method 'slow-lora'" in note
     assert "fast training step covers LORA only" in note
     with pytest.raises(UnknownAdapterMethodError, match="UnregisteredSettings"):
 
@@ -155,3 +157,18 @@ def test_the_fast_training_step_refuses_an_adapter_of_another_method(loaded, tmp
     FastLoraForward(lora)  # LoRA passes the allow-list
     with pytest.raises(ValueError, match="no adapter 'other'"):
         FastLoraForward(lora, adapter="other")
+
+
+def test_a_registered_trainer_is_picked_by_name_and_falls_back_when_it_does_not_apply(loaded, monkeypatch):
+    """Training picks its step from the trainer registry: a new step is one registration."""
+    from personalize.adapters import trainers
+    from personalize.adapters.trainers import Trainer, register_trainer
+
+    monkeypatch.setattr(trainers, "TRAINERS", dict(trainers.TRAINERS))
+    register_trainer(
+        Trainer("fast", lambda loaded, settings: "a toy that never applies", lambda model, config: (None, None))
+    )
+    chosen, note = _trainer(loaded, LoraSettings())
+    assert chosen.name == "plain" and note == "fast training step not applicable: a toy that never applies"
+    with pytest.raises(InvalidInputError, match="unknown trainer 'nope'; registered: fast, plain"):
+        trainers.get_trainer("nope")

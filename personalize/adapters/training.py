@@ -26,6 +26,7 @@ from personalize.adapters.format import ADAPTER_METADATA, METADATA_FORMAT, read_
 from personalize.adapters.methods import method_for_settings, unsupported_peft_type_reason
 from personalize.adapters.peft_utils import private_base_copy, strip_tuner_layers
 from personalize.adapters.store import temp_prefix
+from personalize.adapters.trainers import Trainer, get_trainer, register_trainer
 from personalize.data.items import ProfileItem
 from personalize.errors import AdapterExistsError, InvalidInputError, TrainingCancelled
 from personalize.serving.modeling import LoadedModel
@@ -257,7 +258,6 @@ def train_adapter(
     adapter's provenance, the task adapter a user adapter was trained on).
     """
     import torch
-    from peft import get_peft_model
 
     settings = settings or LoraSettings()
     out_dir = Path(out_dir)
@@ -281,14 +281,7 @@ def train_adapter(
     with torch.random.fork_rng(devices=[]):  # seeds LoRA init and dropout without touching the caller's RNG
         torch.manual_seed(settings.seed)
         shuffle = torch.Generator().manual_seed(settings.seed)
-        if trainer == "fast":
-            from personalize.cpu.fasttrain import FastLoraForward, shared_skeleton
-
-            model = get_peft_model(shared_skeleton(loaded.model), _lora_config(loaded, settings))
-            fast = FastLoraForward(model)
-        else:
-            model = get_peft_model(private_base_copy(loaded.model), _lora_config(loaded, settings))
-            fast = None
+        model, step_loss = trainer.prepare(loaded, _lora_config(loaded, settings))
         model.train()
         keep_logits = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
         params = [p for p in model.parameters() if p.requires_grad]
@@ -307,8 +300,8 @@ def train_adapter(
                     pad_id,
                     loaded.is_encoder_decoder,
                 )
-                if fast is not None:
-                    loss = fast.loss(batch)
+                if step_loss is not None:
+                    loss = step_loss(batch)
                 else:
                     loss = _loss(model, batch, loaded.is_encoder_decoder, keep_logits)
                 loss.backward()
@@ -334,7 +327,7 @@ def train_adapter(
         "final_loss": final_loss,
         "train_seconds": train_seconds,
         "seed": settings.seed,
-        "trainer": trainer,
+        "trainer": trainer.name,
         "owner": owner,
         "config": config,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -353,7 +346,7 @@ def train_adapter(
         config,
         losses,
         step_tokens,
-        trainer,
+        trainer.name,
         note,
     )
 
@@ -382,18 +375,30 @@ def token_capped_steps(examples: Sequence[_Example], settings: LoraSettings) -> 
     return max(1, int(settings.max_tokens // (mean * settings.batch_size)))
 
 
-def _trainer(loaded: LoadedModel, settings: LoraSettings) -> tuple[str, str | None]:
-    """Which training step runs: ``fast`` where asked for, the method is registered with ``fast_training`` and the
-    fast step covers the model, else ``plain``, with why."""
-    if settings.trainer != "fast":
-        return "plain", None
-    method = method_for_settings(settings)
-    reason = unsupported_peft_type_reason(method.peft_type, "fast_training", "the fast training step")
-    if reason is None:
-        from personalize.cpu.fasttrain import unsupported_reason
+def _plain_step(loaded: LoadedModel, peft_config: Any) -> tuple[Any, None]:
+    """peft's own forward on a private copy of the base (the caller's model never gains LoRA layers)."""
+    from peft import get_peft_model
 
-        reason = unsupported_reason(loaded.model, settings.target_modules, loaded.is_encoder_decoder)
-    return ("plain", f"fast training step not applicable: {reason}") if reason else ("fast", None)
+    return get_peft_model(private_base_copy(loaded.model), peft_config), None
+
+
+PLAIN_TRAINER = register_trainer(Trainer("plain", lambda loaded, settings: None, _plain_step))
+
+
+def _trainer(loaded: LoadedModel, settings: LoraSettings) -> tuple[Trainer, str | None]:
+    """Which training step runs (the registry's ``settings.trainer``): the one asked for where the method is
+    registered with ``fast_training`` and the step covers the model, else ``plain``, with why."""
+    if settings.trainer == PLAIN_TRAINER.name:
+        return PLAIN_TRAINER, None
+    import personalize.cpu.fasttrain  # noqa: F401  (registers the fast step)
+
+    chosen = get_trainer(settings.trainer)
+    method = method_for_settings(settings)
+    reason = unsupported_peft_type_reason(method.peft_type, "fast_training", f"the {chosen.name} training step")
+    reason = reason or chosen.unsupported_reason(loaded, settings)
+    if reason:
+        return PLAIN_TRAINER, f"{chosen.name} training step not applicable: {reason}"
+    return chosen, None
 
 
 def _fsync(path: Path) -> None:

@@ -29,6 +29,7 @@ from typing import Any, cast
 
 from personalize.adapters.methods import unsupported_peft_type_reason
 from personalize.adapters.peft_utils import strip_tuner_layers
+from personalize.adapters.trainers import Trainer, register_trainer
 from personalize.cpu.fastpath import _rotate, _sdpa_has_gqa
 from personalize.cpu.fastpath import unsupported_reason as decoder_unsupported_reason
 from personalize.cpu.kernels import KernelLibrary
@@ -572,3 +573,20 @@ def _attention_fn(torch: Any) -> Any:
             return dq, dk, dv, None, None
 
     return AttentionFn
+
+
+def _fast_step(loaded: Any, peft_config: Any) -> tuple[Any, Any]:
+    """The peft model over a weight-sharing skeleton of the base, and the fused step's loss."""
+    from peft import get_peft_model
+
+    model = get_peft_model(shared_skeleton(loaded.model), peft_config)
+    return model, FastLoraForward(model).loss
+
+
+register_trainer(
+    Trainer(
+        "fast",
+        lambda loaded, settings: unsupported_reason(loaded.model, settings.target_modules, loaded.is_encoder_decoder),
+        _fast_step,
+    )
+)
