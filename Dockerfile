@@ -4,7 +4,7 @@ FROM python:3.11-slim
 ARG TORCH_INDEX=
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 WORKDIR /app
-# gcc builds the 8-bit decoding kernel (personalize/csrc) on first use; without it the fast path keeps fp32 weights
+# gcc builds the 8-bit decoding kernel (personalize/cpu/csrc) on first use; without it the fast path keeps fp32 weights
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN pip install "torch>=2.4,<2.14" ${TORCH_INDEX:+--index-url "$TORCH_INDEX"}
 COPY pyproject.toml README.md alembic.ini ./
