@@ -6,8 +6,6 @@ router and prompt (``serving.requests``) -> a serving backend (``serving.backend
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,24 +19,19 @@ from personalize.data.indexing import Indexer, ItemLike, doc_text
 from personalize.data.items import ProfileItem, UserInfo
 from personalize.data.naming import user_key, validate_user_id
 from personalize.data.store import Store, UpsertReport
-from personalize.errors import InvalidInputError, TrainingFailedError
+from personalize.errors import InvalidInputError
 from personalize.jobs import training_jobs
 from personalize.jobs.store import AdapterInfo, JobInfo, JobOutcome, Jobs
 from personalize.jobs.training_jobs import EnqueueResult
 from personalize.methods import ZERO_SHOT
-from personalize.results import ForgetReport, GenerationResult, ServingFacts
-from personalize.retrieval import (
-    RetrievedItem,
-    Retriever,
-    RetrieverContext,
-)
+from personalize.results import ForgetReport, GenerationResult
+from personalize.retrieval import RetrievedItem, Retriever, RetrieverContext
 from personalize.retrieval.embedding import get_embedder
 from personalize.retrieval.search import Retrievers
 from personalize.retrieval.vectorstore import VectorStore
-from personalize.serving.backend import DecodeRow, ServingBackend
-from personalize.serving.backends import backend_for
-from personalize.serving.batching import Coalescer, Request, batched_results
-from personalize.serving.hf_backend import HFBackend
+from personalize.serving.backend import ServingBackend
+from personalize.serving.batching import Coalescer
+from personalize.serving.dispatch import Dispatcher
 from personalize.serving.modeling import LoadedModel, get_model
 from personalize.serving.requests import (
     MAX_K,
@@ -48,9 +41,7 @@ from personalize.serving.requests import (
     adapter_base,
     check_prompt,
     choose_method,
-    label_scores,
     prepare_request,
-    request_result,
     task_for,
 )
 from personalize.serving.router import Router
@@ -93,10 +84,7 @@ class Personalizer:
         self.jobs = Jobs(self.store, self.settings.job_stale_after_s, self.settings.job_max_attempts)
         self.adapter_store = LocalAdapterStore(self.settings.resolved_adapters_dir)
         self.task_adapters = TaskAdapterStore(self.settings.resolved_adapters_dir / TASKS_FOLDER)
-        self._plain = HFBackend(self.settings.adapter_cache_size)
-        self._backend: tuple[str, ServingBackend] | None = None
-        self._coalescer: Coalescer | None = None
-        self._coalescer_lock = threading.Lock()
+        self.serving = Dispatcher(lambda: self.settings)
         self._celery: Celery | None = None
         if self.settings.torch_threads:
             import torch
@@ -115,10 +103,8 @@ class Personalizer:
 
     @property
     def backend(self) -> ServingBackend:
-        """The serving backend ``settings.decoder`` names (rebuilt if the settings change; one adapter cache)."""
-        if self._backend is None or self._backend[0] != self.settings.decoder:
-            self._backend = (self.settings.decoder, backend_for(self.settings, self._plain))
-        return self._backend[1]
+        """The serving backend ``settings.decoder`` names."""
+        return self.serving.backend
 
     @property
     def model(self) -> LoadedModel:
@@ -237,41 +223,14 @@ class Personalizer:
     ) -> GenerationResult:
         """Answer ``prompt`` for ``user_id`` with the base model (``none``), retrieval (``rag``), the user's adapter
         (``peft``) or both (``rag+peft``); ``auto`` picks by the user's data."""
-        max_new_tokens = check_max_new_tokens(max_new_tokens, self.settings.max_new_tokens)
-        prep = self.prepare(
-            user_id, prompt, method=method, k=k, max_new_tokens=max_new_tokens, retriever=retriever, task=task
-        )
-        t0 = time.perf_counter()
-        if self.settings.batch_window_ms > 0:
-            request = Request(prep.built.input_ids, prep.adapter, max_new_tokens, model=prep.loaded)
-            text, n_new = self.coalescer.submit(request)
-            prep.timings.extra.update(request.facts)
-        else:
-            row = DecodeRow(prep.built.input_ids, prep.adapter)
-            [(text, n_new)] = self.backend.generate(prep.loaded, [row], max_new_tokens, prep.timings.extra)
-        prep.timings.generation_s = time.perf_counter() - t0
-        return request_result(prep, text, n_new)
+        n = check_max_new_tokens(max_new_tokens, self.settings.max_new_tokens)
+        prep = self.prepare(user_id, prompt, method=method, k=k, max_new_tokens=n, retriever=retriever, task=task)
+        return self.serving.generate(prep, n)
 
     @property
     def coalescer(self) -> Coalescer:
         """Batches concurrent ``generate`` calls (``Settings.batch_window_ms``, ``Settings.max_batch``)."""
-        with self._coalescer_lock:
-            if self._coalescer is None:
-                self._coalescer = Coalescer(
-                    self._run_batch,
-                    max_batch=self.settings.max_batch,
-                    window_s=self.settings.batch_window_ms / 1000,
-                    max_adapters=self.settings.adapter_cache_size,
-                )
-            return self._coalescer
-
-    def _run_batch(self, batch: list[Request]) -> None:
-        facts = ServingFacts()
-        rows = [DecodeRow(r.input_ids, r.adapter) for r in batch]
-        outputs = self.backend.generate(batch[0].model or self.model, rows, batch[0].max_new_tokens, facts)
-        for request, output in zip(batch, outputs, strict=True):
-            request.result = output
-            request.facts = ServingFacts(**facts, batch_size=len(batch))
+        return self.serving.coalescer
 
     def generate_batch(
         self,
@@ -290,7 +249,7 @@ class Personalizer:
             self.prepare(u, q, method=method, k=k, max_new_tokens=n, retriever=retriever, task=task)
             for u, q in requests
         ]
-        return batched_results(self.backend, preps, n)
+        return self.serving.generate_batch(preps, n)
 
     def score_labels(
         self,
@@ -309,12 +268,7 @@ class Personalizer:
         if not labels:
             raise InvalidInputError("score_labels needs at least one label")
         prep = self.prepare(user_id, prompt, method=method, k=k, retriever=retriever, task=task)
-        t0 = time.perf_counter()
-        scores = label_scores(self.backend, prep, prompt, labels, calibrate)
-        prep.timings.generation_s = time.perf_counter() - t0
-        prep.timings.extra["label_log_likelihoods"] = dict(zip(labels, scores, strict=True))
-        best = max(range(len(labels)), key=lambda i: scores[i])
-        return request_result(prep, labels[best], 0)
+        return self.serving.score_labels(prep, prompt, labels, calibrate)
 
     # -- adapters and training (``adapters``, ``jobs``) ------------------------------------------------------
 
@@ -325,7 +279,7 @@ class Personalizer:
 
     def adapter_cache_for(self, loaded: LoadedModel) -> AdapterCache:
         """The user adapters loaded on ``loaded`` (the plain base, or a task-adapted one)."""
-        return self._plain.cache_for(loaded)
+        return self.serving.cache_for(loaded)
 
     def current_adapter(self, user_id: str) -> AdapterInfo | None:
         """The user's newest complete adapter for the configured model, or None."""
@@ -387,16 +341,7 @@ class Personalizer:
 
     def train(self, user_id: str, progress: bool = False) -> AdapterInfo:
         """Train the user's adapter in this process (no worker needed); returns the new adapter."""
-        if self.store.get_user(user_id).n_items == 0:
-            raise InvalidInputError(f"user {user_id!r} has no items to train an adapter on")
-        job = self.jobs.create(user_id)
-        outcome = self.run_training_job(job.id, progress=progress)
-        final = self.jobs.get(job.id)
-        if outcome != JobOutcome.DONE or final is None or final.adapter_id is None:
-            raise TrainingFailedError(f"training {user_id!r} ended {outcome}: {final.error if final else 'job gone'}")
-        adapter = self.current_adapter(user_id)
-        assert adapter is not None
-        return adapter
+        return training_jobs.train_in_process(self, user_id, progress)
 
     def run_training_job(self, job_id: int, progress: bool = False) -> JobOutcome:
         """Claim and run one training job; what a worker's task calls (``jobs.training_jobs``)."""

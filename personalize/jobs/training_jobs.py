@@ -21,10 +21,11 @@ from personalize.errors import (
     InvalidInputError,
     PersonalizeError,
     TrainingCancelled,
+    TrainingFailedError,
     UnknownUserError,
 )
 from personalize.jobs.queue import QUEUE, TRAIN_USER, describe_broker
-from personalize.jobs.store import Claim, JobOutcome, Jobs, TrainedAdapter
+from personalize.jobs.store import AdapterInfo, Claim, JobOutcome, Jobs, TrainedAdapter
 
 if TYPE_CHECKING:
     from personalize.personalizer import Personalizer
@@ -122,6 +123,20 @@ def queued_messages(p: Personalizer) -> int | None:
         if "NOT_FOUND" in str(exc) or "no queue" in str(exc).lower():
             return 0
         return None
+
+
+def train_in_process(p: Personalizer, user_id: str, progress: bool = False) -> AdapterInfo:
+    """Train the user's adapter in this process (no worker needed), as a job like any other; the new adapter."""
+    if p.store.get_user(user_id).n_items == 0:
+        raise InvalidInputError(f"user {user_id!r} has no items to train an adapter on")
+    job = p.jobs.create(user_id)
+    outcome = run_training_job(p, job.id, progress=progress)
+    final = p.jobs.get(job.id)
+    if outcome != JobOutcome.DONE or final is None or final.adapter_id is None:
+        raise TrainingFailedError(f"training {user_id!r} ended {outcome}: {final.error if final else 'job gone'}")
+    adapter = p.current_adapter(user_id)
+    assert adapter is not None
+    return adapter
 
 
 def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> JobOutcome:
@@ -229,4 +244,5 @@ __all__ = [
     "recover_jobs",
     "run_training_job",
     "send_job",
+    "train_in_process",
 ]
