@@ -183,3 +183,20 @@ def wait_for(predicate, timeout: float, what: str, log: Path):  # noqa: ANN001
             return value
         time.sleep(0.5)
     pytest.fail(f"timed out waiting for {what}; log:\n{log.read_text()[-4000:]}")
+
+
+KERNEL_ISAS = ("avx512", "avx2", "scalar")
+
+
+def use_kernel_isa(module, isa: str, monkeypatch) -> None:  # noqa: ANN001
+    """Swap ``module.KERNEL`` for a fresh build of the same source at instruction-set level ``isa``; skips when
+    this CPU cannot run that level (every level the CPU runs is tested against torch)."""
+    from personalize.cpu.kernels import KernelLibrary, supported_isas
+
+    if isa not in supported_isas():
+        pytest.skip(f"this CPU does not run the {isa} kernels (it runs {', '.join(supported_isas())})")
+    old = module.KERNEL
+    fresh = KernelLibrary(old.source.name, old.what, old.declare, isa=isa)
+    if fresh.unavailable_reason():
+        pytest.skip(fresh.unavailable_reason())
+    monkeypatch.setattr(module, "KERNEL", fresh)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import FAST_LORA, make_tiny_model_dir, movie_items
+from conftest import FAST_LORA, KERNEL_ISAS, make_tiny_model_dir, movie_items, use_kernel_isa
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_model import make_tiny_loaded, save_ia3_adapter
 
@@ -243,7 +243,13 @@ def test_quantize_reproduces_gguf_style_weights_exactly():
     assert quantize(noise).max_error <= float(noise.abs().max()) / 100
 
 
-def test_q8_kernel_matches_its_dequantised_weights_for_any_row_count():
+@pytest.mark.parametrize("isa", [None, *KERNEL_ISAS])
+def test_q8_kernel_matches_its_dequantised_weights_for_any_row_count(isa, monkeypatch):
+    """As built here (None), then at every instruction-set level this CPU runs."""
+    from personalize.cpu import quantization
+
+    if isa is not None:
+        use_kernel_isa(quantization, isa, monkeypatch)
     if kernel_unavailable_reason():
         pytest.skip(kernel_unavailable_reason())
     torch.manual_seed(1)

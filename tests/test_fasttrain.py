@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import KERNEL_ISAS, use_kernel_isa
 from peft import get_peft_model
 from safetensors.torch import load_file
 from tiny_model import make_tiny_loaded, make_tiny_t5_loaded
@@ -40,10 +41,14 @@ def loaded(tiny_model_dir):
     return make_tiny_loaded(tiny_model_dir)
 
 
-@pytest.fixture(params=["c", "torch"])
+@pytest.fixture(params=["c", *(f"c-{isa}" for isa in KERNEL_ISAS), "torch"])
 def kernels(request, monkeypatch):
-    """Run a test with the C kernels and again with their torch fallbacks (as without a C compiler)."""
-    if request.param == "c":
+    """Run a test with the C kernels (as built here, then at every instruction-set level the CPU runs) and again
+    with their torch fallbacks (as without a C compiler)."""
+    if request.param.startswith("c-"):
+        use_kernel_isa(fasttrain, request.param[2:], monkeypatch)
+        monkeypatch.setattr(fasttrain, "_DROPOUT_CHECK", None)
+    elif request.param == "c":
         if fasttrain.KERNEL.unavailable_reason():
             pytest.skip(fasttrain.KERNEL.unavailable_reason())
     else:
@@ -219,9 +224,9 @@ def test_skeleton_shares_weights_and_leaves_the_shared_model_alone(loaded):
     assert model.get_base_model() is skeleton
 
 
-def test_attention_kernel_matches_torch_with_padding_groups_and_an_offset():
-    if fasttrain.KERNEL.unavailable_reason():
-        pytest.skip(fasttrain.KERNEL.unavailable_reason())
+@pytest.mark.parametrize("isa", KERNEL_ISAS)
+def test_attention_kernel_matches_torch_with_padding_groups_and_an_offset(isa, monkeypatch):
+    use_kernel_isa(fasttrain, isa, monkeypatch)
     torch.manual_seed(0)
     batch, length, heads, kv_heads, dim = 3, 37, 6, 2, 64  # 37: keys beyond one block of 32
     real = torch.ones(batch, length, dtype=torch.uint8)
