@@ -17,6 +17,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# fp32 training wherever the suite runs (a bf16-capable CI machine would otherwise change exact-result tests);
+# the bf16 path has its own tests, which ask for it
+os.environ.setdefault("PERSONALIZE_BF16", "0")
 
 from personalize import Personalizer, Settings  # noqa: E402
 from personalize.settings import LoraSettings  # noqa: E402

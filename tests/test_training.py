@@ -274,3 +274,26 @@ def test_group_by_length_keeps_every_pair_once_and_cuts_padding():
 
     assert padded(grouped) < 0.7 * padded(order)
     assert group_by_length(order, lengths, 8, torch.Generator().manual_seed(1)) == grouped  # seeded
+
+
+def test_the_precision_probe_and_a_bf16_training_run(loaded, tmp_path, monkeypatch):
+    """The probe measures both rates once per process; bf16 asked for trains (the plain step under bf16 autocast,
+    LoRA weights still fp32) to a loss near fp32's and says so; auto follows the probe (forced off here)."""
+    from personalize.cpu.precision import probe, training_precision
+
+    rates = probe()
+    assert rates.fp32 > 0 and rates.bf16 > 0 and probe() is rates  # cached
+    assert training_precision("auto")[0] == "fp32"  # PERSONALIZE_BF16=0 in the suite
+    monkeypatch.setenv("PERSONALIZE_BF16", "1")
+    assert training_precision("auto")[0] == "bf16"
+    monkeypatch.setenv("PERSONALIZE_BF16", "0")
+    pairs = [(f"question {i} about films", f"answer {i % 3}") for i in range(8)]
+    settings = LoraSettings(epochs=2, trainer="fast", **FAST)
+    fp32 = train_adapter(loaded, pairs, settings, tmp_path / "fp32")
+    bf16 = train_adapter(loaded, pairs, settings.model_copy(update={"precision": "bf16"}), tmp_path / "bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert bf16.trainer == "plain" and "bf16 asked for" in (bf16.trainer_note or "")
+    assert json.loads((tmp_path / "bf16" / ADAPTER_METADATA).read_text())["precision"] == "bf16"
+    assert abs(bf16.final_loss - fp32.final_loss) <= 0.05 * fp32.final_loss
+    weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())  # the adapter itself stays fp32

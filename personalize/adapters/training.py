@@ -61,6 +61,7 @@ class TrainResult:
     step_tokens: list[int] = field(default_factory=list)  # non-padding tokens of each step's batch
     trainer: str = "plain"  # "fast" (personalize.cpu.fasttrain) or "plain" (peft's own forward)
     trainer_note: str | None = None  # why the fast step did not apply, when it was asked for
+    precision: str = "fp32"  # what the frozen base computed in: "fp32" or "bf16" (``cpu.precision``)
 
 
 # --- training pairs -----------------------------------------------------------------------------------------------
@@ -277,6 +278,8 @@ def train_adapter(
     losses: list[float] = []
     step_tokens: list[int] = []
     trainer, note = _trainer(loaded, settings)
+    precision, trainer, note = _precision(settings, trainer, note)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # seeds LoRA init and dropout without touching the caller's RNG
         torch.manual_seed(settings.seed)
@@ -300,10 +303,11 @@ def train_adapter(
                     pad_id,
                     loaded.is_encoder_decoder,
                 )
-                if step_loss is not None:
-                    loss = step_loss(batch)
-                else:
-                    loss = _loss(model, batch, loaded.is_encoder_decoder, keep_logits)
+                with autocast:
+                    if step_loss is not None:
+                        loss = step_loss(batch)
+                    else:
+                        loss = _loss(model, batch, loaded.is_encoder_decoder, keep_logits)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -328,6 +332,7 @@ def train_adapter(
         "train_seconds": train_seconds,
         "seed": settings.seed,
         "trainer": trainer.name,
+        "precision": precision,
         "owner": owner,
         "config": config,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -348,6 +353,7 @@ def train_adapter(
         step_tokens,
         trainer.name,
         note,
+        precision,
     )
 
 
@@ -399,6 +405,20 @@ def _trainer(loaded: LoadedModel, settings: LoraSettings) -> tuple[Trainer, str 
     if reason:
         return PLAIN_TRAINER, f"{chosen.name} training step not applicable: {reason}"
     return chosen, None
+
+
+def _precision(settings: LoraSettings, trainer: Trainer, note: str | None) -> tuple[str, Trainer, str | None]:
+    """The precision the step computes in (``LoraSettings.precision``, probed under ``auto``), and the step that
+    runs it: bf16 runs on the plain step (the fast step's C kernels are fp32), so bf16 asked for moves to plain
+    and ``auto`` keeps the fast step in fp32."""
+    from personalize.cpu.precision import training_precision
+
+    precision, _ = training_precision(settings.precision)
+    if precision == "bf16" and trainer is not PLAIN_TRAINER:
+        if settings.precision == "auto":
+            return "fp32", trainer, note
+        return "bf16", PLAIN_TRAINER, f"bf16 asked for: the plain step runs it (the {trainer.name} step is fp32)"
+    return precision, trainer, note
 
 
 def _fsync(path: Path) -> None:

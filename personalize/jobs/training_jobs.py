@@ -194,6 +194,8 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
             "trained_on": loaded.name,
             "task_adapter": task_ref,
             "peft_type": method_for_settings(p.settings.lora).peft_type,
+            "trainer_used": result.trainer,
+            "compute_precision": result.precision,  # what the frozen base computed in ("auto" resolved)
         },
     )
     if p.jobs.finish(job_id, trained) is None:  # the user was forgotten, or the job reclaimed: never write back
