@@ -191,10 +191,10 @@ with ui.page("Users", "Per-user data, adapters and training; try a prompt with e
                         user_id,
                         prompt,
                         method,
-                        int(k),
-                        int(max_new),
-                        retriever,
-                        None if task.startswith("(") else task,
+                        k=int(k),
+                        max_new_tokens=int(max_new),
+                        retriever=retriever,
+                        task=None if task.startswith("(") else task,
                     )
                 except PersonalizeError as exc:
                     answers[method] = str(exc)
