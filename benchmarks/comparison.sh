@@ -21,13 +21,15 @@ export PERSONALIZE_TORCH_THREADS=${PERSONALIZE_TORCH_THREADS:-1}
 P=${P:-.venv/bin/personalize}
 what=${1:-all}
 methods() { if [[ -n ${METHODS:-} ]]; then echo "--methods $METHODS"; fi; }
+# DECISION=median: movielens answers the median of the label distribution (MAE's loss) instead of the argmax
+decision() { if [[ -n ${DECISION:-} ]]; then echo "--decision $DECISION"; fi; }
 if [[ $what == movielens || $what == all ]]; then
   export PERSONALIZE_HOME=$HOME_BASE/movielens
   $P task-adapter list | grep -q '^movielens-rating@' || $P task-adapter train --task movielens-rating \
     --data "$DATA/movielens-small" --split test --users 100 --retriever bm25 --k 4
   # shellcheck disable=SC2046
   $P eval run --task movielens-rating --split test --data "$DATA/movielens-small" --users 100 --retriever bm25 \
-    --k 4 --scoring likelihood --train-via workers --workers 1 $(methods)
+    --k 4 --scoring likelihood --train-via workers --workers 1 $(methods) $(decision)
 fi
 if [[ $what == reuters-authorship || $what == all ]]; then
   export PERSONALIZE_HOME=$HOME_BASE/reuters-authorship
