@@ -30,7 +30,8 @@ from pathlib import Path
 from _common import Clock, contention_note, footer, loadavg, median, table
 from tqdm import tqdm
 
-from personalize.personalizer import Personalizer, adapter_name
+from personalize.data.naming import user_key as adapter_name
+from personalize.personalizer import Personalizer
 from personalize.results import GenerationResult
 from personalize.serving.modeling import BUNDLED_CACHE_NAME
 from personalize.settings import BUNDLED_MODEL, LoraSettings, Settings

@@ -60,7 +60,7 @@ def ensure_task_adapter(p: Personalizer, echo: Echo) -> str:
     """The sample's task adapter: trained once (the sample users' items, pooled), then reused."""
     from personalize.jobs.task_adapter_jobs import train_now
 
-    current = p.current_task_adapter(TASK)
+    current = p.bases.current_task_adapter(TASK)
     if current is not None:
         echo(f"task adapter {current.ref} is already trained ({current.metadata.get('n_pairs')} pairs)")
         return current.ref
@@ -106,7 +106,7 @@ def small_comparison(p: Personalizer, echo: Echo) -> str:
         source="SYNTHETIC",
         synthetic=True,
         users=DEMO_SYNTHETIC_USERS,
-        methods=default_methods(TASK, p.current_task_adapter(TASK) is not None),
+        methods=default_methods(TASK, p.bases.current_task_adapter(TASK) is not None),
         train_via="inline",
         model=p.settings.model,
         decoder=p.settings.decoder,

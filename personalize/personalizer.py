@@ -7,42 +7,35 @@ router and prompt (``serving.requests``) -> a serving backend (``serving.backend
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from personalize.adapters.cache import AdapterCache
-from personalize.adapters.store import LocalAdapterStore, owned_adapter
-from personalize.adapters.task_adapters import TASKS_FOLDER, TaskAdapterInfo, TaskAdapterStore, task_model
-from personalize.data.checks import check_int
+from personalize.adapters.store import LocalAdapterStore
+from personalize.adapters.task_adapters import TASKS_FOLDER, TaskAdapterStore
 from personalize.data.forget import forget_user
 from personalize.data.indexing import Indexer, ItemLike, doc_text
 from personalize.data.items import ProfileItem, UserInfo
-from personalize.data.naming import user_key, validate_user_id
 from personalize.data.store import Store, UpsertReport
 from personalize.errors import InvalidInputError
 from personalize.jobs import training_jobs
 from personalize.jobs.store import AdapterInfo, JobInfo, JobOutcome, Jobs
 from personalize.jobs.training_jobs import EnqueueResult
-from personalize.methods import ZERO_SHOT
 from personalize.results import ForgetReport, GenerationResult
 from personalize.retrieval import RetrievedItem, Retriever, RetrieverContext
 from personalize.retrieval.embedding import get_embedder
 from personalize.retrieval.search import Retrievers
 from personalize.retrieval.vectorstore import VectorStore
-from personalize.serving.backend import ServingBackend
-from personalize.serving.batching import Coalescer
+from personalize.serving.bases import Bases
 from personalize.serving.dispatch import Dispatcher
-from personalize.serving.modeling import LoadedModel, get_model
+from personalize.serving.modeling import LoadedModel
 from personalize.serving.requests import (
-    MAX_K,
     METHODS,
+    Method,
     PreparedRequest,
-    ResolvedUser,
-    adapter_base,
-    check_prompt,
-    choose_method,
+    check_max_new_tokens,
     prepare_request,
-    task_for,
+    retrieve_checked,
 )
 from personalize.serving.router import Router
 from personalize.settings import Settings
@@ -52,14 +45,6 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from personalize.data.consistency import ConsistencyReport
-
-Method = Literal["auto", "none", "rag", "peft", "rag+peft", "zero-shot"]
-MAX_NEW_TOKENS = 4096  # the bound of Settings.max_new_tokens
-
-
-def check_max_new_tokens(value: object, default: int) -> int:
-    """``None`` means the default; 0 or a negative number is an error, never silently the default."""
-    return default if value is None else check_int(value, "max_new_tokens", 1, MAX_NEW_TOKENS)
 
 
 class Personalizer:
@@ -85,7 +70,7 @@ class Personalizer:
         self.adapter_store = LocalAdapterStore(self.settings.resolved_adapters_dir)
         self.task_adapters = TaskAdapterStore(self.settings.resolved_adapters_dir / TASKS_FOLDER)
         self.serving = Dispatcher(lambda: self.settings)
-        self._celery: Celery | None = None
+        self.bases = Bases(lambda: self.settings, self.jobs, self.task_adapters)
         if self.settings.torch_threads:
             import torch
 
@@ -102,26 +87,9 @@ class Personalizer:
         self.store.close()
 
     @property
-    def backend(self) -> ServingBackend:
-        """The serving backend ``settings.decoder`` names."""
-        return self.serving.backend
-
-    @property
     def model(self) -> LoadedModel:
         """The base model as loaded (zero-shot): no task adapter."""
-        return get_model(self.settings.model, self.settings.models_dir)
-
-    def current_task_adapter(self, task: Task | str) -> TaskAdapterInfo | None:
-        """The newest task adapter of ``task`` for the configured model, or None."""
-        return self.task_adapters.current(task.name if isinstance(task, Task) else task, self.settings.model)
-
-    def base_for(self, task: Task | str, method: str = "none") -> tuple[LoadedModel, TaskAdapterInfo | None]:
-        """The model a method runs on for ``task``: the base with the task's adapter merged in (``Settings.base``
-        'task', where one exists), else the plain base; ``zero-shot`` is always the plain base."""
-        if method == ZERO_SHOT or self.settings.base == "zero-shot":
-            return self.model, None
-        info = self.current_task_adapter(task)
-        return (task_model(self.model, info), info) if info is not None else (self.model, None)
+        return self.bases.model
 
     # -- users and items (``data``) --------------------------------------------------------------------------
 
@@ -141,7 +109,7 @@ class Personalizer:
         return self.indexer.import_users(users, show_progress)
 
     def _changed(self, user_id: str) -> str | None:
-        return self.maybe_queue_retrain(user_id) if self.settings.auto_train else None
+        return training_jobs.maybe_queue_retrain(self, user_id) if self.settings.auto_train else None
 
     def user(self, user_id: str) -> UserInfo:
         return self.store.get_user(user_id)
@@ -168,12 +136,6 @@ class Personalizer:
 
         return check_stores(self, repair)
 
-    def resolve_user(self, user_id: str, *, with_adapter: bool) -> ResolvedUser:
-        """A request's user, read once (row, counts, tasks and, ``with_adapter``, the newest adapter)."""
-        validate_user_id(user_id)
-        info, adapter = self.jobs.resolve(user_id, self.settings.model, with_adapter)
-        return ResolvedUser(user_id, user_key(user_id), info, self._owned(user_id, adapter))
-
     # -- retrieval (``retrieval``) -------------------------------------------------------------------------
 
     def retriever(self, name: str | None = None) -> Retriever:
@@ -184,17 +146,9 @@ class Personalizer:
         self, user_id: str, query: str, k: int | None = None, retriever: str | None = None
     ) -> list[RetrievedItem]:
         """The user's top-k items for ``query``; only ever this user's items, as stored in SQL."""
-        validate_user_id(user_id)
-        query = check_prompt(query, self.settings.max_prompt_chars, "query")
-        k = self.settings.k if k is None else check_int(k, "k", 0, MAX_K)
-        self.store.get_user(user_id)
-        return self.retrievers.search(user_id, query, k, retriever) if k else []
+        return retrieve_checked(self, user_id, query, k, retriever)
 
     # -- generation (``serving``) ----------------------------------------------------------------------------
-
-    def choose_method(self, info: UserInfo, method: str, adapter: AdapterInfo | None) -> tuple[str, list[str]]:
-        """Resolve ``auto`` and fall back when the requested method cannot run; say why in notes."""
-        return choose_method(self.router, info, method, adapter is not None)
 
     def prepare(
         self,
@@ -226,11 +180,6 @@ class Personalizer:
         n = check_max_new_tokens(max_new_tokens, self.settings.max_new_tokens)
         prep = self.prepare(user_id, prompt, method=method, k=k, max_new_tokens=n, retriever=retriever, task=task)
         return self.serving.generate(prep, n)
-
-    @property
-    def coalescer(self) -> Coalescer:
-        """Batches concurrent ``generate`` calls (``Settings.batch_window_ms``, ``Settings.max_batch``)."""
-        return self.serving.coalescer
 
     def generate_batch(
         self,
@@ -275,31 +224,15 @@ class Personalizer:
     @property
     def adapter_cache(self) -> AdapterCache:
         """The user adapters loaded on the plain base model."""
-        return self.adapter_cache_for(self.model)
-
-    def adapter_cache_for(self, loaded: LoadedModel) -> AdapterCache:
-        """The user adapters loaded on ``loaded`` (the plain base, or a task-adapted one)."""
-        return self.serving.cache_for(loaded)
+        return self.serving.cache_for(self.model)
 
     def current_adapter(self, user_id: str) -> AdapterInfo | None:
         """The user's newest complete adapter for the configured model, or None."""
-        return self._owned(user_id, self.jobs.current_adapter(user_id, base_model=self.settings.model))
-
-    def _owned(self, user_id: str, adapter: AdapterInfo | None) -> AdapterInfo | None:
-        """``adapter`` if complete and the user's own (``adapters.store.owned_adapter``), else None."""
-        what = f"adapter v{adapter.version} of user {user_id!r}" if adapter else ""
-        return adapter if adapter and owned_adapter(Path(adapter.path), user_key(user_id), what) else None
-
-    def training_base(self, user_id: str, info: UserInfo | None = None) -> tuple[LoadedModel, TaskAdapterInfo | None]:
-        """What the user's adapter trains on: the base for the user's task (``base_for``)."""
-        return self.base_for(task_for(info or self.store.get_user(user_id), None), "peft")
+        return self.bases.current_adapter(user_id)
 
     def adapter_is_current(self, user_id: str, adapter: AdapterInfo | None, info: UserInfo | None = None) -> bool:
         """The adapter was trained on the user's current data and on the base their task now runs on."""
-        info = info or self.store.get_user(user_id)
-        if adapter is None or adapter.data_version != info.data_version:
-            return False
-        return adapter_base(adapter) == self.training_base(user_id, info)[0].name
+        return self.bases.adapter_is_current(adapter, info or self.store.get_user(user_id))
 
     def adapters(self, user_id: str) -> list[AdapterInfo]:
         return self.jobs.adapters(user_id)
@@ -307,13 +240,12 @@ class Personalizer:
     def training_jobs(self, user_id: str | None = None, limit: int = 100) -> list[JobInfo]:
         return self.jobs.list(user_id, limit=limit)
 
-    @property
-    def celery(self) -> Celery:  # celery itself is imported lazily
-        if self._celery is None:
-            from personalize.jobs.queue import make_celery
+    @cached_property
+    def celery(self) -> Celery:
+        """The client's Celery app; celery itself is imported on first use."""
+        from personalize.jobs.queue import make_celery
 
-            self._celery = make_celery(self.settings, main="personalize-client")
-        return self._celery
+        return make_celery(self.settings, main="personalize-client")
 
     def enqueue_training(self, user_id: str, force: bool = False) -> EnqueueResult:
         """Queue training of the user's adapter for the workers; a no-op (that says so) when nothing changed."""
@@ -321,23 +253,11 @@ class Personalizer:
 
     def enqueue_all(self) -> list[EnqueueResult]:
         """Queue every user whose data changed since their adapter and who has at least ``train_min_items``."""
-        users = self.jobs.users_needing_training(self.settings.train_min_items, self.settings.model)
-        return [self.enqueue_training(u) for u in users]
-
-    def queue_quietly(self, user_id: str) -> str:
-        return training_jobs.queue_quietly(self, user_id)
-
-    def maybe_queue_retrain(self, user_id: str) -> str | None:
-        """Queue (re)training when the user's data grew enough (``jobs.training_jobs.maybe_queue_retrain``)."""
-        return training_jobs.maybe_queue_retrain(self, user_id)
+        return training_jobs.enqueue_all(self)
 
     def recover_jobs(self, only_if_queue_empty: bool = False) -> list[int]:
         """Requeue jobs of lost workers and resend lost messages (``jobs.training_jobs.recover_jobs``)."""
         return training_jobs.recover_jobs(self, only_if_queue_empty)
-
-    def queued_messages(self) -> int | None:
-        """Messages waiting in the training queue of the broker (None when the broker cannot say)."""
-        return training_jobs.queued_messages(self)
 
     def train(self, user_id: str, progress: bool = False) -> AdapterInfo:
         """Train the user's adapter in this process (no worker needed); returns the new adapter."""
@@ -348,9 +268,4 @@ class Personalizer:
         return training_jobs.run_training_job(self, job_id, progress)
 
 
-def adapter_name(user_id: str) -> str:
-    """The adapter's name inside the shared PeftModel: the user's hash-derived key."""
-    return user_key(user_id)
-
-
-__all__ = ["METHODS", "EnqueueResult", "Personalizer", "adapter_name", "check_max_new_tokens"]
+__all__ = ["METHODS", "EnqueueResult", "Personalizer"]

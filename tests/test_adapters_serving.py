@@ -7,8 +7,8 @@ import torch
 from conftest import movie_items
 
 from personalize import Personalizer
+from personalize.data.naming import user_key as adapter_name
 from personalize.jobs.store import Claim
-from personalize.personalizer import adapter_name
 
 PROMPT = "Which film should I watch tonight?"
 

@@ -73,4 +73,4 @@ def test_concurrent_generate_equals_one_at_a_time(settings, decoder):
             t.join(timeout=120)
         assert {c: r.text for c, r in results.items()} == sequential
         assert max(r.timings.extra["batch_size"] for r in results.values()) > 1
-        assert p.coalescer.batches < len(calls) * 2
+        assert p.serving.coalescer.batches < len(calls) * 2

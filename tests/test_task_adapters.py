@@ -131,7 +131,7 @@ def test_a_task_adapter_is_stored_in_peft_format_with_its_provenance(p):
     for key in ("task", "base_model", "data_hash", "user_keys", "n_pairs", "n_tokens", "train_seconds", "final_loss"):
         assert meta[key] not in (None, "", [])
     assert meta["kind"] == "task" and meta["n_users"] == 6 and meta["source"]["cut"] == "time"
-    assert info.version == 1 and p.current_task_adapter(TASK).ref == info.ref
+    assert info.version == 1 and p.bases.current_task_adapter(TASK).ref == info.ref
     again = train_now(p, _synthetic())
     assert again.info.version == 2 and again.info.metadata["data_hash"] == meta["data_hash"]  # same data, same hash
     assert [v.version for v in p.task_adapters.versions(TASK, p.settings.model)] == [1, 2]
@@ -170,7 +170,7 @@ def test_the_merged_base_gives_the_same_answers_through_the_fast_and_plain_decod
         expected = {m: plain.generate(uid, PROMPT, m, max_new_tokens=8) for m in ("none", "peft", "rag+peft")}
     with Personalizer(ta_settings.model_copy(update={"decoder": fast})) as quick:
         got = {m: quick.generate(uid, PROMPT, m, max_new_tokens=8) for m in expected}
-        merged, _ = quick.base_for(TASK, "none")
+        merged, _ = quick.bases.base_for(TASK, "none")
         # 8-bit weights decode the unmerged base plus the task LoRA on every row, not re-quantised merged weights
         assert merged.merged_lora is not None and decoder_for(merged, "q8").resident
         assert decoder_for(merged, "fp32").resident is None
@@ -261,7 +261,7 @@ def test_a_celery_worker_trains_a_task_adapter_and_reports_progress(ta_settings,
         finally:
             stop_process(worker)
         assert record["state"] == "done", record
-        assert record["progress"] == 1.0 and record["adapter"] == client.current_task_adapter(TASK).ref
+        assert record["progress"] == 1.0 and record["adapter"] == client.bases.current_task_adapter(TASK).ref
 
 
 def test_authorship_pairs_are_the_choice_task_made_from_profiles(p):

@@ -89,7 +89,7 @@ def eval_run(
                 raise InvalidInputError("give --task (or --resume RUN_ID)")
             if base not in ("task", "zero-shot"):
                 raise InvalidInputError(f"--base must be task or zero-shot, got {base!r}")
-            adapted = base == "task" and p.current_task_adapter(task) is not None
+            adapted = base == "task" and p.bases.current_task_adapter(task) is not None
             chosen = resolve_methods(task, _method_list(methods)) if methods else default_methods(task, adapted)
             dataset, source = _load_dataset(task, split, data, synthetic_users)
             try:

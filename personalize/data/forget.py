@@ -39,7 +39,7 @@ def forget_user(p: Personalizer, user_id: str) -> ForgetReport:
     report.collection = p.vectors.delete_user(user_id)
     crash_point("forget-chroma-deleted")
     p.retrievers.forget(user_id)
-    p.backend.evict(user_key(user_id))
+    p.serving.backend.evict(user_key(user_id))
     _forget_in_task_adapters(p, user_id, report)
     folders = [user_dir(p.settings.users_dir, user_id), p.adapter_store.user_root(user_id)]
     folders += [Path(path) for path in adapter_paths if Path(path).exists()]

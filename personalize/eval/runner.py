@@ -147,7 +147,7 @@ class EvaluationRunner:
         """Pin the base of the run: the task adapter current now is recorded, and a resumed run refuses to go on
         on another one (its answers would mix two models)."""
         self.p.settings = self.p.settings.model_copy(update={"base": config.base})
-        info = self.p.current_task_adapter(config.task) if config.base == "task" else None
+        info = self.p.bases.current_task_adapter(config.task) if config.base == "task" else None
         ref = info.ref if info is not None else None
         if resumed and ref != config.task_adapter:
             raise InvalidInputError(

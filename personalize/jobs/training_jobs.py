@@ -74,6 +74,12 @@ def send_job(p: Personalizer, job_id: int) -> None:
     p.jobs.set_task_id(job_id, sent.id)
 
 
+def enqueue_all(p: Personalizer) -> list[EnqueueResult]:
+    """Queue every user whose data changed since their adapter and who has at least ``train_min_items``."""
+    users = p.jobs.users_needing_training(p.settings.train_min_items, p.settings.model)
+    return [enqueue_training(p, u) for u in users]
+
+
 def queue_quietly(p: Personalizer, user_id: str) -> str:
     """Queue training and say what happened, never raising (a request must not fail for it)."""
     try:
@@ -148,7 +154,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
     beat = Heartbeat(p.jobs, job_id, progress)
     try:
         items = p.store.items(user_id)
-        loaded, task_adapter = p.training_base(user_id)
+        loaded, task_adapter = p.bases.training_base(p.store.get_user(user_id))
         pairs = training_pairs(items, None, max_items=p.settings.lora.max_items)
         version = p.jobs.next_version(user_id)
         out = p.adapter_store.path_for(user_id, version)
@@ -240,6 +246,7 @@ __all__ = [
     "EnqueueResult",
     "Heartbeat",
     "enqueue_training",
+    "enqueue_all",
     "maybe_queue_retrain",
     "queue_quietly",
     "queued_messages",

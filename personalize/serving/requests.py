@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from personalize.data.checks import check_int, check_unicode, short
 from personalize.data.items import UserInfo
+from personalize.data.naming import validate_user_id
 from personalize.errors import AdapterBaseMismatchError, EmptyPromptError, InvalidInputError
+from personalize.jobs.training_jobs import queue_quietly
 from personalize.methods import AUTO, SERVED_METHODS, ZERO_SHOT, uses_adapter, uses_retrieval, without_adapter
 from personalize.results import GenerationResult, RetrievedRef, Timings
 from personalize.retrieval import RetrievedItem, check_retriever
@@ -31,7 +33,14 @@ if TYPE_CHECKING:
     from personalize.personalizer import Personalizer
 
 METHODS = (AUTO, *SERVED_METHODS)
+Method = Literal["auto", "none", "rag", "peft", "rag+peft", "zero-shot"]
 MAX_K = 1000
+MAX_NEW_TOKENS = 4096  # the bound of Settings.max_new_tokens
+
+
+def check_max_new_tokens(value: object, default: int) -> int:
+    """``None`` means the default; 0 or a negative number is an error, never silently the default."""
+    return default if value is None else check_int(value, "max_new_tokens", 1, MAX_NEW_TOKENS)
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,17 @@ def choose_method(router: Router, info: UserInfo, method: str, has_adapter: bool
     return method, notes
 
 
+def retrieve_checked(
+    p: Personalizer, user_id: str, query: str, k: int | None, retriever: str | None
+) -> list[RetrievedItem]:
+    """``Personalizer.retrieve``: the query and k checked, the user known, then the user's top-k items."""
+    validate_user_id(user_id)
+    query = check_prompt(query, p.settings.max_prompt_chars, "query")
+    k = p.settings.k if k is None else check_int(k, "k", 0, MAX_K)
+    p.store.get_user(user_id)
+    return p.retrievers.search(user_id, query, k, retriever) if k else []
+
+
 def prepare_request(
     p: Personalizer,
     user_id: str,
@@ -126,14 +146,14 @@ def prepare_request(
         check_int(k, "k", 0, MAX_K)
     if retriever is not None:
         check_retriever(retriever)
-    user = p.resolve_user(user_id, with_adapter=uses_adapter(method) or method == AUTO)
+    user = p.bases.resolve_user(user_id, with_adapter=uses_adapter(method) or method == AUTO)
     the_task = task_for(user.info, task)
-    loaded, task_adapter = p.base_for(the_task, method)
+    loaded, task_adapter = p.bases.base_for(the_task, method)
     adapter, notes = _usable_adapter(user, loaded, method, the_task)
     chosen, chosen_notes = choose_method(p.router, user.info, method, adapter is not None)
     notes += chosen_notes
     if uses_adapter(method) and adapter is None and p.settings.auto_train and user.info.n_items:
-        notes.append(p.queue_quietly(user_id))
+        notes.append(queue_quietly(p, user_id))
     if not uses_adapter(chosen):
         adapter = None
     if chosen == ZERO_SHOT:
