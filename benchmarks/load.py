@@ -84,7 +84,7 @@ def user_items(user: int, n: int, rng: random.Random) -> list[dict]:
 @contextlib.contextmanager
 def chroma_server(folder: Path) -> Iterator[str]:
     """A Chroma server (``chroma run``) on a free port, stopped on exit (the library's launcher)."""
-    from personalize.jobs.worker_process import chroma_server as server
+    from personalize.retrieval.chroma_server import chroma_server as server
 
     with server(folder, folder.parent / "chroma.log") as url:
         yield url

@@ -14,12 +14,10 @@ from typing import Any
 
 import pandas as pd
 import streamlit as st
-from sqlalchemy import select
 
 from personalize.data.items import ProfileItem, UserInfo
 from personalize.data.naming import eval_user_id
-from personalize.data.schema import EvalResult, EvalRun
-from personalize.eval.reports import RunReport, build_report, compare_runs, list_runs, per_user_scores
+from personalize.eval.reports import RunReport, build_report, compare_runs, list_runs, per_user_scores, run_user_ids
 from personalize.jobs.queue import describe_broker
 from personalize.jobs.store import AdapterInfo, JobInfo
 from personalize.personalizer import Personalizer
@@ -101,14 +99,7 @@ def synthetic_runs() -> set[str]:
 def _synthetic_users(key: tuple, run_ids: tuple[str, ...]) -> set[str]:
     if not run_ids:
         return set()
-    with _personalizer(key).store.session() as s:
-        rows = s.execute(
-            select(EvalRun.task, EvalRun.split, EvalResult.user_external_id)
-            .join(EvalRun, EvalRun.id == EvalResult.run_id)
-            .where(EvalResult.run_id.in_(run_ids))
-            .distinct()
-        ).all()
-    return {eval_user_id(task, split, user) for task, split, user in rows}
+    return run_user_ids(_personalizer(key).store, run_ids)
 
 
 def synthetic_users() -> set[str]:

@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("PERSONALIZE_BF16", "0")
 
 from personalize import Personalizer, Settings  # noqa: E402
+from personalize.retrieval.chroma_server import free_port  # noqa: E402, F401 - the tests import it from here
 from personalize.settings import LoraSettings  # noqa: E402
 
 FAST_LORA = LoraSettings(epochs=1, batch_size=4, max_length=64, learning_rate=5e-3)
@@ -148,16 +149,10 @@ def movie_items(n: int, prefix: str = "") -> list[dict]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def chroma_server(tmp_path: Path):
     """A real Chroma server (`chroma run`) on a free localhost port; yields its URL."""
-    from personalize.jobs.worker_process import chroma_server as server
+    from personalize.retrieval.chroma_server import chroma_server as server
 
     with server(tmp_path / "chroma-server", tmp_path / "chroma.log") as url:
         yield url

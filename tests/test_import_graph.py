@@ -263,3 +263,21 @@ def test_moved_names_still_import_from_their_old_modules() -> None:
     assert training.ADAPTER_METADATA == adapter_format.ADAPTER_METADATA
     assert indexing.vector_metadata is vectorstore.vector_metadata
     assert callable(calibration.calibrate_from_run)
+
+
+def test_the_dashboard_reads_through_library_functions_only() -> None:
+    """No SQL, no table classes in the dashboard: what it shows comes from the library's report functions."""
+    root = Path(__file__).resolve().parents[1] / "dashboard"
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith(("sqlalchemy", "personalize.data.schema"))]
+    assert len(list(root.rglob("*.py"))) >= 5
+    assert offenders == []

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import func, select
 
+from personalize.data.naming import eval_user_id
 from personalize.data.schema import Adapter, EvalResult, EvalRun, User
 from personalize.data.store import Store
 from personalize.errors import InvalidInputError
@@ -562,6 +563,21 @@ def build_report(store: Store, run_id: str, n_buckets: int = 4, stats: StatsSett
     (size_p_holm,) = adjust(comparisons, [peft_size], settings.alpha)
     report.claims = _claims(report, samples, settings, size_p_holm) if results else []
     return report
+
+
+def run_user_ids(store: Store, run_ids: Iterable[str]) -> set[str]:
+    """The stored user ids (``eval/{task}/{split}/{user}``) that the given runs evaluated."""
+    run_ids = list(run_ids)
+    if not run_ids:
+        return set()
+    with store.session() as s:
+        rows = s.execute(
+            select(EvalRun.task, EvalRun.split, EvalResult.user_external_id)
+            .join(EvalRun, EvalRun.id == EvalResult.run_id)
+            .where(EvalResult.run_id.in_(run_ids))
+            .distinct()
+        ).all()
+    return {eval_user_id(task, split, user) for task, split, user in rows}
 
 
 def per_user_scores(store: Store, run_id: str, metric: str) -> list[dict[str, Any]]:
