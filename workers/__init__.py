@@ -13,6 +13,7 @@ import time
 
 from celery.signals import worker_ready
 
+import personalize
 from personalize.errors import BrokerUnavailableError, DatabaseUnavailableError
 from personalize.jobs.queue import TRAIN_ALL, TRAIN_TASK_ADAPTER, TRAIN_USER, make_celery
 from personalize.personalizer import Personalizer
@@ -23,17 +24,10 @@ log = logging.getLogger("personalize.workers")
 app = make_celery(Settings(), main="workers")
 celery = app
 
-_personalizer: Personalizer | None = None
-_lock = threading.Lock()
-
 
 def personalizer() -> Personalizer:
-    """This worker process's ``Personalizer`` (and so its model), created on first use."""
-    global _personalizer
-    with _lock:
-        if _personalizer is None:
-            _personalizer = Personalizer(Settings())
-        return _personalizer
+    """This worker process's ``Personalizer`` (and so its model): the library's default, created on first use."""
+    return personalize.get_default()
 
 
 @app.task(

@@ -7,6 +7,7 @@ The embedded SQLite database is created and migrated on first use; any other dat
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,16 @@ def rowcount(result: Result[Any]) -> int:
     return cast("CursorResult[Any]", result).rowcount or 0
 
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+CHECKOUT_MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def migrations_dir() -> Path:
+    """The Alembic scripts: the installed package data ``personalize.migrations`` (a wheel, or an editable install's
+    mapping to the checkout's ``migrations/``), else the checkout's folder (a source tree on ``PYTHONPATH``)."""
+    spec = importlib.util.find_spec("personalize.migrations")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return CHECKOUT_MIGRATIONS
 
 
 @dataclass
@@ -108,11 +118,16 @@ def make_engine(url: str) -> Engine:
         ) from None
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL, or None (another database, or SQLite in memory)."""
+    path = url.split("///", 1)[-1]
+    return Path(path) if url.startswith("sqlite") and path and path != ":memory:" else None
+
+
 def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if (file := _sqlite_file(url)) is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -126,11 +141,10 @@ def upgrade_database(url: str, revision: str = "head") -> None:
     from alembic.config import Config
 
     make_engine(url).dispose()  # refuses a garbage URL or a missing driver before Alembic sees it
-    path = url.split("///", 1)[-1]
-    if url.startswith("sqlite") and path and path != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if (file := _sqlite_file(url)) is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["skip_logging"] = True
     try:
@@ -148,12 +162,12 @@ def _first_line(exc: BaseException | None) -> str:
 
 @contextmanager
 def _migration_lock(url: str) -> Iterator[None]:
-    path = url.split("///", 1)[-1]
-    if not url.startswith("sqlite") or not path or path == ":memory:":
+    file = _sqlite_file(url)
+    if file is None:
         yield
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.migrate.lock", "a+") as fh:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{file}.migrate.lock", "a+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

@@ -1,0 +1,1 @@
+"""The dashboard's pages (Streamlit runs each file by path; a package so that a wheel carries them)."""
