@@ -16,6 +16,7 @@ from personalize.data.items import ProfileItem, UserInfo
 from personalize.errors import (
     AdapterBaseMismatchError,
     AdapterExistsError,
+    AdapterHasNoEffectError,
     AdapterOwnershipError,
     AdapterUnavailableError,
     BrokerUnavailableError,
@@ -93,6 +94,7 @@ def forget(user_id: str) -> ForgetReport:
 __all__ = [
     "AdapterBaseMismatchError",
     "AdapterExistsError",
+    "AdapterHasNoEffectError",
     "AdapterOwnershipError",
     "AdapterUnavailableError",
     "BrokerUnavailableError",

@@ -80,6 +80,18 @@ class AdapterUnavailableError(PersonalizeError, FileNotFoundError):
         super().__init__(f"no usable adapter at {path} ({why}); train it (again)")
 
 
+class AdapterHasNoEffectError(PersonalizeError):
+    """A loaded adapter left the model's logits on a probe input as they were: it targets nothing (or was never
+    trained), and serving it would answer as the base model while reporting the adapter. Refused, never served."""
+
+    def __init__(self, name: str, path: Path, max_change: float) -> None:
+        self.name, self.path, self.max_change = name, path, max_change
+        super().__init__(
+            f"adapter {name!r} at {path} does not change the model's output (largest logit change on a probe input "
+            f"{max_change:.2e}): it targets no module of this model or was never trained; retrain it"
+        )
+
+
 class AdapterExistsError(PersonalizeError, FileExistsError):
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -226,9 +226,9 @@ class Personalizer:
         """The user adapters loaded on the plain base model."""
         return self.serving.cache_for(self.model)
 
-    def current_adapter(self, user_id: str) -> AdapterInfo | None:
-        """The user's newest complete adapter for the configured model, or None."""
-        return self.bases.current_adapter(user_id)
+    def current_adapter(self, user_id: str, method: str = "lora") -> AdapterInfo | None:
+        """The user's newest complete adapter of ``method`` ('lora', 'ia3', ...) for the configured model, or None."""
+        return self.bases.current_adapter(user_id, method)
 
     def adapter_is_current(self, user_id: str, adapter: AdapterInfo | None, info: UserInfo | None = None) -> bool:
         """The adapter was trained on the user's current data and on the base their task now runs on."""
@@ -247,9 +247,10 @@ class Personalizer:
 
         return make_celery(self.settings, main="personalize-client")
 
-    def enqueue_training(self, user_id: str, force: bool = False) -> EnqueueResult:
-        """Queue training of the user's adapter for the workers; a no-op (that says so) when nothing changed."""
-        return training_jobs.enqueue_training(self, user_id, force)
+    def enqueue_training(self, user_id: str, force: bool = False, *, method: str = "lora") -> EnqueueResult:
+        """Queue training of the user's adapter of ``method`` for the workers; a no-op (that says so) when nothing
+        changed."""
+        return training_jobs.enqueue_training(self, user_id, force, method)
 
     def enqueue_all(self) -> list[EnqueueResult]:
         """Queue every user whose data changed since their adapter and who has at least ``train_min_items``."""
@@ -259,9 +260,10 @@ class Personalizer:
         """Requeue jobs of lost workers and resend lost messages (``jobs.training_jobs.recover_jobs``)."""
         return training_jobs.recover_jobs(self, only_if_queue_empty)
 
-    def train(self, user_id: str, progress: bool = False) -> AdapterInfo:
-        """Train the user's adapter in this process (no worker needed); returns the new adapter."""
-        return training_jobs.train_in_process(self, user_id, progress)
+    def train(self, user_id: str, progress: bool = False, *, method: str = "lora") -> AdapterInfo:
+        """Train the user's adapter of ``method`` (an adapter method: 'lora', 'ia3', 'prompt-tuning', 'p-tuning',
+        'prefix-tuning') in this process (no worker needed); returns the new adapter."""
+        return training_jobs.train_in_process(self, user_id, progress, method)
 
     def run_training_job(self, job_id: int, progress: bool = False) -> JobOutcome:
         """Claim and run one training job; what a worker's task calls (``jobs.training_jobs``)."""

@@ -22,6 +22,8 @@ class ServingFacts(TypedDict, total=False):
     adapter_version: int
     adapter_cache_hit: bool
     adapter_load_s: float
+    adapter_method: str  # the adapter's method: lora, ia3, prompt-tuning, p-tuning, prefix-tuning
+    adapter_batching: str  # how its rows shared forward passes: single, mixed, grouped, one-at-a-time, by method
     task_adapter: str | None  # the task adapter merged into the base, as ``task@vN#hash``
     batch_size: int
     label_log_likelihoods: dict[str, float]

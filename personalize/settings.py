@@ -17,22 +17,11 @@ BUNDLED_EMBEDDER = "bundled:all-minilm-l6-v2"
 RetrieverName = str
 
 
-class LoraSettings(BaseModel):
-    """How one per-user LoRA adapter is trained."""
+class AdapterTrainingSettings(BaseModel):
+    """How one per-user adapter is trained, whatever its PEFT method: the fields every method shares."""
 
     model_config = ConfigDict(extra="forbid")
 
-    rank: int = Field(8, ge=1, le=256, description="LoRA rank r: the width of the low-rank update.")
-    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description=(
-            "Modules that get a LoRA update: the attention projections of Llama-family models such as SmolLM2 "
-            "(attention-only LoRA, as in the LoRA paper, keeps an adapter small: 0.92 M parameters, 3.7 MB in fp32 "
-            "at rank 8 on SmolLM2-135M, ~0.7% of the model); use ['q', 'k', 'v', 'o'] for T5/FlanT5."
-        ),
-    )
     epochs: int = Field(2, ge=1, description="Passes over the user's training pairs.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: no cap).")
     learning_rate: float = Field(
@@ -83,6 +72,70 @@ class LoraSettings(BaseModel):
             "BF16, AMX) and the plain step runs, else fp32 (the fast step's kernels are fp32; AVX2-only CPUs run "
             "bf16 at ~1 GFLOP/s). PERSONALIZE_BF16=0|1 overrides the probe. bf16 asked for runs the plain step."
         ),
+    )
+
+
+class LoraSettings(AdapterTrainingSettings):
+    """How one per-user LoRA adapter is trained (the method ``peft`` means)."""
+
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r: the width of the low-rank update.")
+    alpha: float = Field(16, gt=0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input during training.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description=(
+            "Modules that get a LoRA update: the attention projections of Llama-family models such as SmolLM2 "
+            "(attention-only LoRA, as in the LoRA paper, keeps an adapter small: 0.92 M parameters, 3.7 MB in fp32 "
+            "at rank 8 on SmolLM2-135M, ~0.7% of the model); use ['q', 'k', 'v', 'o'] for T5/FlanT5."
+        ),
+    )
+
+
+class IA3Settings(AdapterTrainingSettings):
+    """How one per-user (IA)^3 adapter is trained: learned vectors that rescale keys, values and the MLP's input to
+    its down projection (Liu et al. 2022); about 0.05% of SmolLM2-135M's parameters."""
+
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+        description="Modules whose activations get a learned scale (Llama names; T5: ['k', 'v', 'wo']).",
+    )
+    feedforward_modules: list[str] = Field(
+        default_factory=lambda: ["down_proj"],
+        description="Of target_modules, those scaled on their input (the MLP's) rather than their output.",
+    )
+    learning_rate: float = Field(
+        1e-2, gt=0, description="AdamW learning rate; (IA)^3's few scales need a larger one than LoRA."
+    )
+
+
+class PromptLearningSettings(AdapterTrainingSettings):
+    """The fields of the methods that learn virtual tokens in front of every prompt."""
+
+    num_virtual_tokens: int = Field(
+        16, ge=1, le=256, description="Virtual tokens the adapter learns; each one costs a position of the prompt."
+    )
+    learning_rate: float = Field(
+        1e-2,
+        gt=0,
+        description="AdamW learning rate; soft prompts train with larger rates than LoRA (Lester 2021: 0.3).",
+    )
+
+
+class PromptTuningSettings(PromptLearningSettings):
+    """Prompt tuning (Lester et al. 2021): the virtual tokens' embeddings are the only trained weights."""
+
+
+class PTuningSettings(PromptLearningSettings):
+    """P-tuning (Liu et al. 2021): an MLP encoder produces the virtual tokens' embeddings."""
+
+    encoder_hidden_size: int = Field(128, ge=1, description="Hidden width of the prompt encoder's MLP.")
+
+
+class PrefixTuningSettings(PromptLearningSettings):
+    """Prefix tuning (Li & Liang 2021): learned keys and values prepended at every layer."""
+
+    prefix_projection: bool = Field(
+        False, description="Reparameterise the prefix through an MLP (the paper's trick for stabler training)."
     )
 
 
@@ -230,6 +283,19 @@ class Settings(BaseSettings):
     lora: LoraSettings = Field(
         default_factory=LoraSettings, description="LoRA training settings (PERSONALIZE_LORA__RANK=16)."
     )
+    ia3: IA3Settings = Field(default_factory=IA3Settings, description="(IA)^3 adapters (method peft:ia3).")
+    prompt_tuning: PromptTuningSettings = Field(
+        default_factory=PromptTuningSettings, description="Prompt-tuning adapters (peft:prompt-tuning)."
+    )
+    p_tuning: PTuningSettings = Field(default_factory=PTuningSettings, description="P-tuning adapters (peft:p-tuning).")
+    prefix_tuning: PrefixTuningSettings = Field(
+        default_factory=PrefixTuningSettings, description="Prefix-tuning adapters (peft:prefix-tuning)."
+    )
+    adapter_probe: bool = Field(
+        True,
+        description="After an adapter loads, check on a probe input that it changes the model's logits beyond float "
+        "noise, and refuse it otherwise (an adapter that targets nothing would be served as the base model).",
+    )
     task_adapter: TaskAdapterSettings = Field(
         default_factory=TaskAdapterSettings,
         description="How task adapters are trained (PERSONALIZE_TASK_ADAPTER__MAX_PAIRS=...).",
@@ -260,6 +326,14 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.resolved_home / 'personalize.db'}"
+
+    def adapter_settings(self, method: str) -> AdapterTrainingSettings:
+        """The training settings of adapter method ``method`` ('lora', 'ia3', 'prompt-tuning', ...): the section
+        named after it (dashes as underscores)."""
+        section = getattr(self, method.replace("-", "_"), None)
+        if not isinstance(section, AdapterTrainingSettings):
+            raise ValueError(f"no settings section for adapter method {method!r}")
+        return section
 
     @property
     def chroma_is_server(self) -> bool:

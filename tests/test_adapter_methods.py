@@ -59,7 +59,14 @@ def test_lora_is_registered_first_with_every_capability():
     assert (lora.fast_training, lora.fast_decoding, lora.mixed_batches) == (True, True, True)
     assert all(lora.supports(c) for c in adapter_methods.CAPABILITIES)
     assert method_for_peft_type(PeftType.LORA) is lora and method_for_peft_type("LORA") is lora
-    assert method_for_peft_type("IA3") is None  # the next issue registers the others
+    # the rest of the family (issue 15) follows LoRA, none of them on the fast paths or in mixed batches
+    assert list(ADAPTER_METHODS)[1:] == ["ia3", "prompt-tuning", "p-tuning", "prefix-tuning"]
+    for name, peft_type in [("ia3", "IA3"), ("prompt-tuning", "PROMPT_TUNING"), ("p-tuning", "P_TUNING")]:
+        method = get_adapter_method(name)
+        assert method.peft_type == peft_type and method_for_peft_type(peft_type) is method
+        assert not any(method.supports(c) for c in adapter_methods.CAPABILITIES)
+    assert method_for_peft_type("PREFIX_TUNING") is get_adapter_method("prefix-tuning")
+    assert [m.prompt_learning for m in ADAPTER_METHODS.values()] == [False, False, True, True, True]
     # the settings say which method they configure: Settings.lora and a task adapter's lora are LoRA
     assert method_for_settings(Settings(_env_file=None).lora) is lora
     assert method_for_settings(TaskAdapterSettings().lora) is lora
@@ -84,12 +91,15 @@ def test_loras_peft_config_is_what_training_built_before(settings, is_encoder_de
 
 
 def test_an_unknown_method_is_refused_with_the_registered_ones_listed(registry):
-    with pytest.raises(UnknownAdapterMethodError, match=r"unknown adapter method 'ia3'.*registered methods are lora"):
-        get_adapter_method("ia3")
+    family = "lora, ia3, prompt-tuning, p-tuning, prefix-tuning"
+    with pytest.raises(
+        UnknownAdapterMethodError, match=rf"unknown adapter method 'loha'.*registered methods are {family}"
+    ):
+        get_adapter_method("loha")
     register_adapter_method(AdapterMethod("toy", "TOY", LoraSettings, adapter_methods.lora_peft_config))
-    with pytest.raises(UnknownAdapterMethodError, match="registered methods are lora, toy") as info:
+    with pytest.raises(UnknownAdapterMethodError, match=f"registered methods are {family}, toy") as info:
         get_adapter_method("LoRA")
-    assert info.value.registered == ["lora", "toy"] and info.value.method == "LoRA"
+    assert info.value.registered == [*family.split(", "), "toy"] and info.value.method == "LoRA"
     assert isinstance(info.value, InvalidInputError)  # the CLI and the API answer it as a bad input
     assert personalize.UnknownAdapterMethodError is UnknownAdapterMethodError
     with pytest.raises(UnknownAdapterMethodError):
@@ -97,16 +107,18 @@ def test_an_unknown_method_is_refused_with_the_registered_ones_listed(registry):
 
 
 def test_registration_refuses_clashes_and_writes_peft_types_as_peft_does(registry):
-    method = register_adapter_method(AdapterMethod("toy-method", PeftType.IA3, LoraSettings, lambda s, e: None))
-    assert method.peft_type == "IA3" and method_for_peft_type("ia3") is method
+    method = register_adapter_method(AdapterMethod("toy-method", PeftType.LOHA, LoraSettings, lambda s, e: None))
+    assert method.peft_type == "LOHA" and method_for_peft_type("loha") is method
     with pytest.raises(InvalidInputError, match="registered already"):
         register_adapter_method(AdapterMethod("toy-method", "OTHER", LoraSettings, lambda s, e: None))
-    with pytest.raises(InvalidInputError, match="IA3 belongs to 'toy-method'"):
+    with pytest.raises(InvalidInputError, match="LOHA belongs to 'toy-method'"):
+        register_adapter_method(AdapterMethod("another", "LOHA", LoraSettings, lambda s, e: None))
+    with pytest.raises(InvalidInputError, match="IA3 belongs to 'ia3'"):
         register_adapter_method(AdapterMethod("another", "IA3", LoraSettings, lambda s, e: None))
     with pytest.raises(InvalidInputError, match="lowercase"):
         register_adapter_method(AdapterMethod("Bad Name", "BAD", LoraSettings, lambda s, e: None))
     replaced = register_adapter_method(
-        AdapterMethod("toy-method", "IA3", LoraSettings, lambda s, e: None, mixed_batches=True), replace=True
+        AdapterMethod("toy-method", "LOHA", LoraSettings, lambda s, e: None, mixed_batches=True), replace=True
     )
     assert get_adapter_method("toy-method") is replaced and replaced.mixed_batches
     with pytest.raises(InvalidInputError, match="unknown capability"):

@@ -65,6 +65,7 @@ def test_an_installed_wheel_migrates_its_own_database(tmp_path: Path) -> None:
         "personalize/migrations/env.py",
         "personalize/migrations/script.py.mako",
         "personalize/migrations/versions/0001_initial_schema.py",
+        "personalize/migrations/versions/0002_adapter_methods.py",
         "personalize/cpu/csrc/qlinear.c",
         "dashboard/pages_/comparison.py",
         "workers/__init__.py",

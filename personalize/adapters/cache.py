@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from personalize.adapters.format import read_metadata
-from personalize.adapters.methods import peft_type_name, unsupported_peft_type_reason
+from personalize.adapters.methods import is_prompt_learning, peft_type_name, unsupported_peft_type_reason
 from personalize.adapters.peft_utils import private_base_copy, strip_tuner_layers
-from personalize.errors import AdapterUnavailableError, InvalidInputError
+from personalize.errors import AdapterHasNoEffectError, AdapterUnavailableError, InvalidInputError
 from personalize.serving.modeling import LoadedModel
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+PROBE_TEXT = "Probe: does this adapter change what the model says next?"
+PROBE_ATOL = 1e-5  # fp32 logits of the same forward agree exactly; a trained adapter moves them by far more
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
@@ -47,11 +49,12 @@ class AdapterCache:
     Every method holds the cache's lock; hold ``cache.lock`` yourself (or use ``use``) around activate-then-generate.
     """
 
-    def __init__(self, loaded: LoadedModel, capacity: int = 8, *, copy_base: bool = True) -> None:
+    def __init__(self, loaded: LoadedModel, capacity: int = 8, *, copy_base: bool = True, probe: bool = True) -> None:
         if capacity < 1:
             raise InvalidInputError(f"an adapter cache holds at least 1 adapter, got capacity={capacity}")
         self.loaded = loaded
         self.capacity = capacity
+        self.probe = probe  # check that each adapter loaded changes the logits (``Settings.adapter_probe``)
         self._base = private_base_copy(loaded.model) if copy_base else loaded.model
         self._requires_grad = {name: p.requires_grad for name, p in self._base.named_parameters()}
         self._peft: Any = None
@@ -171,20 +174,51 @@ class AdapterCache:
             raise AdapterUnavailableError(path, f"{type(exc).__name__}: {exc}") from exc
         self._peft.eval()
         self._paths[name] = path
+        if self.probe:
+            self._check_changes_output(name, path)
+
+    def _check_changes_output(self, name: str, path: Path) -> None:
+        """Refuse (unload, then ``AdapterHasNoEffectError``) an adapter whose logits on a probe input equal the
+        base model's: it would be served silently as the base model (vLLM #55193's failure mode)."""
+        import torch
+
+        ids = torch.tensor([self.loaded.tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids or [0]])
+        previous = self._peft.active_adapter
+        with torch.inference_mode():
+            self._set_active(name)
+            with_adapter = self._peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+            with self._peft.disable_adapter():
+                base = self._peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+        change = float((with_adapter - base).abs().max())
+        if previous in self._paths and previous != name:
+            self._set_active(previous)
+        if not change > PROBE_ATOL:
+            self._remove(name)
+            raise AdapterHasNoEffectError(name, path, change)
 
     def _remove(self, name: str) -> None:
         del self._paths[name]
         if self._paths:
             self._peft.delete_adapter(name)
             return
-        # the last adapter: take the LoRA layers out again, so the base model is exactly as it was given
-        self._unwrapped(self._peft.unload())
+        # the last adapter: take the LoRA (or IA3) layers out again, so the base model is exactly as it was given;
+        # virtual-token methods never changed it
+        prompt_learning = self._peft.peft_config[name].is_prompt_learning if name in self._peft.peft_config else False
+        self._unwrapped(self._peft.get_base_model() if prompt_learning else self._peft.unload())
 
     def _unwrapped(self, base: Any) -> None:
         self._base = base
         self._peft = None
         for param_name, param in base.named_parameters():
             param.requires_grad_(self._requires_grad.get(param_name, param.requires_grad))
+
+
+def batching_of(peft_type: str) -> str:
+    """How rows with adapters of ``peft_type`` share forward passes: 'mixed' (every row its own adapter in one
+    pass), 'grouped' (one pass per adapter) or 'one-at-a-time' (virtual-token methods)."""
+    if is_prompt_learning(peft_type):
+        return "one-at-a-time"
+    return "mixed" if unsupported_peft_type_reason(peft_type, "mixed_batches", "a batch") is None else "grouped"
 
 
 def generate_batch(
@@ -217,7 +251,8 @@ def generate_batch(
             names = [BASE if n is None else n for n in adapter_names]
             return _greedy(loaded, cache.model, encoded_prompts, max_new_tokens, names)
         # Another method (peft applies the *active* adapter to every row and ignores adapter_names): one pass per
-        # adapter, its rows together, the base rows with every adapter disabled.
+        # adapter, its rows together, the base rows with every adapter disabled; virtual-token methods one row at a
+        # time by forward passes (``greedy_by_forward``).
         results: list[tuple[str, int]] = [("", 0)] * len(encoded_prompts)
         for name in dict.fromkeys(adapter_names):
             rows = [i for i, n in enumerate(adapter_names) if n == name]
@@ -227,10 +262,36 @@ def generate_batch(
                     outputs = _greedy(loaded, model, prompts, max_new_tokens)
             else:
                 cache._set_active(name)
-                outputs = _greedy(loaded, cache.model, prompts, max_new_tokens)
+                if is_prompt_learning(cache.peft_type(name)):
+                    outputs = [greedy_by_forward(loaded, cache.model, ids, max_new_tokens) for ids in prompts]
+                else:
+                    outputs = _greedy(loaded, cache.model, prompts, max_new_tokens)
             for i, output in zip(rows, outputs, strict=True):
                 results[i] = output
         return results
+
+
+def greedy_by_forward(
+    loaded: LoadedModel, model: Any, prompt_ids: Sequence[int], max_new_tokens: int
+) -> tuple[str, int]:
+    """Greedy decoding of one prompt by full forward passes (no KV cache): how adapters with virtual tokens are
+    served. peft's ``generate`` drops prefix tuning's prefix under transformers 5 (it answers as the base model) and
+    misplaces virtual tokens in left-padded batches; its forward, the one training optimised, is right for all of
+    them. A forward pass per new token: fine for short answers, slow for long ones."""
+    import torch
+
+    eos = set(loaded.eos_ids)
+    ids = list(prompt_ids)
+    new: list[int] = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            row = torch.tensor([ids + new])
+            logits = model(input_ids=row, attention_mask=torch.ones_like(row), use_cache=False).logits
+            token = int(logits[0, -1].argmax())
+            new.append(token)
+            if token in eos:
+                break
+    return loaded.tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)
 
 
 def _greedy(
@@ -264,4 +325,12 @@ def _greedy(
     return results
 
 
-__all__ = ["BASE", "AdapterCache", "AdapterUnavailableError", "generate_batch", "validate_adapter_name"]
+__all__ = [
+    "BASE",
+    "AdapterCache",
+    "AdapterUnavailableError",
+    "batching_of",
+    "generate_batch",
+    "greedy_by_forward",
+    "validate_adapter_name",
+]

@@ -27,7 +27,13 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from personalize.errors import InvalidInputError, UnknownAdapterMethodError
-from personalize.settings import LoraSettings
+from personalize.settings import (
+    IA3Settings,
+    LoraSettings,
+    PrefixTuningSettings,
+    PromptTuningSettings,
+    PTuningSettings,
+)
 
 Capability = Literal["fast_training", "fast_decoding", "mixed_batches"]
 CAPABILITIES: tuple[Capability, ...] = ("fast_training", "fast_decoding", "mixed_batches")
@@ -45,6 +51,7 @@ class AdapterMethod:
     fast_training: bool = False
     fast_decoding: bool = False
     mixed_batches: bool = False
+    prompt_learning: bool = False  # virtual tokens before the prompt: served one row at a time, by forward passes
     description: str = ""
 
     def supports(self, capability: Capability) -> bool:
@@ -153,14 +160,107 @@ LORA = register_adapter_method(
 )
 
 
+# --- the rest of the family (issue 15): peft's own configs, the plain paths serve and train them -------------------
+
+
+def _task_type(is_encoder_decoder: bool) -> Any:
+    from peft import TaskType
+
+    return TaskType.SEQ_2_SEQ_LM if is_encoder_decoder else TaskType.CAUSAL_LM
+
+
+def ia3_peft_config(settings: IA3Settings, is_encoder_decoder: bool) -> Any:
+    from peft import IA3Config
+
+    return IA3Config(
+        target_modules=list(settings.target_modules),
+        feedforward_modules=list(settings.feedforward_modules),
+        task_type=_task_type(is_encoder_decoder),
+    )
+
+
+def prompt_tuning_peft_config(settings: PromptTuningSettings, is_encoder_decoder: bool) -> Any:
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig(num_virtual_tokens=settings.num_virtual_tokens, task_type=_task_type(is_encoder_decoder))
+
+
+def p_tuning_peft_config(settings: PTuningSettings, is_encoder_decoder: bool) -> Any:
+    from peft import PromptEncoderConfig
+
+    return PromptEncoderConfig(
+        num_virtual_tokens=settings.num_virtual_tokens,
+        encoder_hidden_size=settings.encoder_hidden_size,
+        task_type=_task_type(is_encoder_decoder),
+    )
+
+
+def prefix_tuning_peft_config(settings: PrefixTuningSettings, is_encoder_decoder: bool) -> Any:
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(
+        num_virtual_tokens=settings.num_virtual_tokens,
+        prefix_projection=settings.prefix_projection,
+        task_type=_task_type(is_encoder_decoder),
+    )
+
+
+IA3 = register_adapter_method(
+    AdapterMethod(
+        "ia3", "IA3", IA3Settings, ia3_peft_config, description="Learned rescaling of keys, values and MLP inputs."
+    )
+)
+PROMPT_TUNING = register_adapter_method(
+    AdapterMethod(
+        "prompt-tuning",
+        "PROMPT_TUNING",
+        PromptTuningSettings,
+        prompt_tuning_peft_config,
+        prompt_learning=True,
+        description="Learned embeddings of virtual tokens before the prompt (Lester et al. 2021).",
+    )
+)
+P_TUNING = register_adapter_method(
+    AdapterMethod(
+        "p-tuning",
+        "P_TUNING",
+        PTuningSettings,
+        p_tuning_peft_config,
+        prompt_learning=True,
+        description="Virtual tokens produced by a small MLP encoder (Liu et al. 2021).",
+    )
+)
+PREFIX_TUNING = register_adapter_method(
+    AdapterMethod(
+        "prefix-tuning",
+        "PREFIX_TUNING",
+        PrefixTuningSettings,
+        prefix_tuning_peft_config,
+        prompt_learning=True,
+        description="Learned keys and values prepended at every layer (Li & Liang 2021).",
+    )
+)
+
+
+def is_prompt_learning(peft_type: object) -> bool:
+    """Adapters of this peft type put virtual tokens before the prompt (served one row at a time)."""
+    method = method_for_peft_type(peft_type)
+    return bool(method and method.prompt_learning)
+
+
 __all__ = [
     "ADAPTER_METHODS",
     "CAPABILITIES",
+    "IA3",
     "LORA",
+    "PREFIX_TUNING",
+    "PROMPT_TUNING",
+    "P_TUNING",
     "AdapterMethod",
     "Capability",
     "capable_peft_types",
     "get_adapter_method",
+    "is_prompt_learning",
     "lora_peft_config",
     "method_for_peft_type",
     "method_for_settings",

@@ -16,7 +16,7 @@ from personalize.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from personalize.serving.modeling import LoadedModel
-    from personalize.settings import LoraSettings
+    from personalize.settings import AdapterTrainingSettings
 
 LossFn = Callable[[dict[str, Any]], Any]  # a collated batch -> the scalar loss (backward-able)
 
@@ -26,7 +26,7 @@ class Trainer:
     """One training step: why it cannot run a model (None: it can), and how to set it up for a peft config."""
 
     name: str
-    unsupported_reason: Callable[[LoadedModel, LoraSettings], str | None]
+    unsupported_reason: Callable[[LoadedModel, AdapterTrainingSettings], str | None]
     prepare: Callable[[LoadedModel, Any], tuple[Any, LossFn | None]]  # the peft model, and its loss (None: peft's)
 
 

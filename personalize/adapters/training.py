@@ -33,7 +33,7 @@ from personalize.serving.modeling import LoadedModel
 
 if TYPE_CHECKING:
     from datetime import datetime
-from personalize.settings import LoraSettings
+from personalize.settings import AdapterTrainingSettings, LoraSettings
 from personalize.tasks.prompting import encode
 from personalize.tasks.registry import Defaulting, Task, get_task
 
@@ -235,7 +235,7 @@ def _loss(model: Any, batch: dict[str, Any], is_encoder_decoder: bool, keep_logi
 # --- training -----------------------------------------------------------------------------------------------------
 
 
-def _lora_config(loaded: LoadedModel, settings: LoraSettings) -> Any:
+def _lora_config(loaded: LoadedModel, settings: AdapterTrainingSettings) -> Any:
     """The peft config of the adapter ``settings`` describe, from its method in the registry (``adapter_methods``)."""
     return method_for_settings(settings).peft_config(settings, loaded.is_encoder_decoder)
 
@@ -243,14 +243,15 @@ def _lora_config(loaded: LoadedModel, settings: LoraSettings) -> Any:
 def train_adapter(
     loaded: LoadedModel,
     pairs: Sequence[Pair],
-    settings: LoraSettings | None,
+    settings: AdapterTrainingSettings | None,
     out_dir: Path,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
     owner: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on ``pairs`` and write it to ``out_dir`` (peft format plus ``personalize.json``).
+    """Train an adapter on ``pairs`` and write it to ``out_dir`` (peft format plus ``personalize.json``); the
+    method is the one ``settings`` configure (``LoraSettings``: LoRA, ``IA3Settings``: IA3, ...).
 
     ``progress(fraction_done, loss)`` is called after each step; ``should_stop()`` is asked before each step and,
     when true, ends training with ``TrainingCancelled``. ``out_dir`` must not exist; it appears only complete.
@@ -325,6 +326,7 @@ def train_adapter(
     metadata = {
         "format": METADATA_FORMAT,
         "base_model": loaded.name,
+        "method": method_for_settings(settings).name,
         "n_pairs": len(examples),
         "n_tokens": n_tokens,
         "steps": len(losses),
@@ -372,7 +374,7 @@ def group_by_length(order: list[int], lengths: Sequence[int], batch_size: int, g
     return [i for b in shuffled for i in batches[b]]
 
 
-def token_capped_steps(examples: Sequence[_Example], settings: LoraSettings) -> int:
+def token_capped_steps(examples: Sequence[_Example], settings: AdapterTrainingSettings) -> int:
     """Steps that keep the tokens seen (all epochs together) within ``settings.max_tokens``, at least one: the
     per-user budget grows with the user's data (epochs over every item) up to this cap."""
     if settings.max_tokens is None or not examples:
@@ -391,7 +393,7 @@ def _plain_step(loaded: LoadedModel, peft_config: Any) -> tuple[Any, None]:
 PLAIN_TRAINER = register_trainer(Trainer("plain", lambda loaded, settings: None, _plain_step))
 
 
-def _trainer(loaded: LoadedModel, settings: LoraSettings) -> tuple[Trainer, str | None]:
+def _trainer(loaded: LoadedModel, settings: AdapterTrainingSettings) -> tuple[Trainer, str | None]:
     """Which training step runs (the registry's ``settings.trainer``): the one asked for where the method is
     registered with ``fast_training`` and the step covers the model, else ``plain``, with why."""
     if settings.trainer == PLAIN_TRAINER.name:
@@ -407,7 +409,9 @@ def _trainer(loaded: LoadedModel, settings: LoraSettings) -> tuple[Trainer, str 
     return chosen, None
 
 
-def _precision(settings: LoraSettings, trainer: Trainer, note: str | None) -> tuple[str, Trainer, str | None]:
+def _precision(
+    settings: AdapterTrainingSettings, trainer: Trainer, note: str | None
+) -> tuple[str, Trainer, str | None]:
     """The precision the step computes in (``LoraSettings.precision``, probed under ``auto``), and the step that
     runs it: bf16 runs on the plain step (the fast step's C kernels are fp32), so bf16 asked for moves to plain
     and ``auto`` keeps the fast step in fp32."""

@@ -583,10 +583,13 @@ def _fast_step(loaded: Any, peft_config: Any) -> tuple[Any, Any]:
     return model, FastLoraForward(model).loss
 
 
-register_trainer(
-    Trainer(
-        "fast",
-        lambda loaded, settings: unsupported_reason(loaded.model, settings.target_modules, loaded.is_encoder_decoder),
-        _fast_step,
-    )
-)
+def _fast_step_unsupported(loaded: Any, settings: Any) -> str | None:
+    """Why the fast step cannot train ``settings`` (None: it can); only LoRA's settings reach it (the method
+    allow-list runs first), but a settings class without target modules is refused, not guessed at."""
+    modules = getattr(settings, "target_modules", None)
+    if modules is None:
+        return f"{type(settings).__name__} names no target modules"
+    return unsupported_reason(loaded.model, modules, loaded.is_encoder_decoder)
+
+
+register_trainer(Trainer("fast", _fast_step_unsupported, _fast_step))

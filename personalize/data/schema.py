@@ -52,7 +52,7 @@ class Item(Base):
 
 
 class Adapter(Base):
-    """A trained per-user LoRA adapter (one row per version)."""
+    """A trained per-user adapter (one row per version; ``method``: its adapter method, 'lora', 'ia3', ...)."""
 
     __tablename__ = "adapters"
     __table_args__ = (UniqueConstraint("user_pk", "version", name="uq_adapters_user_version"),)
@@ -69,6 +69,7 @@ class Adapter(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    method: Mapped[str] = mapped_column(String(32), default="lora", server_default="lora")
 
 
 class TrainingJob(Base):
@@ -89,6 +90,7 @@ class TrainingJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    method: Mapped[str] = mapped_column(String(32), default="lora", server_default="lora")
 
 
 class EvalRun(Base):

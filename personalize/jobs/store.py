@@ -38,6 +38,7 @@ class TrainedAdapter:
     final_loss: float | None
     size_bytes: int
     config: dict[str, Any]
+    method: str = "lora"  # the adapter method (``adapters.methods``)
 
 
 class JobOutcome(StrEnum):
@@ -74,6 +75,7 @@ class JobInfo:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    method: str = "lora"  # the adapter method the job trains
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ class AdapterInfo:
     size_bytes: int
     created_at: datetime
     config: dict[str, Any] | None = None  # how it was trained (steps, tokens, the base it was trained on)
+    method: str = "lora"  # the adapter method (``adapters.methods``): 'lora', 'ia3', 'prompt-tuning', ...
 
 
 def _job_info(job: TrainingJob, user_id: str) -> JobInfo:
@@ -107,6 +110,7 @@ def _job_info(job: TrainingJob, user_id: str) -> JobInfo:
         job.created_at,
         job.started_at,
         job.finished_at,
+        job.method,
     )
 
 
@@ -124,6 +128,7 @@ def _adapter_info(row: Adapter, user_id: str) -> AdapterInfo:
         row.size_bytes,
         row.created_at,
         row.config,
+        row.method,
     )
 
 
@@ -137,21 +142,24 @@ class Jobs:
 
     # -- adapters ----------------------------------------------------------------------------------------------
 
-    def current_adapter(self, user_id: str, base_model: str | None = None) -> AdapterInfo | None:
+    def current_adapter(self, user_id: str, base_model: str | None = None, method: str = "lora") -> AdapterInfo | None:
+        """The user's newest adapter of ``method`` (for ``base_model``, when given)."""
         with self.store.session() as s:
-            return self._current_adapter(s, self.store._user(s, user_id), base_model)
+            return self._current_adapter(s, self.store._user(s, user_id), base_model, method)
 
-    def resolve(self, user_id: str, base_model: str, with_adapter: bool) -> tuple[UserInfo, AdapterInfo | None]:
+    def resolve(
+        self, user_id: str, base_model: str, with_adapter: bool, method: str = "lora"
+    ) -> tuple[UserInfo, AdapterInfo | None]:
         """A request's user in one transaction, its row read once: the user's info and (``with_adapter``) their
-        newest adapter for ``base_model``."""
+        newest adapter of ``method`` for ``base_model``."""
         with self.store.session() as s:
             user = self.store._user(s, user_id)
             info = self.store.user_info(s, user)
-            return info, self._current_adapter(s, user, base_model) if with_adapter else None
+            return info, self._current_adapter(s, user, base_model, method) if with_adapter else None
 
     @staticmethod
-    def _current_adapter(s: Session, user: User, base_model: str | None) -> AdapterInfo | None:
-        query = select(Adapter).where(Adapter.user_pk == user.id)
+    def _current_adapter(s: Session, user: User, base_model: str | None, method: str) -> AdapterInfo | None:
+        query = select(Adapter).where(Adapter.user_pk == user.id, Adapter.method == method)
         if base_model is not None:
             query = query.where(Adapter.base_model == base_model)
         row = s.scalar(query.order_by(Adapter.version.desc()).limit(1))
@@ -170,21 +178,22 @@ class Jobs:
 
     # -- jobs --------------------------------------------------------------------------------------------------
 
-    def active_job(self, user_id: str) -> JobInfo | None:
+    def active_job(self, user_id: str, method: str = "lora") -> JobInfo | None:
+        """The user's newest queued or running job of ``method``."""
         with self.store.session() as s:
             user = self.store._user(s, user_id)
             job = s.scalar(
                 select(TrainingJob)
-                .where(TrainingJob.user_pk == user.id, TrainingJob.state.in_(ACTIVE))
+                .where(TrainingJob.user_pk == user.id, TrainingJob.state.in_(ACTIVE), TrainingJob.method == method)
                 .order_by(TrainingJob.id.desc())
                 .limit(1)
             )
             return _job_info(job, user_id) if job else None
 
-    def create(self, user_id: str) -> JobInfo:
+    def create(self, user_id: str, method: str = "lora") -> JobInfo:
         with self.store.session() as s:
             user = self.store._user(s, user_id)
-            job = TrainingJob(user_pk=user.id, state="queued", data_version=user.data_version)
+            job = TrainingJob(user_pk=user.id, state="queued", data_version=user.data_version, method=method)
             s.add(job)
             s.flush()
             return _job_info(job, user_id)
@@ -348,7 +357,7 @@ class Jobs:
             counts = select(Item.user_pk, func.count(Item.id).label("n")).group_by(Item.user_pk).subquery()
             latest = (
                 select(Adapter.user_pk, func.max(Adapter.data_version).label("v"))
-                .where(Adapter.base_model == base_model)
+                .where(Adapter.base_model == base_model, Adapter.method == "lora")
                 .group_by(Adapter.user_pk)
                 .subquery()
             )

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from personalize.adapters.methods import method_for_settings
+from personalize.adapters.methods import get_adapter_method
 from personalize.adapters.training import train_adapter, training_pairs
 from personalize.data.naming import user_key
 from personalize.errors import (
@@ -39,23 +39,25 @@ class EnqueueResult:
     message: str
 
 
-def enqueue_training(p: Personalizer, user_id: str, force: bool = False) -> EnqueueResult:
-    """Queue training of the user's adapter for the workers; a no-op (that says so) when nothing changed."""
+def enqueue_training(p: Personalizer, user_id: str, force: bool = False, method: str = "lora") -> EnqueueResult:
+    """Queue training of the user's adapter of ``method`` for the workers; a no-op (that says so) when nothing
+    changed."""
+    get_adapter_method(method)
     info = p.store.get_user(user_id)
-    current = p.current_adapter(user_id)
-    if not force and current is not None and p.adapter_is_current(user_id, current, info):
+    current = p.bases.current_adapter(user_id, method)
+    if not force and current is not None and p.bases.adapter_is_current(current, info):
         return EnqueueResult(
             user_id,
             None,
             False,
             f"up to date: adapter v{current.version} was trained on the current data (version {info.data_version})",
         )
-    active = p.jobs.active_job(user_id)
+    active = p.jobs.active_job(user_id, method)
     if active is not None and (active.state == "queued" or active.data_version == info.data_version):
         return EnqueueResult(user_id, active.id, False, f"already {active.state}: job {active.id}")
     if info.n_items == 0:
         raise InvalidInputError(f"user {user_id!r} has no items to train an adapter on")
-    job = p.jobs.create(user_id)
+    job = p.jobs.create(user_id, method)
     send_job(p, job.id)
     return EnqueueResult(user_id, job.id, True, f"queued: job {job.id}")
 
@@ -80,10 +82,11 @@ def enqueue_all(p: Personalizer) -> list[EnqueueResult]:
     return [enqueue_training(p, u) for u in users]
 
 
-def queue_quietly(p: Personalizer, user_id: str) -> str:
-    """Queue training and say what happened, never raising (a request must not fail for it)."""
+def queue_quietly(p: Personalizer, user_id: str, method: str = "lora") -> str:
+    """Queue training (of an adapter of ``method``) and say what happened, never raising (a request must not fail
+    for it)."""
     try:
-        return f"training {enqueue_training(p, user_id).message}"
+        return f"training {enqueue_training(p, user_id, method=method).message}"
     except PersonalizeError as exc:
         return f"could not queue training: {exc}"
 
@@ -131,16 +134,18 @@ def queued_messages(p: Personalizer) -> int | None:
         return None
 
 
-def train_in_process(p: Personalizer, user_id: str, progress: bool = False) -> AdapterInfo:
-    """Train the user's adapter in this process (no worker needed), as a job like any other; the new adapter."""
+def train_in_process(p: Personalizer, user_id: str, progress: bool = False, method: str = "lora") -> AdapterInfo:
+    """Train the user's adapter of ``method`` in this process (no worker needed), as a job like any other; the new
+    adapter."""
+    get_adapter_method(method)
     if p.store.get_user(user_id).n_items == 0:
         raise InvalidInputError(f"user {user_id!r} has no items to train an adapter on")
-    job = p.jobs.create(user_id)
+    job = p.jobs.create(user_id, method)
     outcome = run_training_job(p, job.id, progress=progress)
     final = p.jobs.get(job.id)
     if outcome != JobOutcome.DONE or final is None or final.adapter_id is None:
         raise TrainingFailedError(f"training {user_id!r} ended {outcome}: {final.error if final else 'job gone'}")
-    adapter = p.current_adapter(user_id)
+    adapter = p.bases.current_adapter(user_id, method)
     assert adapter is not None
     return adapter
 
@@ -153,9 +158,11 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
     user_id = job.user_id
     beat = Heartbeat(p.jobs, job_id, progress)
     try:
+        method = get_adapter_method(job.method)
+        settings = p.settings.adapter_settings(method.name)
         items = p.store.items(user_id)
         loaded, task_adapter = p.bases.training_base(p.store.get_user(user_id))
-        pairs = training_pairs(items, None, max_items=p.settings.lora.max_items)
+        pairs = training_pairs(items, None, max_items=settings.max_items)
         version = p.jobs.next_version(user_id)
         out = p.adapter_store.path_for(user_id, version)
         p.adapter_store.discard_incomplete(out)  # left by a crash between the rename and the SQL insert
@@ -164,7 +171,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
         result = train_adapter(
             loaded,
             pairs,
-            p.settings.lora,
+            settings,
             out,
             progress=beat.progress,
             should_stop=beat.should_stop,
@@ -192,6 +199,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
         train_seconds=result.train_seconds,
         final_loss=result.final_loss,
         size_bytes=result.size_bytes,
+        method=method.name,
         config={
             **result.config,
             "n_pairs": result.n_pairs,
@@ -199,7 +207,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
             "steps": result.steps,
             "trained_on": loaded.name,
             "task_adapter": task_ref,
-            "peft_type": method_for_settings(p.settings.lora).peft_type,
+            "peft_type": method.peft_type,
             "trainer_used": result.trainer,
             "compute_precision": result.precision,  # what the frozen base computed in ("auto" resolved)
         },

@@ -57,9 +57,9 @@ class Bases:
         what = f"adapter v{adapter.version} of user {user_id!r}" if adapter else ""
         return adapter if adapter and owned_adapter(Path(adapter.path), user_key(user_id), what) else None
 
-    def current_adapter(self, user_id: str) -> AdapterInfo | None:
-        """The user's newest complete adapter for the configured model, or None."""
-        return self.owned(user_id, self.jobs.current_adapter(user_id, base_model=self._settings().model))
+    def current_adapter(self, user_id: str, method: str = "lora") -> AdapterInfo | None:
+        """The user's newest complete adapter of ``method`` for the configured model, or None."""
+        return self.owned(user_id, self.jobs.current_adapter(user_id, self._settings().model, method))
 
     def adapter_is_current(self, adapter: AdapterInfo | None, info: UserInfo) -> bool:
         """The adapter was trained on the user's current data and on the base their task now runs on."""
@@ -67,8 +67,8 @@ class Bases:
             return False
         return adapter_base(adapter) == self.training_base(info)[0].name
 
-    def resolve_user(self, user_id: str, *, with_adapter: bool) -> ResolvedUser:
-        """A request's user, read once (row, counts, tasks and, ``with_adapter``, the newest adapter)."""
+    def resolve_user(self, user_id: str, *, with_adapter: bool, method: str = "lora") -> ResolvedUser:
+        """A request's user, read once (row, counts, tasks and, ``with_adapter``, the newest adapter of ``method``)."""
         validate_user_id(user_id)
-        info, adapter = self.jobs.resolve(user_id, self._settings().model, with_adapter)
+        info, adapter = self.jobs.resolve(user_id, self._settings().model, with_adapter, method)
         return ResolvedUser(user_id, user_key(user_id), info, self.owned(user_id, adapter))

@@ -26,7 +26,7 @@ class Dispatcher:
 
     def __init__(self, settings: Callable[[], Settings]) -> None:
         self._settings = settings
-        self.plain = HFBackend(settings().adapter_cache_size)
+        self.plain = HFBackend(settings().adapter_cache_size, settings().adapter_probe)
         self._backend: tuple[str, ServingBackend] | None = None
         self._coalescer: Coalescer | None = None
         self._lock = threading.Lock()

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from personalize.adapters.methods import unsupported_peft_type_reason
 from personalize.cpu.fastpath import FastDecoder, WeightFormat, decoder_for, fast_weights, unsupported_reason
 from personalize.results import ServingFacts
 from personalize.serving.backend import AdapterRef, DecodeRow, Generated, register_backend
@@ -83,6 +84,10 @@ class FastBackend:
         """Load each adapter (LRU) and copy its LoRA matrices out, so decoding needs no lock; a row the decoder
         cannot run turns the whole batch over to the plain backend (None and why)."""
         t0 = time.perf_counter()
+        for adapter in adapters:  # the allow-list: only methods registered with fast_decoding reach the decoder
+            reason = adapter and unsupported_peft_type_reason(adapter.peft_type, "fast_decoding", "the fast decoder")
+            if reason:
+                return None, reason, [None] * len(adapters)  # the plain backend loads (and times) them
         cache = self.plain.cache_for(loaded)
         loras: list[Any] = [None] * len(adapters)
         hits: list[bool] = []

@@ -10,7 +10,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from personalize.adapters.cache import AdapterCache, generate_batch
+from personalize.adapters.cache import AdapterCache, batching_of, generate_batch, greedy_by_forward
+from personalize.adapters.methods import is_prompt_learning
 from personalize.results import ServingFacts
 from personalize.serving.backend import AdapterRef, DecodeRow, Generated, register_backend
 from personalize.serving.modeling import LoadedModel
@@ -21,19 +22,22 @@ if TYPE_CHECKING:
 
 
 class HFBackend:
-    """Greedy decoding with ``model.generate``; one ``AdapterCache`` per base (plain or task-adapted)."""
+    """Greedy decoding with ``model.generate``; one ``AdapterCache`` per base (plain or task-adapted) and peft type
+    (peft keeps one type per model: LoRA and IA3 adapters cannot share one)."""
 
     name = "plain"
 
-    def __init__(self, adapter_cache_size: int = 8) -> None:
+    def __init__(self, adapter_cache_size: int = 8, probe: bool = True) -> None:
         self.adapter_cache_size = adapter_cache_size
-        self._caches: dict[str, AdapterCache] = {}
+        self.probe = probe
+        self._caches: dict[tuple[str, str], AdapterCache] = {}
 
-    def cache_for(self, loaded: LoadedModel) -> AdapterCache:
-        """The user adapters loaded on ``loaded``."""
-        if loaded.name not in self._caches:
-            self._caches[loaded.name] = AdapterCache(loaded, capacity=self.adapter_cache_size)
-        return self._caches[loaded.name]
+    def cache_for(self, loaded: LoadedModel, peft_type: str = "LORA") -> AdapterCache:
+        """The user adapters of ``peft_type`` loaded on ``loaded`` (each cache over its own copy of the base)."""
+        key = (loaded.name, peft_type)
+        if key not in self._caches:
+            self._caches[key] = AdapterCache(loaded, capacity=self.adapter_cache_size, probe=self.probe)
+        return self._caches[key]
 
     def adapters_per_batch(self, loaded: LoadedModel) -> int:
         return self.cache_for(loaded).capacity
@@ -50,7 +54,12 @@ class HFBackend:
         adapters = [row.adapter for row in rows]
         if not any(adapters) and len(rows) == 1:
             return [generate_text(loaded, rows[0].prompt_ids, max_new_tokens)]
-        cache = self.cache_for(loaded)
+        types = {a.peft_type for a in adapters if a is not None}
+        if len(types) > 1:  # rows of several methods: each method's rows (and the base rows with LoRA's) apart
+            return self._by_peft_type(loaded, rows, max_new_tokens, facts)
+        peft_type = next(iter(types), "LORA")
+        facts["adapter_batching"] = batching_of(peft_type) if len(rows) > 1 else "single"
+        cache = self.cache_for(loaded, peft_type)
         with cache.lock:
             t0 = time.perf_counter()
             if len(rows) == 1:
@@ -62,17 +71,38 @@ class HFBackend:
             facts.setdefault("adapter_cache_hit", all(hits))  # a fast backend that fell back recorded it first
             facts.setdefault("adapter_load_s", time.perf_counter() - t0)
             if len(rows) == 1:
+                if is_prompt_learning(peft_type):
+                    return [Generated(*greedy_by_forward(loaded, cache.model, rows[0].prompt_ids, max_new_tokens))]
                 return [generate_text(loaded, rows[0].prompt_ids, max_new_tokens, model=cache.model)]
             names = [a.user_key if a else None for a in adapters]
             outputs = generate_batch(cache, [row.prompt_ids for row in rows], names, max_new_tokens)
             return [Generated(text, n) for text, n in outputs]
+
+    def _by_peft_type(
+        self, loaded: LoadedModel, rows: Sequence[DecodeRow], max_new_tokens: int, facts: ServingFacts
+    ) -> list[Generated]:
+        """A batch whose rows use adapters of several methods: each method's rows as a batch of their own."""
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.adapter.peft_type if row.adapter else "LORA", []).append(i)
+        out: list[Generated] = [Generated("", 0)] * len(rows)
+        batching = []
+        for indices in groups.values():
+            part: ServingFacts = {}
+            outputs = self.generate(loaded, [rows[i] for i in indices], max_new_tokens, part)
+            for i, generated in zip(indices, outputs, strict=True):
+                out[i] = generated
+            batching.append(part.get("adapter_batching", "single"))
+            facts.setdefault("adapter_cache_hit", part.get("adapter_cache_hit", True))
+        facts["adapter_batching"] = "by method: " + ", ".join(f"{t} {b}" for t, b in zip(groups, batching, strict=True))
+        return out
 
     def score_labels(
         self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], labels: Sequence[str], adapter: AdapterRef | None
     ) -> list[list[float]]:
         if adapter is None:
             return [candidate_log_likelihoods(loaded, ids, labels) for ids in prompts]
-        cache = self.cache_for(loaded)
+        cache = self.cache_for(loaded, adapter.peft_type)
         with cache.lock:
             cache.activate(adapter.user_key, adapter.path)
             return [candidate_log_likelihoods(loaded, ids, labels, model=cache.model) for ids in prompts]

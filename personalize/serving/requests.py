@@ -13,12 +13,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from personalize.adapters.methods import get_adapter_method
 from personalize.data.checks import check_int, check_unicode, short
 from personalize.data.items import UserInfo
 from personalize.data.naming import validate_user_id
 from personalize.errors import AdapterBaseMismatchError, EmptyPromptError, InvalidInputError
 from personalize.jobs.training_jobs import queue_quietly
-from personalize.methods import AUTO, SERVED_METHODS, ZERO_SHOT, uses_adapter, uses_retrieval, without_adapter
+from personalize.methods import (
+    AUTO,
+    SERVED_METHODS,
+    ZERO_SHOT,
+    adapter_method_of,
+    adapter_variant,
+    uses_adapter,
+    uses_retrieval,
+    without_adapter,
+)
 from personalize.results import GenerationResult, RetrievedRef, Timings
 from personalize.retrieval import RetrievedItem, check_retriever
 from personalize.serving.backend import AdapterRef, ServingBackend
@@ -99,10 +109,24 @@ def task_for(info: UserInfo, task: str | Task | None) -> Task:
     return get_task(info.tasks[0]) if len(info.tasks) == 1 else get_task("generic")
 
 
+def check_method(method: object) -> str:
+    """``method`` if it names a method (``peft:<m>`` and ``rag+peft:<m>`` with a registered adapter method ``m``
+    too), else ``InvalidInputError`` (``UnknownAdapterMethodError`` for an unknown ``m``)."""
+    if isinstance(method, str) and method in METHODS:
+        return method
+    variant = adapter_variant(method) if isinstance(method, str) else None
+    if variant is None:
+        raise InvalidInputError(
+            f"unknown method {short(method)}; choose one of {', '.join(METHODS)}, or peft:<adapter method> / "
+            "rag+peft:<adapter method>"
+        )
+    get_adapter_method(variant[1])
+    return str(method)
+
+
 def choose_method(router: Router, info: UserInfo, method: str, has_adapter: bool) -> tuple[str, list[str]]:
     """Resolve ``auto`` and fall back when the requested method cannot run; say why in notes."""
-    if method not in METHODS:
-        raise InvalidInputError(f"unknown method {short(method)}; choose one of {', '.join(METHODS)}")
+    check_method(method)
     notes: list[str] = []
     if method == AUTO:
         decision = router.choose(task_for(info, None).name, info.n_items, has_adapter)
@@ -146,14 +170,15 @@ def prepare_request(
         check_int(k, "k", 0, MAX_K)
     if retriever is not None:
         check_retriever(retriever)
-    user = p.bases.resolve_user(user_id, with_adapter=uses_adapter(method) or method == AUTO)
+    adapter_method = adapter_method_of(check_method(method))
+    user = p.bases.resolve_user(user_id, with_adapter=uses_adapter(method) or method == AUTO, method=adapter_method)
     the_task = task_for(user.info, task)
     loaded, task_adapter = p.bases.base_for(the_task, method)
     adapter, notes = _usable_adapter(user, loaded, method, the_task)
     chosen, chosen_notes = choose_method(p.router, user.info, method, adapter is not None)
     notes += chosen_notes
     if uses_adapter(method) and adapter is None and p.settings.auto_train and user.info.n_items:
-        notes.append(queue_quietly(p, user_id))
+        notes.append(queue_quietly(p, user_id, adapter_method))
     if not uses_adapter(chosen):
         adapter = None
     if chosen == ZERO_SHOT:
@@ -225,6 +250,7 @@ def request_result(prep: PreparedRequest, text: str, n_new: int) -> GenerationRe
     prep.timings.total_s = time.perf_counter() - prep.start
     if prep.adapter is not None:
         prep.timings.extra["adapter_version"] = prep.adapter.version
+        prep.timings.extra["adapter_method"] = adapter_method_of(prep.chosen)
     prep.timings.extra["task_adapter"] = prep.task_adapter.ref if prep.task_adapter is not None else None
     return GenerationResult(
         user_id=prep.user_id,
@@ -246,6 +272,7 @@ def request_result(prep: PreparedRequest, text: str, n_new: int) -> GenerationRe
 __all__ = [
     "MAX_K",
     "METHODS",
+    "check_method",
     "PreparedRequest",
     "ResolvedUser",
     "adapter_base",
