@@ -183,12 +183,16 @@ class AdapterCache:
         import torch
 
         ids = torch.tensor([self.loaded.tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids or [0]])
+        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self.loaded.is_encoder_decoder:  # the first decoder step's logits
+            start = getattr(self.loaded.model.config, "decoder_start_token_id", None)
+            inputs["decoder_input_ids"] = torch.tensor([[self.loaded.pad_id if start is None else start]])
         previous = self._peft.active_adapter
         with torch.inference_mode():
             self._set_active(name)
-            with_adapter = self._peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+            with_adapter = self._peft(**inputs).logits[0, -1].float()
             with self._peft.disable_adapter():
-                base = self._peft(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].float()
+                base = self._peft(**inputs).logits[0, -1].float()
         change = float((with_adapter - base).abs().max())
         if previous in self._paths and previous != name:
             self._set_active(previous)
