@@ -68,13 +68,25 @@ def test_train_jobs_and_adapters_commands(run, tmp_path, monkeypatch):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     run("users", "import", str(path))
     result = run("train", "t")
-    assert result.exit_code == 0 and "t: adapter v1 on 6 items" in result.stdout
+    assert result.exit_code == 0 and "t: lora adapter v1 on 6 items" in result.stdout
     assert "up to date" in run("train", "t", "--queue").stdout
-    assert "\tt\tdone\t100%" in run("jobs").stdout
+    assert "\tt\tlora\tdone\t100%" in run("jobs").stdout
+    monkeypatch.setenv("PERSONALIZE_IA3__EPOCHS", "1")
+    monkeypatch.setenv("PERSONALIZE_IA3__MAX_LENGTH", "64")
+    result = run("train", "t", "--method", "ia3")
+    assert result.exit_code == 0 and "t: ia3 adapter v2 on 6 items" in result.stdout
+    assert "up to date" in run("train", "t", "--queue", "--method", "ia3").stdout
     adapters = json.loads(run("adapters", "t", "--json").stdout)
-    assert [a["version"] for a in adapters] == [1]
+    assert [(a["version"], a["method"]) for a in adapters] == [(1, "lora"), (2, "ia3")]
+    assert "\tia3\t" in run("adapters", "t").stdout
+    served = json.loads(
+        run("generate", "t", "A film?", "--method", "peft:ia3", "--max-new-tokens", "2", "--json").stdout
+    )
+    assert served["method"] == "peft:ia3" and served["timings"]["extra"]["adapter_method"] == "ia3"
+    result = run("train", "t", "--method", "nope")
+    assert result.exit_code == 2 and "unknown adapter method 'nope'" in result.output
     report = json.loads(run("users", "forget", "t").stdout)
-    assert report["adapters"] == 1 and any("adapters" in f for f in report["files"])
+    assert report["adapters"] == 2 and any("adapters" in f for f in report["files"])
 
 
 def test_task_adapter_train_list_show_remove_and_eval_base(run, monkeypatch):

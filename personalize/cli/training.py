@@ -1,4 +1,5 @@
-"""The top-level training commands, ``personalize train``, ``jobs`` and ``adapters``: per-user LoRA adapters.
+"""The top-level training commands, ``personalize train``, ``jobs`` and ``adapters``: per-user adapters (LoRA, or
+another registered adapter method with ``--method``).
 
 Plain functions: ``personalize.cli.root`` registers them on the root app, in help order.
 """
@@ -19,8 +20,17 @@ def train(
     all_users: bool = typer.Option(False, "--all", help="Every user whose data changed since their adapter"),
     queue: bool = typer.Option(False, "--queue", help="Queue for the Celery workers instead of training here"),
     force: bool = typer.Option(False, "--force", help="Queue even if the adapter is up to date"),
+    method: str = typer.Option(
+        "lora",
+        "--method",
+        help="Adapter method: lora, ia3, prompt-tuning, p-tuning or prefix-tuning (served as peft:<method>; "
+        "--all trains LoRA)",
+    ),
 ) -> None:
-    """Train per-user LoRA adapters, here (with a progress bar) or through the workers (--queue)."""
+    """Train per-user adapters, here (with a progress bar) or through the workers (--queue)."""
+    from personalize.adapters.methods import get_adapter_method
+
+    get_adapter_method(method)
     with client() as p:
         if all_users and queue:
             p.recover_jobs()
@@ -35,12 +45,12 @@ def train(
             return
         for uid in users:
             if queue:
-                typer.echo(f"{uid}: {p.enqueue_training(uid, force=force).message}")
+                typer.echo(f"{uid}: {p.enqueue_training(uid, force=force, method=method).message}")
                 continue
-            adapter = p.train(uid, progress=True)
+            adapter = p.train(uid, progress=True, method=method)
             typer.echo(
-                f"{uid}: adapter v{adapter.version} on {adapter.n_items} items, loss {adapter.final_loss:.3f}, "
-                f"{adapter.train_seconds:.1f} s, {adapter.size_bytes / 1e6:.1f} MB at {adapter.path}"
+                f"{uid}: {adapter.method} adapter v{adapter.version} on {adapter.n_items} items, "
+                f"loss {adapter.final_loss:.3f}, {adapter.train_seconds:.1f} s, {adapter.size_bytes / 1e6:.1f} MB at {adapter.path}"
             )
 
 
@@ -59,7 +69,9 @@ def jobs(user_id: str | None = None, limit: int = 20, as_json: bool = typer.Opti
         loss = f"{j.loss:.3f}" if j.loss is not None else "-"
         error = f"  error: {j.error}" if j.error else ""
         state = f"{j.state} (worker {j.worker} is gone: requeued when a worker starts)" if j.id in lost else j.state
-        typer.echo(f"job {j.id}\t{j.user_id}\t{state}\t{j.progress:.0%}\tloss {loss}\tattempts {j.attempts}{error}")
+        typer.echo(
+            f"job {j.id}\t{j.user_id}\t{j.method}\t{state}\t{j.progress:.0%}\tloss {loss}\tattempts {j.attempts}{error}"
+        )
 
 
 @clear_errors
@@ -72,6 +84,6 @@ def adapters(user_id: str, as_json: bool = typer.Option(False, "--json")) -> Non
         return
     for a in rows:
         typer.echo(
-            f"v{a.version}\tdata v{a.data_version}\t{a.n_items} items\tloss {a.final_loss or 0:.3f}\t"
+            f"v{a.version}\t{a.method}\tdata v{a.data_version}\t{a.n_items} items\tloss {a.final_loss or 0:.3f}\t"
             f"{a.train_seconds:.1f} s\t{a.size_bytes / 1e6:.1f} MB\t{a.path}"
         )
