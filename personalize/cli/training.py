@@ -50,7 +50,8 @@ def train(
             adapter = p.train(uid, progress=True, method=method)
             typer.echo(
                 f"{uid}: {adapter.method} adapter v{adapter.version} on {adapter.n_items} items, "
-                f"loss {adapter.final_loss:.3f}, {adapter.train_seconds:.1f} s, {adapter.size_bytes / 1e6:.1f} MB at {adapter.path}"
+                f"loss {adapter.final_loss:.3f}, {adapter.train_seconds:.1f} s, "
+                f"{adapter.size_bytes / 1e6:.1f} MB at {adapter.path}"
             )
 
 
