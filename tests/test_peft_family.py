@@ -244,3 +244,49 @@ def test_a_real_worker_trains_a_non_lora_method(settings, tmp_path):
         assert client.current_adapter("w1") is None  # no LoRA adapter was trained
         result = client.generate("w1", PROMPT, method="peft:prompt-tuning", max_new_tokens=3)
         assert result.method == "peft:prompt-tuning" and result.timings.extra["adapter_batching"] == "single"
+
+
+@pytest.mark.slow
+def test_an_eval_run_compares_adapter_methods_trained_by_a_worker(home, tiny_model_dir, monkeypatch):
+    """``eval run --peft-methods ia3``: peft:ia3 and rag+peft:ia3 beside peft, each user's IA3 adapter trained by a
+    real worker with the run's IA3 settings, reported with intervals like every method."""
+    from typer.testing import CliRunner
+
+    from personalize.cli import app
+    from personalize.data.schema import EvalResult
+    from personalize.eval.reports import build_report
+    from personalize.eval.runner import EvaluationRunner
+
+    for key, value in {
+        "PERSONALIZE_HOME": str(home),
+        "PERSONALIZE_MODEL": str(tiny_model_dir),
+        "PERSONALIZE_LORA__EPOCHS": "1",
+        "PERSONALIZE_LORA__MAX_LENGTH": "64",
+        "PERSONALIZE_IA3__EPOCHS": "1",
+        "PERSONALIZE_IA3__MAX_LENGTH": "64",
+        "PERSONALIZE_IA3__LEARNING_RATE": "0.02",
+    }.items():
+        monkeypatch.setenv(key, value)
+    args = ["eval", "run", "--task", "movielens-rating", "--synthetic", "3", "--methods", "none,peft"]
+    args += ["--peft-methods", "ia3", "--train-via", "workers", "--workers", "1"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run_id = result.stdout.strip().splitlines()[-1].split()[-1]
+    with Personalizer() as client:
+        report = build_report(client.store, run_id)
+        assert [r.method for r in report.table] == ["none", "peft", "peft:ia3", "rag+peft:ia3"]
+        ia3 = next(r for r in report.table if r.method == "peft:ia3")
+        assert ia3.n_queries == report.table[0].n_queries and ia3.intervals["mae"] is not None
+        assert "mae" in ia3.vs_none  # a paired comparison with none, like every method
+        training = report.cost["training"]
+        assert training["adapters"] == 6  # 3 users x (LoRA, IA3), each method's cost apart
+        assert {m: c["adapters"] for m, c in training["by_method"].items()} == {"ia3": 3, "lora": 3}
+        assert training["by_method"]["ia3"]["adapter_bytes_mean"] < training["by_method"]["lora"]["adapter_bytes_mean"]
+        assert "training (ia3): 3 adapters" in result.stdout
+        with client.store.session() as s:
+            users = {r.user_external_id for r in s.query(EvalResult).filter(EvalResult.run_id == run_id)}
+        for user in users:
+            uid = f"eval/movielens-rating/test/{user}"
+            adapter = client.current_adapter(uid, "ia3")
+            assert adapter is not None and adapter.config["learning_rate"] == 0.02  # the worker got the run's settings
+        assert EvaluationRunner(client).config_of(run_id).adapter_settings["ia3"]["epochs"] == 1

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from personalize.cli.common import clear_errors, client
 from personalize.errors import InvalidInputError
+from personalize.methods import adapter_method_of, uses_adapter
 from personalize.personalizer import Personalizer
 from personalize.settings import Settings
 
@@ -57,6 +58,12 @@ def eval_run(
     workers: int = typer.Option(1, "--workers", help="Local workers to start for training (0: use running ones)"),
     synthetic_users: int | None = typer.Option(None, "--synthetic", help="Use N SYNTHETIC users instead of data"),
     resume: str | None = typer.Option(None, "--resume", help="Continue this interrupted run id"),
+    peft_methods: str | None = typer.Option(
+        None,
+        "--peft-methods",
+        help="Adapter methods to compare, comma-separated (lora, ia3, prompt-tuning, p-tuning, prefix-tuning): each "
+        "adds peft:<method> and rag+peft:<method> (lora is plain peft and rag+peft)",
+    ),
     base: str = typer.Option(
         "task",
         "--base",
@@ -65,7 +72,7 @@ def eval_run(
     ),
 ) -> None:
     """Ingest, train (workers), answer every query with every method, and store it all under a run id."""
-    from personalize.eval.config import EvalConfig, code_version, default_methods, resolve_methods
+    from personalize.eval.config import EvalConfig, code_version, default_methods, resolve_methods, with_peft_methods
     from personalize.eval.reports import build_report, format_report
     from personalize.eval.runner import EvaluationRunner
 
@@ -91,6 +98,9 @@ def eval_run(
                 raise InvalidInputError(f"--base must be task or zero-shot, got {base!r}")
             adapted = base == "task" and p.bases.current_task_adapter(task) is not None
             chosen = resolve_methods(task, _method_list(methods)) if methods else default_methods(task, adapted)
+            if peft_methods:
+                chosen = with_peft_methods(chosen, _method_list(peft_methods))
+            trained = {adapter_method_of(m) for m in chosen if uses_adapter(m)} - {"lora"}
             dataset, source = _load_dataset(task, split, data, synthetic_users)
             try:
                 config = EvalConfig(
@@ -110,6 +120,7 @@ def eval_run(
                     model=p.settings.model,
                     decoder=p.settings.decoder,
                     lora=p.settings.lora.model_dump(),
+                    adapter_settings={m: p.settings.adapter_settings(m).model_dump() for m in sorted(trained)},
                     base=base,
                     code_version=code_version(),
                 )

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from personalize.errors import InvalidInputError, PersonalizeError
 from personalize.eval.baselines import baselines_for, check_baseline, is_baseline
-from personalize.methods import SERVED_METHODS, ZERO_SHOT
+from personalize.methods import DEFAULT_ADAPTER_METHOD, SERVED_METHODS, ZERO_SHOT, adapter_variant
 from personalize.tasks.registry import get_task
 
 EVAL_METHODS = SERVED_METHODS  # the model methods and zero-shot; baselines come from personalize.eval.baselines
@@ -36,7 +36,11 @@ def resolve_methods(task: str, methods: list[str]) -> list[str]:
     for name in methods:
         names = baselines_for(the_task) if name == "baselines" else [name]
         for method in names:
-            if method not in EVAL_METHODS:
+            if (variant := adapter_variant(method)) is not None:
+                from personalize.adapters.methods import get_adapter_method
+
+                get_adapter_method(variant[1])  # peft:<m> and rag+peft:<m> for a registered adapter method m
+            elif method not in EVAL_METHODS:
                 if not is_baseline(method):
                     raise InvalidInputError(
                         f"unknown method {method!r}; model methods: {', '.join(EVAL_METHODS)}; baselines for "
@@ -47,6 +51,24 @@ def resolve_methods(task: str, methods: list[str]) -> list[str]:
                 out.append(method)
     if not out:
         raise InvalidInputError("no methods to run")
+    return out
+
+
+def with_peft_methods(methods: list[str], peft_methods: list[str]) -> list[str]:
+    """``methods`` with ``peft:<m>`` and ``rag+peft:<m>`` for each adapter method ``m`` (``eval run
+    --peft-methods lora,ia3``; LoRA is plain ``peft`` / ``rag+peft``), each variant right after its plain method
+    (or before zero-shot and the baselines when the plain one is not run)."""
+    from personalize.adapters.methods import get_adapter_method
+
+    out = list(methods)
+    for base in ("peft", "rag+peft"):
+        names = [base if m == DEFAULT_ADAPTER_METHOD else f"{base}:{get_adapter_method(m).name}" for m in peft_methods]
+        new = [n for n in dict.fromkeys(names) if n not in out]
+        if base in out:
+            at = out.index(base) + 1
+        else:
+            at = next((i for i, m in enumerate(out) if m == ZERO_SHOT or is_baseline(m)), len(out))
+        out[at:at] = new
     return out
 
 
@@ -82,6 +104,9 @@ class EvalConfig(BaseModel):
     model: str = ""
     decoder: str = Field("", description="Settings.decoder of the run (fast, fast-fp32, plain); '' before it existed.")
     lora: dict = Field(default_factory=dict)
+    adapter_settings: dict[str, dict] = Field(
+        default_factory=dict, description="The training settings of each other adapter method the run trains."
+    )
     base: Literal["task", "zero-shot"] = Field(
         "task",
         description="What none/rag/peft/rag+peft run on: the task-adapted base where a task adapter exists (task), "
@@ -144,4 +169,4 @@ def code_version() -> str:
         return "unknown"
 
 
-__all__ = ["EVAL_METHODS", "EvalConfig", "code_version", "default_methods", "resolve_methods"]
+__all__ = ["EVAL_METHODS", "EvalConfig", "code_version", "default_methods", "resolve_methods", "with_peft_methods"]

@@ -477,23 +477,36 @@ def _cost(store: Store, run: EvalRun, results: list[EvalResult]) -> dict[str, An
     prefix = f"eval/{run.task}/{run.split}/"
     users = {r.user_external_id for r in results}
     with store.session() as s:
-        latest = select(Adapter.user_pk, func.max(Adapter.version).label("v")).group_by(Adapter.user_pk).subquery()
+        latest = (  # each user's newest adapter of each adapter method
+            select(Adapter.user_pk, Adapter.method, func.max(Adapter.version).label("v"))
+            .group_by(Adapter.user_pk, Adapter.method)
+            .subquery()
+        )
         adapter_rows = s.execute(
-            select(User.external_id, Adapter.train_seconds, Adapter.size_bytes)
+            select(User.external_id, Adapter.train_seconds, Adapter.size_bytes, Adapter.method)
             .join(Adapter, Adapter.user_pk == User.id)
             .join(latest, (latest.c.user_pk == Adapter.user_pk) & (latest.c.v == Adapter.version))
             .where(User.external_id.startswith(prefix, autoescape=True))
         ).all()
     mine = [r for r in adapter_rows if r[0][len(prefix) :] in users]
-    training = {}
+    training: dict[str, Any] = {}
     if mine:
-        training = {
-            "adapters": len(mine),
-            "train_seconds_per_user_mean": statistics.mean(r[1] for r in mine),
-            "train_seconds_per_user_max": max(r[1] for r in mine),
-            "adapter_bytes_mean": statistics.mean(r[2] for r in mine),
-        }
+        training = _training_cost(mine)
+        by_method: dict[str, list[Any]] = defaultdict(list)
+        for row in mine:
+            by_method[row[3]].append(row)
+        training["by_method"] = {m: _training_cost(rows) for m, rows in sorted(by_method.items())}
     return {"latency": latency, "training": training}
+
+
+def _training_cost(rows: list[Any]) -> dict[str, Any]:
+    """Adapters, training seconds per user and bytes of (user, train_seconds, size_bytes, ...) rows."""
+    return {
+        "adapters": len(rows),
+        "train_seconds_per_user_mean": statistics.mean(r[1] for r in rows),
+        "train_seconds_per_user_max": max(r[1] for r in rows),
+        "adapter_bytes_mean": statistics.mean(r[2] for r in rows),
+    }
 
 
 # --------------------------------------------------------------------------------------------- the report
@@ -725,10 +738,13 @@ def format_report(report: RunReport) -> str:
             )
         tr = report.cost.get("training")
         if tr:
-            out.append(
-                f"training: {tr['adapters']} adapters, {tr['train_seconds_per_user_mean']:.1f} s/user mean "
-                f"(max {tr['train_seconds_per_user_max']:.1f}), {tr['adapter_bytes_mean'] / 1e6:.2f} MB each"
-            )
+            per_method = tr.get("by_method", {})
+            for method, cost in per_method.items() if len(per_method) > 1 else [("", tr)]:
+                out.append(
+                    f"training{f' ({method})' if method else ''}: {cost['adapters']} adapters, "
+                    f"{cost['train_seconds_per_user_mean']:.1f} s/user mean "
+                    f"(max {cost['train_seconds_per_user_max']:.1f}), {cost['adapter_bytes_mean'] / 1e6:.2f} MB each"
+                )
     if report.claims:
         out += ["", f"== the paper's claims, checked ({report.metrics[0]}) =="]
         for c in report.claims:

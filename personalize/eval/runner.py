@@ -20,6 +20,7 @@ from typing import Any, cast
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from personalize.adapters.methods import ADAPTER_METHODS
 from personalize.data.ingest import lamp_item
 from personalize.data.naming import eval_user_id
 from personalize.data.schema import EvalResult, EvalRun, utcnow
@@ -33,7 +34,7 @@ from personalize.eval.config import resolve_methods as resolve_methods
 from personalize.eval.datasets.lamp import Dataset, Query
 from personalize.eval.metrics import parse_prediction
 from personalize.jobs.worker_process import start_worker, stop_worker
-from personalize.methods import uses_adapter
+from personalize.methods import adapter_method_of, uses_adapter
 from personalize.personalizer import Personalizer
 from personalize.serving.scoring import median_label
 from personalize.settings import LoraSettings
@@ -126,6 +127,10 @@ class EvaluationRunner:
         config.methods = resolve_methods(config.task, config.methods)
         if config.lora:  # a resumed run trains exactly as it started, whatever this process's settings say
             self.p.settings = self.p.settings.model_copy(update={"lora": LoraSettings(**config.lora)})
+        for name, stored in config.adapter_settings.items():  # the other adapter methods' settings, likewise
+            section = name.replace("-", "_")
+            kind = type(self.p.settings.adapter_settings(name))
+            self.p.settings = self.p.settings.model_copy(update={section: kind(**stored)})
         self._fix_base(config, resumed=run_id is not None)
         if run_id is None:
             run_id = self.start(config)
@@ -169,20 +174,22 @@ class EvaluationRunner:
             users.append(uid)
         return users
 
-    def _needs_adapter(self, uid: str) -> bool:
-        return not self.p.adapter_is_current(uid, self.p.current_adapter(uid))
+    def _needs_adapter(self, uid: str, method: str = "lora") -> bool:
+        return not self.p.adapter_is_current(uid, self.p.current_adapter(uid, method))
 
     def train(self, users: list[str], config: EvalConfig, start_workers: int) -> None:
-        todo = [u for u in users if self._needs_adapter(u)]
+        """Every user's adapter of every adapter method the run's methods use (``peft``: LoRA, ``peft:ia3``: IA3)."""
+        adapter_methods = list(dict.fromkeys(adapter_method_of(m) for m in config.methods if uses_adapter(m)))
+        todo = [(u, m) for m in adapter_methods for u in users if self._needs_adapter(u, m)]
         if not todo:
             return
         if config.train_via == "inline":
-            for uid in _bar(todo, len(todo), "train", self.show):
-                self.p.train(uid)
+            for uid, method in _bar(todo, len(todo), "train", self.show):
+                self.p.train(uid, method=method)
             return
         workers = [self._start_worker(i) for i in range(start_workers)]
         try:
-            jobs = {uid: self.p.enqueue_training(uid).job_id for uid in todo}
+            jobs = {f"{uid} ({m})": self.p.enqueue_training(uid, method=m).job_id for uid, m in todo}
             self._wait_for_jobs(jobs)
         finally:
             for proc in workers:
@@ -191,7 +198,9 @@ class EvaluationRunner:
     def _start_worker(self, index: int) -> subprocess.Popen:
         """A local `celery -A workers worker` with this run's settings (same home, database, broker, model)."""
         s = self.p.settings
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONALIZE_LORA__")}
+        sections = {name: name.replace("-", "_").upper() for name in ADAPTER_METHODS}
+        prefixes = tuple(f"PERSONALIZE_{section}__" for section in sections.values())
+        env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
         env.update(
             {
                 "PERSONALIZE_HOME": str(s.resolved_home),
@@ -204,6 +213,8 @@ class EvaluationRunner:
                 "PERSONALIZE_LORA": json.dumps(s.lora.model_dump()),
             }
         )
+        for name, section in sections.items():  # every adapter method's settings, likewise
+            env[f"PERSONALIZE_{section}"] = json.dumps(s.adapter_settings(name).model_dump())
         log = s.resolved_home / f"eval-worker-{index}.log"
         return start_worker(env, log, name=f"eval{index}@%h", pool="solo", loglevel="WARNING")
 
