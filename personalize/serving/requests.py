@@ -69,16 +69,21 @@ class PreparedRequest:
 def check_prompt(prompt: object, max_chars: int, field: str = "prompt") -> str:
     """A non-empty string within ``max_chars`` that SQL and the tokenizer accept; else a clear error."""
     if not isinstance(prompt, str):
-        raise InvalidInputError(f"the {field} must be a string, got {type(prompt).__name__}")
+        raise InvalidInputError(f"the {field} must be a string, got {type(prompt).__name__}", field)
     if not prompt.strip():
         if field == "prompt":
             raise EmptyPromptError()
-        raise InvalidInputError(f"the {field} is empty: pass some text to search for")
+        raise InvalidInputError(f"the {field} is empty: pass some text to search for", field)
     if len(prompt) > max_chars:
         raise InvalidInputError(
-            f"the {field} has {len(prompt):,} characters; the limit is {max_chars:,} (PERSONALIZE_MAX_PROMPT_CHARS)"
+            f"the {field} has {len(prompt):,} characters; the limit is {max_chars:,} (PERSONALIZE_MAX_PROMPT_CHARS)",
+            field,
         )
-    return check_unicode(prompt, f"the {field}")
+    try:
+        return check_unicode(prompt, f"the {field}")
+    except InvalidInputError as exc:
+        exc.field = field
+        raise
 
 
 def task_for(info: UserInfo, task: str | Task | None) -> Task:
@@ -93,7 +98,7 @@ def task_for(info: UserInfo, task: str | Task | None) -> Task:
 def choose_method(router: Router, info: UserInfo, method: str, has_adapter: bool) -> tuple[str, list[str]]:
     """Resolve ``auto`` and fall back when the requested method cannot run; say why in notes."""
     if method not in METHODS:
-        raise InvalidInputError(f"unknown method {short(method)}; choose one of {', '.join(METHODS)}")
+        raise InvalidInputError(f"unknown method {short(method)}; choose one of {', '.join(METHODS)}", "method")
     notes: list[str] = []
     if method == AUTO:
         decision = router.choose(task_for(info, None).name, info.n_items, has_adapter)
