@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from conftest import FAST_LORA, free_port
 
@@ -26,12 +27,14 @@ def server_settings(home: Path, model_dir: Path, **server: object) -> Settings:
 
 
 @contextmanager
-def serving(personalizer: Personalizer) -> Iterator[str]:
-    """Serve ``create_app(personalizer)`` on 127.0.0.1 until the block ends; yields the base URL."""
+def serving(target: Personalizer | Any) -> Iterator[str]:
+    """Serve ``create_app(personalizer)`` (or an app made already) on 127.0.0.1 until the block ends; yields the
+    base URL."""
     import uvicorn
 
+    app = create_app(target) if isinstance(target, Personalizer) else target
     port = free_port()
-    config = uvicorn.Config(create_app(personalizer), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True, name="uvicorn-test")
     thread.start()
