@@ -295,3 +295,46 @@ def test_scoped_keys_act_for_their_own_users_only(keyed):
     assert bob.get(f"/v1/users/{path('bobby')}").status_code == 403
     assert bob.get(f"/v1/users/{path('acme/x')}").status_code == 403
     assert acme.delete(f"/v1/users/{path('acme/../globex/y')}").json()["items"] == 2
+
+
+def test_the_serve_command_answers_on_loopback(tmp_path, tiny_model_dir):
+    """`personalize serve` as a process: ready once the model is loaded, hostile ids intact, stopped by SIGTERM."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import free_port
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "PERSONALIZE_HOME": str(tmp_path / "home"),
+        "PERSONALIZE_MODEL": str(tiny_model_dir),
+        "PERSONALIZE_AUTO_TRAIN": "false",
+        "PERSONALIZE_TORCH_THREADS": "1",
+    }
+    env.pop("PERSONALIZE_SERVER", None)
+    cmd = [sys.executable, "-m", "personalize.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        user = "tenant/../ü%2F"
+        c = httpx.Client(base_url=url, timeout=60)
+        assert c.post(f"/v1/users/{path(user)}/items", json={"items": movie_items(2)}).json()["user_id"] == user
+        assert c.post("/v1/generate", json={"user_id": user, "prompt": "hi", "max_new_tokens": 2}).status_code == 200
+        assert c.delete(f"/v1/users/{path(user)}").json()["items"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "Traceback" not in log.read_text()
