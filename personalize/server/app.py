@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
+from personalize import __version__
 from personalize.personalizer import Personalizer
 from personalize.server import chat, routes
 from personalize.server.auth import check_bind
@@ -33,8 +34,6 @@ def create_app(personalizer: Personalizer, *, preload: bool = True) -> FastAPI:
         if preload:
             await run_in_threadpool(lambda: personalizer.model)
         yield
-
-    from personalize import __version__
 
     app = FastAPI(
         title="personalize",
@@ -57,7 +56,7 @@ def create_app(personalizer: Personalizer, *, preload: bool = True) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Model loaded, database and broker reachable")
-    def readyz(request: Request) -> JSONResponse:
+    def readyz() -> JSONResponse:
         checks = readiness(personalizer)
         ready = all(c["ok"] for c in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from personalize.errors import ForbiddenError, UnauthorizedError
+from personalize.errors import ForbiddenError, InvalidInputError, UnauthorizedError
 from personalize.settings import ApiKey
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -32,10 +32,6 @@ class Caller:
         """Raise ``ForbiddenError`` unless this caller may act for ``user_id``."""
         if self.key is not None and not self.key.allows(user_id):
             raise ForbiddenError(f"this API key ({self.name}) is not scoped to that user")
-
-    def check_unscoped(self, what: str) -> None:
-        if self.key is not None and not self.key.unscoped:
-            raise ForbiddenError(f"{what} needs an API key that is not scoped to some users")
 
 
 def presented_key(request: Request) -> str | None:
@@ -73,8 +69,6 @@ def authenticate(request: Request) -> Caller:
 
 def check_bind(host: str, keys: list[ApiKey]) -> None:
     """Refuse to listen beyond loopback without API keys."""
-    from personalize.errors import InvalidInputError
-
     if not keys and host not in LOOPBACK_HOSTS:
         raise InvalidInputError(
             f"refusing to listen on {host} without API keys: anyone who reaches it could read and forget every user; "

@@ -91,7 +91,8 @@ def server_settings(request: Request) -> ServerSettings:
 
 
 def check_new_tokens(value: int | None, cap: int, field: str = "max_new_tokens") -> int | None:
-    if value is not None and not isinstance(value, bool) and isinstance(value, int) and value > cap:
+    """Refuse more new tokens than the server's cap (``Settings.server.max_new_tokens``), naming the field."""
+    if value is not None and value > cap:
         raise InvalidInputError(f"{field} is at most {cap} on this server (PERSONALIZE_SERVER__MAX_NEW_TOKENS)", field)
     return value
 
