@@ -152,3 +152,17 @@ def test_the_server_setting_as_json_carries_the_api_key(tmp_path, tiny_model_dir
         monkeypatch.setenv("PERSONALIZE_SERVER", url)
         monkeypatch.setenv("PERSONALIZE_SERVER__API_KEY", "k-acme")
         assert personalize.forget("acme/x").items == 1
+
+
+def test_every_error_class_has_its_own_code_and_comes_back_as_itself():
+    from personalize import errors
+    from personalize.errors import PersonalizeError, ServerError, error_classes
+    from personalize.server.wire import error_from_wire
+
+    defined = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, PersonalizeError)]
+    assert len({c.code for c in defined}) == len(defined) == len(error_classes())
+    for code, cls in error_classes().items():
+        exc = error_from_wire({"error": {"code": code, "message": "what to do", "field": "k"}}, 400)
+        assert type(exc) is cls and str(exc) == "what to do" and exc.field == "k"
+    assert type(error_from_wire({"error": {"code": "from-the-future"}}, 500)) is ServerError
+    assert type(error_from_wire("<html>bad gateway</html>", 502)) is ServerError
