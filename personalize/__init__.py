@@ -22,15 +22,21 @@ from personalize.errors import (
     BrokerUnavailableError,
     DatabaseUnavailableError,
     EmptyPromptError,
+    ForbiddenError,
     ImportIncompleteError,
     InvalidInputError,
     MalformedFileError,
     ModelLoadError,
     PersonalizeError,
+    ServerBusyError,
+    ServerError,
+    ServerUnavailableError,
     StoreBusyError,
     TrainingCancelled,
     TrainingFailedError,
+    UnauthorizedError,
     UnknownAdapterMethodError,
+    UnknownJobError,
     UnknownUserError,
     VectorStoreUnavailableError,
 )
@@ -40,6 +46,7 @@ from personalize.settings import Settings
 
 if TYPE_CHECKING:
     from personalize.data.store import UpsertReport
+    from personalize.remote import RemoteClient
     from personalize.retrieval.base import RetrievedItem
 
 __version__ = "0.1.0"
@@ -73,22 +80,40 @@ def generate(
     retriever: str | None = None,
     task: str | None = None,
 ) -> GenerationResult:
-    """``Personalizer.generate`` on the default client (built from the environment)."""
+    """``Personalizer.generate`` on the default client (built from the environment); with ``PERSONALIZE_SERVER``
+    set, on that server (``personalize.remote``)."""
+    remote = _remote()
+    if remote is not None:
+        return remote.generate(
+            user_id, prompt, method, k=k, max_new_tokens=max_new_tokens, retriever=retriever, task=task
+        )
     return get_default().generate(
         user_id, prompt, method, k=k, max_new_tokens=max_new_tokens, retriever=retriever, task=task
     )
 
 
 def add_items(user_id: str, items: Iterable[ProfileItem | dict[str, Any]]) -> UpsertReport:
-    return get_default().add_items(user_id, items)
+    remote = _remote()
+    return remote.add_items(user_id, items) if remote is not None else get_default().add_items(user_id, items)
 
 
 def retrieve(user_id: str, query: str, *, k: int | None = None, retriever: str | None = None) -> list[RetrievedItem]:
+    remote = _remote()
+    if remote is not None:
+        return remote.retrieve(user_id, query, k, retriever)
     return get_default().retrieve(user_id, query, k, retriever)
 
 
 def forget(user_id: str) -> ForgetReport:
-    return get_default().forget(user_id)
+    remote = _remote()
+    return remote.forget(user_id) if remote is not None else get_default().forget(user_id)
+
+
+def _remote() -> RemoteClient | None:
+    """The server client when ``PERSONALIZE_SERVER`` is set (client mode), else None (in-process)."""
+    from personalize.remote import configured, default_remote
+
+    return default_remote() if configured() else None
 
 
 __all__ = [
@@ -100,6 +125,7 @@ __all__ = [
     "BrokerUnavailableError",
     "DatabaseUnavailableError",
     "EmptyPromptError",
+    "ForbiddenError",
     "ForgetReport",
     "GenerationResult",
     "ImportIncompleteError",
@@ -110,13 +136,18 @@ __all__ = [
     "Personalizer",
     "ProfileItem",
     "RetrievedRef",
+    "ServerBusyError",
+    "ServerError",
+    "ServerUnavailableError",
     "Settings",
     "StoreBusyError",
     "ServingFacts",
     "Timings",
     "TrainingCancelled",
     "TrainingFailedError",
+    "UnauthorizedError",
     "UnknownAdapterMethodError",
+    "UnknownJobError",
     "UnknownUserError",
     "UserInfo",
     "VectorStoreUnavailableError",

@@ -5,11 +5,12 @@ Every field has a default that works on a laptop with nothing but the installed 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUNDLED_MODEL = "bundled:smollm2-135m-instruct"
 BUNDLED_EMBEDDER = "bundled:all-minilm-l6-v2"
@@ -208,6 +209,78 @@ class StatsSettings(BaseModel):
     seed: int = Field(0, description="Seed of every resample: the same run gives the same intervals.")
 
 
+class ApiKey(BaseModel):
+    """One API key of the HTTP server and the users it may act for: a list of ids, a prefix, or (neither) all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: SecretStr = Field(description="The secret the client sends as `Authorization: Bearer KEY`.")
+    name: str = Field("", description="A label for logs and metrics (never the key itself).")
+    users: list[str] | None = Field(None, description="The exact user ids this key may read, write and forget.")
+    prefix: str | None = Field(None, description="Or: every user id that starts with this prefix (a tenant).")
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> ApiKey:
+        if self.users is not None and self.prefix is not None:
+            raise ValueError("give an API key either users or prefix, not both")
+        if self.prefix == "":
+            raise ValueError("an empty prefix would match every user: leave users and prefix out for that")
+        return self
+
+    @property
+    def unscoped(self) -> bool:
+        """May act for every user, and on what belongs to no user (jobs listing, models)."""
+        return self.users is None and self.prefix is None
+
+    def allows(self, user_id: str) -> bool:
+        if self.users is not None:
+            return user_id in self.users
+        return self.prefix is None or user_id.startswith(self.prefix)
+
+
+class ServerSettings(BaseModel):
+    """The HTTP server (``personalize serve``) and, with ``url``, the client mode of ``personalize.generate``.
+
+    ``PERSONALIZE_SERVER`` is either a URL (``http://host:8000``) or this section as JSON
+    (``{"url": ..., "api_key": ...}``); the server's own fields also read ``PERSONALIZE_SERVER__HOST`` and so on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str | None = Field(
+        None, description="Client mode: the server personalize.generate, add_items, retrieve and forget call."
+    )
+    api_key: SecretStr | None = Field(None, description="Client mode: the API key sent to the server.")
+    timeout_s: float = Field(300.0, gt=0, description="Client mode: seconds to wait for one answer.")
+    host: str = Field("127.0.0.1", description="Where `personalize serve` listens.")
+    port: int = Field(8000, ge=0, le=65535, description="The port `personalize serve` listens on.")
+    api_keys: list[ApiKey] = Field(
+        default_factory=list,
+        description="Keys the server accepts; none: no key is asked and the server listens on 127.0.0.1 only.",
+    )
+    max_new_tokens: int = Field(512, ge=1, le=4096, description="Most new tokens one request may ask for.")
+    max_concurrent: int = Field(
+        32, ge=1, description="Generations in flight at once; more are refused with 503 and Retry-After."
+    )
+    retry_after_s: int = Field(1, ge=0, description="The Retry-After a refused (busy) request is told.")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"the server URL must start with http:// or https://, got {value[:60]!r}")
+        return value.rstrip("/") if value else value
+
+
+def parse_server(value: Any) -> Any:
+    """``PERSONALIZE_SERVER`` as a URL or as JSON."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return {}
+        return json.loads(text) if text.startswith("{") else {"url": text}
+    return value
+
+
 class Settings(BaseSettings):
     """Where data lives, which models to load, and the retrieval defaults."""
 
@@ -308,6 +381,10 @@ class Settings(BaseSettings):
             "method 'zero-shot' is the base model whatever this says."
         ),
     )
+    server: Annotated[ServerSettings, NoDecode] = Field(
+        default_factory=ServerSettings,
+        description="The HTTP server and the client mode (PERSONALIZE_SERVER=http://host:port, or JSON).",
+    )
     max_item_chars: int = Field(
         200_000,
         ge=1,
@@ -316,6 +393,11 @@ class Settings(BaseSettings):
             "GB to import. Longer items are refused with an error naming this setting."
         ),
     )
+
+    @field_validator("server", mode="before")
+    @classmethod
+    def _parse_server(cls, value: Any) -> Any:
+        return parse_server(value)
 
     @property
     def resolved_home(self) -> Path:

@@ -15,6 +15,7 @@ from personalize.cli.data import data_app
 from personalize.cli.db import db_app
 from personalize.cli.eval import eval_app
 from personalize.cli.router import router_app
+from personalize.cli.serve import serve
 from personalize.cli.task_adapter import task_adapter_app
 from personalize.cli.training import adapters, jobs, train
 from personalize.cli.users import users_app
@@ -48,6 +49,7 @@ app.command("adapters")(adapters)
 app.command("retrieve")(retrieve)
 app.command("generate")(generate)
 app.command("demo")(demo)
+app.command("serve")(serve)
 
 
 def main() -> None:  # pragma: no cover

@@ -22,11 +22,11 @@ _UNSAFE = re.compile(r"[^a-z0-9]+")
 def validate_user_id(user_id: object) -> str:
     """A user id is any non-blank string every backend can store (no lone surrogates, no NUL)."""
     if not isinstance(user_id, str):
-        raise InvalidInputError(f"user_id must be a string, got {type(user_id).__name__}")
+        raise InvalidInputError(f"user_id must be a string, got {type(user_id).__name__}", "user_id")
     if not user_id or not user_id.strip():
-        raise InvalidInputError("user_id must not be empty")
+        raise InvalidInputError("user_id must not be empty", "user_id")
     if len(user_id) > MAX_USER_ID_CHARS:
-        raise InvalidInputError(f"user_id is at most {MAX_USER_ID_CHARS} characters, got {len(user_id)}")
+        raise InvalidInputError(f"user_id is at most {MAX_USER_ID_CHARS} characters, got {len(user_id)}", "user_id")
     return check_unicode(user_id, "user_id")
 
 

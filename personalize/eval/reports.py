@@ -492,10 +492,10 @@ def _cost(store: Store, run: EvalRun, results: list[EvalResult]) -> dict[str, An
     training: dict[str, Any] = {}
     if mine:
         training = _training_cost(mine)
-        by_method: dict[str, list[Any]] = defaultdict(list)
+        per_method: dict[str, list[Any]] = defaultdict(list)
         for row in mine:
-            by_method[row[3]].append(row)
-        training["by_method"] = {m: _training_cost(rows) for m, rows in sorted(by_method.items())}
+            per_method[row[3]].append(row)
+        training["by_method"] = {m: _training_cost(rows) for m, rows in sorted(per_method.items())}
     return {"latency": latency, "training": training}
 
 

@@ -107,7 +107,7 @@ def retriever_names() -> tuple[str, ...]:
 
 def check_retriever(name: str) -> str:
     if not isinstance(name, str) or name not in RETRIEVERS:
-        raise InvalidInputError(f"unknown retriever {short(name)}; choose one of {', '.join(RETRIEVERS)}")
+        raise InvalidInputError(f"unknown retriever {short(name)}; choose one of {', '.join(RETRIEVERS)}", "retriever")
     return name
 
 

@@ -184,3 +184,8 @@ def get_model(spec: str, models_dir: Path) -> LoadedModel:
         if key not in _LOADED:
             _LOADED[key] = load_model(spec, models_dir)
         return _LOADED[key]
+
+
+def is_loaded(spec: str, models_dir: Path) -> bool:
+    """Whether ``get_model(spec, models_dir)`` would answer without loading anything (never waits for a load)."""
+    return (spec, str(models_dir.resolve())) in _LOADED

@@ -88,16 +88,21 @@ class PreparedRequest:
 def check_prompt(prompt: object, max_chars: int, field: str = "prompt") -> str:
     """A non-empty string within ``max_chars`` that SQL and the tokenizer accept; else a clear error."""
     if not isinstance(prompt, str):
-        raise InvalidInputError(f"the {field} must be a string, got {type(prompt).__name__}")
+        raise InvalidInputError(f"the {field} must be a string, got {type(prompt).__name__}", field)
     if not prompt.strip():
         if field == "prompt":
             raise EmptyPromptError()
-        raise InvalidInputError(f"the {field} is empty: pass some text to search for")
+        raise InvalidInputError(f"the {field} is empty: pass some text to search for", field)
     if len(prompt) > max_chars:
         raise InvalidInputError(
-            f"the {field} has {len(prompt):,} characters; the limit is {max_chars:,} (PERSONALIZE_MAX_PROMPT_CHARS)"
+            f"the {field} has {len(prompt):,} characters; the limit is {max_chars:,} (PERSONALIZE_MAX_PROMPT_CHARS)",
+            field,
         )
-    return check_unicode(prompt, f"the {field}")
+    try:
+        return check_unicode(prompt, f"the {field}")
+    except InvalidInputError as exc:
+        exc.field = field
+        raise
 
 
 def task_for(info: UserInfo, task: str | Task | None) -> Task:
@@ -118,7 +123,8 @@ def check_method(method: object) -> str:
     if variant is None:
         raise InvalidInputError(
             f"unknown method {short(method)}; choose one of {', '.join(METHODS)}, or peft:<adapter method> / "
-            "rag+peft:<adapter method>"
+            "rag+peft:<adapter method>",
+            "method",
         )
     get_adapter_method(variant[1])
     return str(method)

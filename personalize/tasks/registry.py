@@ -153,7 +153,7 @@ def get_task(name: str | None) -> Task:
         raise InvalidInputError(f"task must be a string, got {type(name).__name__}")
     key = (name or "generic").lower().replace("_", "-")
     if key not in _TASKS:
-        raise InvalidInputError(f"unknown task {short(name)}; known tasks: {', '.join(sorted(_TASKS))}")
+        raise InvalidInputError(f"unknown task {short(name)}; known tasks: {', '.join(sorted(_TASKS))}", "task")
     return _TASKS[key]
 
 
