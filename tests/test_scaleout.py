@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    FAST_LORA,
     REDIS_URL,
     free_port,
     movie_items,
@@ -274,3 +275,78 @@ def test_four_processes_ingest_different_users_and_two_the_same_user(
                 text = p.store.items(user, [item_id])[0].text
                 assert item_id in [h.id for h in p.retrieve(user, text, k=3, retriever="dense")]
         assert p.user("shared").n_items == 450
+
+
+def _start_api(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    """`personalize serve` in its own process, as the compose file's api service runs it."""
+    cmd = [sys.executable, "-m", "personalize.cli", "serve", "--port", str(port), "--log-level", "warning"]
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_two_api_replicas_share_users_and_serve_only_the_current_adapter(
+    tmp_path, postgres_url, chroma_server, tiny_model_dir
+):
+    """Two `personalize serve` processes (each its own home, as on two machines) behind one PostgreSQL, Chroma
+    server, broker and adapter folder: items written through one are served by the other, and a retrained adapter
+    is what both serve on their next request, never the old one after the new one is current."""
+    from personalize.remote import RemoteClient
+
+    broker = _redis_db(12)
+    _migrate(postgres_url, tmp_path / "migrate-home")
+    shared = {"database_url": postgres_url, "chroma": chroma_server, "broker_url": broker}
+    shared["adapters_dir"] = str(tmp_path / "shared-adapters")
+    apis, urls, logs = [], [], []
+    try:
+        for n in (1, 2):
+            port, log = free_port(), tmp_path / f"api-{n}.log"
+            env = _worker_env(tmp_path / f"api-{n}-home", tiny_model_dir, auto_train="false", **shared)
+            apis.append(_start_api(env, port, log))
+            urls.append(f"http://127.0.0.1:{port}")
+            logs.append(log)
+        for url, log in zip(urls, logs, strict=True):
+            wait_for(lambda url=url: _ready(url), 180, "the API replica to load its model", log)
+        first, second = RemoteClient(urls[0]), RemoteClient(urls[1])
+        user = "replica/ü 1"
+        first.add_items(user, _rated(10, prefix="r1-"))
+        assert second.user(user).n_items == 10  # written through one replica, read through the other
+        rag = second.generate(user, "Recommend a film", method="rag", retriever="dense", max_new_tokens=2)
+        assert rag.method == "rag" and len(rag.retrieved) == 4 and all(r.id.startswith("r1-") for r in rag.retrieved)
+
+        trainer_settings = Settings(
+            home=tmp_path / "trainer-home",
+            model=str(tiny_model_dir),
+            auto_train=False,
+            lora=FAST_LORA,
+            _env_file=None,
+            **shared,
+        )
+        with Personalizer(trainer_settings) as trainer:  # a third process's view: it trains into the shared store
+            assert trainer.train(user).version == 1
+            for replica in (first, second):  # both load v1 into their adapter caches
+                served = replica.generate(user, "Recommend a film", method="peft", max_new_tokens=2)
+                assert served.method == "peft" and served.timings.extra["adapter_version"] == 1
+            second.add_items(user, _rated(14, prefix="r1-"))  # new items through the other replica
+            assert trainer.train(user).version == 2
+        for replica in (first, second):  # the next lookup of each replica serves v2, never v1 again
+            for _ in range(2):
+                served = replica.generate(user, "Recommend a film", method="peft", max_new_tokens=2)
+                assert served.timings.extra["adapter_version"] == 2
+        assert first.forget(user).adapters == 2
+        assert not list((tmp_path / "shared-adapters").rglob("*.safetensors"))
+        first.close()
+        second.close()
+    finally:
+        for proc in apis:
+            stop_process(proc)
+    for log in logs:
+        assert "Traceback" not in log.read_text()
