@@ -113,6 +113,23 @@ with ui.page("Cost", "What each method costs (training, storage, latency) agains
     m[1].metric("Training s / user (mean)", f"{training['train_seconds_per_user_mean']:.1f}" if training else "-")
     m[2].metric("Training s / user (max)", f"{training['train_seconds_per_user_max']:.1f}" if training else "-")
     m[3].metric("Adapter MB (mean)", f"{training['adapter_bytes_mean'] / 1e6:.2f}" if training else "-")
+    per_method = training.get("by_method", {})
+    if len(per_method) > 1:  # the PEFT family side by side: what each adapter method costs to train and store
+        st.subheader("Training per adapter method")
+        st.dataframe(
+            [
+                {
+                    "adapter method": method,
+                    "adapters": cost["adapters"],
+                    "training s / user (mean)": round(cost["train_seconds_per_user_mean"], 1),
+                    "training s / user (max)": round(cost["train_seconds_per_user_max"], 1),
+                    "adapter MB (mean)": round(cost["adapter_bytes_mean"] / 1e6, 3),
+                }
+                for method, cost in per_method.items()
+            ],
+            hide_index=True,
+            width="stretch",
+        )
 
     st.subheader("Latency per method")
     lat = latency_frame(rep)
