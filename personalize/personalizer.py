@@ -63,7 +63,9 @@ class Personalizer:
         )
         self.embedder = get_embedder(self.settings.embedding_model)
         self.indexer = Indexer(self.store, self.vectors, self.embedder, self.settings.max_item_chars, self._changed)
-        context = RetrieverContext(self.store, self.vectors, self.embedder, doc_text)
+        context = RetrieverContext(
+            self.store, self.vectors, self.embedder, doc_text, lambda: self.bases.model, self.settings.rerank_candidates
+        )
         self.retrievers = Retrievers(context, self.store, self.settings.retriever)
         self.router = Router(self.store, self.settings.router)
         self.jobs = Jobs(self.store, self.settings.job_stale_after_s, self.settings.job_max_attempts)

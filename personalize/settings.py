@@ -300,6 +300,9 @@ class Settings(BaseSettings):
         description="Default retriever: dense, bm25, recency or another registered one (checked when first used).",
     )
     k: int = Field(4, ge=0, le=100, description="Default number of items to retrieve.")
+    rerank_candidates: int = Field(
+        20, ge=1, le=200, description="First-stage candidates the +rerank retrievers rerank (bm25+rerank, ...)."
+    )
     token_budget: int = Field(
         512, ge=32, description="Tokens shared by the input and the retrieved items (LaMP uses 256)."
     )

@@ -102,6 +102,12 @@ def tiny_chat_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-chat"), max_positions=128, chat=True)
 
 
+@pytest.fixture(scope="session")
+def bundled_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One home for the tests of the real bundled model: it is dequantised into it once per session."""
+    return tmp_path_factory.mktemp("bundled-home")
+
+
 @pytest.fixture
 def home(tmp_path: Path) -> Path:
     return tmp_path / "home"

@@ -10,11 +10,6 @@ from personalize.serving.modeling import BUNDLED_CACHE_NAME, bundled_gguf_path, 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def bundled_home(tmp_path_factory):
-    return tmp_path_factory.mktemp("bundled-home")
-
-
 def test_bundled_model_is_cached_as_safetensors_and_reloads_fast(bundled_home):
     assert bundled_gguf_path().name.endswith(".gguf")
     models = bundled_home / "models"

@@ -27,6 +27,7 @@ from personalize.retrieval.base import (
 from personalize.retrieval.dense import DenseRetriever
 from personalize.retrieval.bm25 import BM25Index, BM25Retriever, tokenize
 from personalize.retrieval.recency import RecencyRetriever
+from personalize.retrieval.rerank import LikelihoodReranker
 
 # isort: on
 
@@ -35,6 +36,7 @@ RETRIEVER_NAMES = BUILTIN_RETRIEVERS  # the built-in names, as before the regist
 
 __all__ = [
     "BUILTIN_RETRIEVERS",
+    "LikelihoodReranker",
     "RETRIEVERS",
     "RETRIEVER_NAMES",
     "BM25Index",

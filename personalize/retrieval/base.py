@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from personalize.data.checks import short
 from personalize.data.items import ProfileItem
@@ -59,13 +59,16 @@ class SearchesAtVersion(Protocol):
 
 @dataclass(frozen=True)
 class RetrieverContext:
-    """What a retriever factory may use: the SQL store, the vector store, the embedder, and the text an item is
-    searched by (its task's retrieval text)."""
+    """What a retriever factory may use: the SQL store, the vector store, the embedder, the text an item is
+    searched by (its task's retrieval text) and, for rerankers, the language model (loaded on first use) and how many
+    first-stage candidates they rerank."""
 
     store: Store
     vectors: VectorStore
     embedder: Embedder
     doc_text: Callable[[ProfileItem], str]
+    language_model: Callable[[], Any] | None = None
+    rerank_candidates: int = 20
 
 
 @dataclass(frozen=True)
