@@ -94,7 +94,7 @@ def test_forget_calls_every_built_retrievers_forget_hook(client, longest):
 
 def test_unknown_retrievers_name_the_registered_ones(client, longest):
     client.add_items("alice", ALICE)
-    message = "unknown retriever 'magic'; choose one of dense, bm25, recency, longest"
+    message = r"unknown retriever 'magic'; choose one of dense, bm25, recency, bm25\+rerank, dense\+rerank, longest"
     with pytest.raises(InvalidInputError, match=message):
         client.retrieve("alice", "x", retriever="magic")
     with pytest.raises(InvalidInputError, match=message):
