@@ -55,6 +55,7 @@ class AdapterCache:
         self.loaded = loaded
         self.capacity = capacity
         self.probe = probe  # check that each adapter loaded changes the logits (``Settings.adapter_probe``)
+        self._probe: tuple[dict[str, Any], Any] | None = None  # the probe input and the base's logits on it
         self._base = private_base_copy(loaded.model) if copy_base else loaded.model
         self._requires_grad = {name: p.requires_grad for name, p in self._base.named_parameters()}
         self._peft: Any = None
@@ -179,26 +180,39 @@ class AdapterCache:
 
     def _check_changes_output(self, name: str, path: Path) -> None:
         """Refuse (unload, then ``AdapterHasNoEffectError``) an adapter whose logits on a probe input equal the
-        base model's: it would be served silently as the base model (vLLM #55193's failure mode)."""
+        base model's: it would be served silently as the base model (vLLM #55193's failure mode). The base's probe
+        logits are computed once per cache (the base never changes); a method that mixes adapters in one batch is
+        probed through peft's per-row ``adapter_names``, so the active adapter is not switched (~70 ms each way)."""
         import torch
 
-        ids = torch.tensor([self.loaded.tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids or [0]])
-        inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if self.loaded.is_encoder_decoder:  # the first decoder step's logits
-            start = getattr(self.loaded.model.config, "decoder_start_token_id", None)
-            inputs["decoder_input_ids"] = torch.tensor([[self.loaded.pad_id if start is None else start]])
-        previous = self._peft.active_adapter
+        inputs, base = self._probe_base()
         with torch.inference_mode():
-            self._set_active(name)
-            with_adapter = self._peft(**inputs).logits[0, -1].float()
-            with self._peft.disable_adapter():
-                base = self._peft(**inputs).logits[0, -1].float()
+            if unsupported_peft_type_reason(self.peft_type(name), "mixed_batches", "a batch") is None:
+                with_adapter = self._peft(**inputs, adapter_names=[name]).logits[0, -1].float()
+            else:
+                previous = self._peft.active_adapter
+                self._set_active(name)
+                with_adapter = self._peft(**inputs).logits[0, -1].float()
+                if previous in self._paths and previous != name:
+                    self._set_active(previous)
         change = float((with_adapter - base).abs().max())
-        if previous in self._paths and previous != name:
-            self._set_active(previous)
         if not change > PROBE_ATOL:
             self._remove(name)
             raise AdapterHasNoEffectError(name, path, change)
+
+    def _probe_base(self) -> tuple[dict[str, Any], Any]:
+        """The probe input and the base model's last logits on it (with every adapter disabled), computed once."""
+        import torch
+
+        if self._probe is None:
+            ids = torch.tensor([self.loaded.tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids or [0]])
+            inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            if self.loaded.is_encoder_decoder:  # the first decoder step's logits
+                start = getattr(self.loaded.model.config, "decoder_start_token_id", None)
+                inputs["decoder_input_ids"] = torch.tensor([[self.loaded.pad_id if start is None else start]])
+            with torch.inference_mode(), self._peft.disable_adapter():
+                self._probe = (inputs, self._peft(**inputs).logits[0, -1].float())
+        return self._probe
 
     def _remove(self, name: str) -> None:
         del self._paths[name]
