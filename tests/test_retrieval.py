@@ -153,3 +153,22 @@ def test_adding_items_indexes_only_the_new_and_changed_ones(client):
     assert after == fresh.search("carol", "ocean submarine", 3) and after[0][0] == "new"
     again = retriever.search("carol", "number 3 love w3", 5)
     assert again == fresh.search("carol", "number 3 love w3", 5) and "m3" not in [i for i, _ in again]
+
+
+def test_the_exact_scan_gives_chromas_answer_on_a_fresh_collection(tmp_path):
+    """The fallback used when HNSW answers short must rank exactly as a full, exact cosine search does."""
+    import numpy as np
+
+    from personalize.retrieval.vectorstore import VectorStore, _all_embeddings, _exact_top_k
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((40, 16)).astype(np.float32)
+    store = VectorStore(str(tmp_path / "chroma"))
+    store.upsert("alice", [f"i{n}" for n in range(40)], vectors)
+    query = rng.standard_normal(16).astype(np.float32)
+    collection = store._collection("alice", create=False)
+    exact = _exact_top_k(_all_embeddings(collection, page=7), query, 10)  # paged in several pages
+    approximate = store.query("alice", query, 10)
+    assert [h.id for h in exact] == [h.id for h in approximate]
+    assert np.allclose([h.score for h in exact], [h.score for h in approximate], atol=1e-4)
+    assert len(_exact_top_k(_all_embeddings(collection), query, 99)) == 40

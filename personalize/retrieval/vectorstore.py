@@ -53,6 +53,31 @@ def _is_uuid(name: str) -> bool:
     return True
 
 
+def _all_embeddings(collection: Any, page: int = 5000) -> tuple[list[str], np.ndarray]:
+    """Every id and vector of a collection, paged (a user's collection is small enough to scan)."""
+    ids: list[str] = []
+    rows: list[np.ndarray] = []
+    while True:
+        got = collection.get(include=["embeddings"], limit=page, offset=len(ids))
+        ids += list(got["ids"])
+        if len(got["ids"]):
+            rows.append(np.asarray(got["embeddings"], dtype=np.float32))
+        if len(got["ids"]) < page:
+            return ids, (np.concatenate(rows) if rows else np.zeros((0, 0), np.float32))
+
+
+def _exact_top_k(entries: tuple[list[str], np.ndarray], embedding: np.ndarray, k: int) -> list[Hit]:
+    """Cosine top-k by a full scan: the answer the approximate index should have given."""
+    ids, vectors = entries
+    if not ids:
+        return []
+    query = np.asarray(embedding, dtype=np.float32).reshape(-1)
+    norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(query)), 1e-12)
+    scores = (vectors @ query) / np.maximum(norms, 1e-12)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [Hit(ids[i], float(scores[i])) for i in order]
+
+
 class VectorStore:
     """Chroma access by user id; embeddings are always computed by us and passed in.
 
@@ -193,11 +218,15 @@ class VectorStore:
         n = collection.count()
         if n == 0:
             return []
-        found = collection.query(query_embeddings=[embedding], n_results=min(k, n), include=["distances"])
-        return [
+        wanted = min(k, n)
+        found = collection.query(query_embeddings=[embedding], n_results=wanted, include=["distances"])
+        hits = [
             Hit(item_id, 1.0 - float(distance))
             for item_id, distance in zip(found["ids"][0], found["distances"][0], strict=True)
         ]
+        if len(hits) < wanted:  # HNSW is approximate: after updates and deletes it can answer short
+            return _exact_top_k(_all_embeddings(collection), embedding, wanted)
+        return hits
 
     def count(self, user_id: str) -> int:
         collection = self._collection(user_id, create=False)
