@@ -140,6 +140,23 @@ class PrefixTuningSettings(PromptLearningSettings):
     )
 
 
+class DistillSettings(LoraSettings):
+    """A RAG-distilled LoRA (method peft:distill): trained on what the model answers *with* the user's retrieved
+    items, from the prompt *without* them, so serving it needs no retrieval. The teacher's retrieval is rag's."""
+
+    retriever: str | None = Field(
+        None, description="The teacher's retriever (dense, bm25 or recency); None: Settings.retriever, as rag uses."
+    )
+    k: int | None = Field(None, ge=1, le=100, description="Items the teacher retrieves; None: Settings.k.")
+    decision: Literal["argmax", "median"] = Field(
+        "argmax",
+        description="How the teacher turns label log-likelihoods into its answer on label tasks (as the run scores).",
+    )
+    teacher_max_new_tokens: int = Field(
+        32, ge=1, le=512, description="Tokens the teacher generates greedily as the target on generation tasks."
+    )
+
+
 def _task_lora() -> LoraSettings:
     return LoraSettings(
         rank=16,
@@ -366,6 +383,9 @@ class Settings(BaseSettings):
     p_tuning: PTuningSettings = Field(default_factory=PTuningSettings, description="P-tuning adapters (peft:p-tuning).")
     prefix_tuning: PrefixTuningSettings = Field(
         default_factory=PrefixTuningSettings, description="Prefix-tuning adapters (peft:prefix-tuning)."
+    )
+    distill: DistillSettings = Field(
+        default_factory=DistillSettings, description="RAG-distilled LoRA adapters (peft:distill)."
     )
     adapter_probe: bool = Field(
         True,

@@ -60,13 +60,13 @@ def test_lora_is_registered_first_with_every_capability():
     assert all(lora.supports(c) for c in adapter_methods.CAPABILITIES)
     assert method_for_peft_type(PeftType.LORA) is lora and method_for_peft_type("LORA") is lora
     # the rest of the family (issue 15) follows LoRA, none of them on the fast paths or in mixed batches
-    assert list(ADAPTER_METHODS)[1:] == ["ia3", "prompt-tuning", "p-tuning", "prefix-tuning"]
+    assert list(ADAPTER_METHODS)[1:] == ["ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "distill"]
     for name, peft_type in [("ia3", "IA3"), ("prompt-tuning", "PROMPT_TUNING"), ("p-tuning", "P_TUNING")]:
         method = get_adapter_method(name)
         assert method.peft_type == peft_type and method_for_peft_type(peft_type) is method
         assert not any(method.supports(c) for c in adapter_methods.CAPABILITIES)
     assert method_for_peft_type("PREFIX_TUNING") is get_adapter_method("prefix-tuning")
-    assert [m.prompt_learning for m in ADAPTER_METHODS.values()] == [False, False, True, True, True]
+    assert [m.prompt_learning for m in ADAPTER_METHODS.values()] == [False, False, True, True, True, False]
     # the settings say which method they configure: Settings.lora and a task adapter's lora are LoRA
     assert method_for_settings(Settings(_env_file=None).lora) is lora
     assert method_for_settings(TaskAdapterSettings().lora) is lora
@@ -91,7 +91,7 @@ def test_loras_peft_config_is_what_training_built_before(settings, is_encoder_de
 
 
 def test_an_unknown_method_is_refused_with_the_registered_ones_listed(registry):
-    family = "lora, ia3, prompt-tuning, p-tuning, prefix-tuning"
+    family = "lora, ia3, prompt-tuning, p-tuning, prefix-tuning, distill"
     with pytest.raises(
         UnknownAdapterMethodError, match=rf"unknown adapter method 'loha'.*registered methods are {family}"
     ):

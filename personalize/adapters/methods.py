@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from personalize.errors import InvalidInputError, UnknownAdapterMethodError
 from personalize.settings import (
+    DistillSettings,
     IA3Settings,
     LoraSettings,
     PrefixTuningSettings,
@@ -52,6 +53,8 @@ class AdapterMethod:
     fast_decoding: bool = False
     mixed_batches: bool = False
     prompt_learning: bool = False  # virtual tokens before the prompt: served one row at a time, by forward passes
+    variant_of: str | None = None  # the method whose adapters this one's are (same peft type, other training data)
+    distilled: bool = False  # trained on the model's own rag answers (``adapters.distill``), not on the labels
     description: str = ""
 
     def supports(self, capability: Capability) -> bool:
@@ -71,8 +74,9 @@ def peft_type_name(peft_type: object) -> str:
 
 def register_adapter_method(method: AdapterMethod, *, replace: bool = False) -> AdapterMethod:
     """Add ``method`` to the registry and return it (with its peft type as peft writes it). A name registered
-    already is refused unless ``replace``; a peft type that another method has is always refused (one method per
-    peft type: a loaded adapter's peft type names its method)."""
+    already is refused unless ``replace``; a peft type that another method has is refused (a loaded adapter's peft
+    type names its method) unless the new one is a ``variant_of`` it: the same adapters trained on other data,
+    with the same capabilities."""
     if not _NAME.match(method.name):
         raise InvalidInputError(f"adapter method name {method.name!r}: use lowercase words joined by '-'")
     peft_type = peft_type_name(method.peft_type)
@@ -80,7 +84,7 @@ def register_adapter_method(method: AdapterMethod, *, replace: bool = False) -> 
     if method.name in ADAPTER_METHODS and not replace:
         raise InvalidInputError(f"adapter method {method.name!r} is registered already (pass replace=True)")
     clash = method_for_peft_type(peft_type)
-    if clash is not None and clash.name != method.name:
+    if clash is not None and clash.name not in (method.name, method.variant_of):
         raise InvalidInputError(f"adapter method {method.name!r}: peft type {peft_type} belongs to {clash.name!r}")
     ADAPTER_METHODS[method.name] = method
     return method
@@ -113,7 +117,7 @@ def method_for_settings(settings: BaseModel) -> AdapterMethod:
 
 def capable_peft_types(capability: Capability) -> list[str]:
     """The peft types whose method has ``capability``, in registration order."""
-    return [m.peft_type for m in ADAPTER_METHODS.values() if m.supports(capability)]
+    return list(dict.fromkeys(m.peft_type for m in ADAPTER_METHODS.values() if m.supports(capability)))
 
 
 def unsupported_peft_type_reason(peft_type: object, capability: Capability, what: str) -> str | None:
@@ -242,6 +246,23 @@ PREFIX_TUNING = register_adapter_method(
 )
 
 
+DISTILL = register_adapter_method(
+    AdapterMethod(
+        "distill",
+        "LORA",
+        DistillSettings,
+        lora_peft_config,
+        fast_training=True,
+        fast_decoding=True,
+        mixed_batches=True,
+        variant_of="lora",
+        distilled=True,
+        description="A LoRA trained to answer without retrieval what the model answers with the user's retrieved "
+        "items (context distillation): serving needs no retrieval.",
+    )
+)
+
+
 def is_prompt_learning(peft_type: object) -> bool:
     """Adapters of this peft type put virtual tokens before the prompt (served one row at a time)."""
     method = method_for_peft_type(peft_type)
@@ -251,6 +272,7 @@ def is_prompt_learning(peft_type: object) -> bool:
 __all__ = [
     "ADAPTER_METHODS",
     "CAPABILITIES",
+    "DISTILL",
     "IA3",
     "LORA",
     "PREFIX_TUNING",

@@ -347,7 +347,21 @@ def _earlier_top(
 ) -> list[RetrievedItem]:
     """The top k of the user's items strictly before ``position`` (never one dated after the item there), ranked
     as the ``rag`` retriever would rank them among those items alone."""
-    cands = _earlier_candidates(items, position)
+    return top_among(items, docs, _earlier_candidates(items, position), query, k, retriever, vectors, query_vector)
+
+
+def top_among(
+    items: Sequence[ProfileItem],
+    docs: Sequence[str],
+    cands: list[int],
+    query: str,
+    k: int,
+    retriever: str,
+    vectors: np.ndarray | None = None,
+    query_vector: np.ndarray | None = None,
+) -> list[RetrievedItem]:
+    """The top k of ``items[cands]`` (``cands`` in time order), ranked as the built-in ``retriever`` ranks them
+    among those items alone: BM25 over their doc texts, cosine over their ``vectors``, or the newest first."""
     if not cands or k <= 0:
         return []
     if retriever == "recency":

@@ -120,7 +120,7 @@ def eval_run(
                     model=p.settings.model,
                     decoder=p.settings.decoder,
                     lora=p.settings.lora.model_dump(),
-                    adapter_settings={m: p.settings.adapter_settings(m).model_dump() for m in sorted(trained)},
+                    adapter_settings={m: _run_adapter_settings(p, m, retriever, k, decision) for m in sorted(trained)},
                     base=base,
                     code_version=code_version(),
                 )
@@ -129,6 +129,17 @@ def eval_run(
         run_id = runner.run(dataset, config, run_id=resume, start_workers=workers)
         typer.echo(format_report(build_report(p.store, run_id, stats=p.settings.stats)))
         typer.echo(f"\nrun id: {run_id}")
+
+
+def _run_adapter_settings(p: Personalizer, method: str, retriever: str, k: int, decision: str) -> dict:
+    """An adapter method's settings as the run stores them; a distilled adapter's teacher retrieves and decides as
+    the run's rag does (its first stage, for a +rerank retriever), unless its own section says otherwise."""
+    stored = p.settings.adapter_settings(method).model_dump()
+    if method == "distill":
+        stored["retriever"] = stored.get("retriever") or retriever.split("+")[0]
+        stored["k"] = stored.get("k") or k
+        stored["decision"] = decision
+    return stored
 
 
 @eval_app.command("report")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from personalize.adapters.distill import distill_pairs, distill_summary, teacher_retrieval
 from personalize.adapters.methods import get_adapter_method
 from personalize.adapters.training import train_adapter, training_pairs
 from personalize.data.naming import user_key
@@ -26,9 +28,12 @@ from personalize.errors import (
 )
 from personalize.jobs.queue import QUEUE, TRAIN_USER, describe_broker
 from personalize.jobs.store import AdapterInfo, Claim, JobOutcome, Jobs, TrainedAdapter
+from personalize.settings import AdapterTrainingSettings, DistillSettings
 
 if TYPE_CHECKING:
+    from personalize.data.items import ProfileItem
     from personalize.personalizer import Personalizer
+    from personalize.serving.modeling import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
         settings = p.settings.adapter_settings(method.name)
         items = p.store.items(user_id)
         loaded, task_adapter = p.bases.training_base(p.store.get_user(user_id))
-        pairs = training_pairs(items, None, max_items=settings.max_items)
+        pairs, distilled, train_progress = _training_pairs(p, method.distilled, settings, items, loaded, beat)
         version = p.jobs.next_version(user_id)
         out = p.adapter_store.path_for(user_id, version)
         p.adapter_store.discard_incomplete(out)  # left by a crash between the rename and the SQL insert
@@ -173,10 +178,10 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
             pairs,
             settings,
             out,
-            progress=beat.progress,
+            progress=train_progress,
             should_stop=beat.should_stop,
             owner=user_key(user_id),
-            extra={"task_adapter": task_ref},
+            extra={"task_adapter": task_ref, **({"distill": distilled} if distilled else {})},
         )
     except TrainingCancelled as exc:
         p.jobs.fail(job_id, str(exc), state="cancelled")
@@ -210,6 +215,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
             "peft_type": method.peft_type,
             "trainer_used": result.trainer,
             "compute_precision": result.precision,  # what the frozen base computed in ("auto" resolved)
+            **({"distill": distilled} if distilled else {}),
         },
     )
     if p.jobs.finish(job_id, trained) is None:  # the user was forgotten, or the job reclaimed: never write back
@@ -218,6 +224,24 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
             p.adapter_store.delete_user(user_id)
         return JobOutcome.DISCARDED
     return JobOutcome.DONE
+
+
+def _training_pairs(
+    p: Personalizer,
+    distilled: bool,
+    settings: AdapterTrainingSettings,
+    items: list[ProfileItem],
+    loaded: LoadedModel,
+    beat: Heartbeat,
+) -> tuple[list[tuple[str, str]], dict[str, Any] | None, Callable[[float, float | None], None]]:
+    """The pairs an adapter trains on, what the metadata records of a distilled one's targets, and the progress
+    callback of training: a distilled adapter's teacher answers fill the first half of the bar."""
+    if not distilled:
+        return training_pairs(items, None, max_items=settings.max_items), None, beat.progress
+    assert isinstance(settings, DistillSettings)
+    retrieval = teacher_retrieval(p.settings, settings)
+    made = distill_pairs(loaded, items, settings, retrieval, p.embedder, lambda f, _: beat.progress(f / 2, None))
+    return [d.pair for d in made], distill_summary(made, retrieval), lambda f, loss: beat.progress(0.5 + f / 2, loss)
 
 
 class Heartbeat:
