@@ -18,10 +18,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from personalize.adapters.task_adapters import check_pair_retriever, time_order, top_among
+from personalize.adapters.task_adapters import check_pair_retriever, ranking_inputs, time_order, top_among
 from personalize.adapters.training import item_pair, most_recent
 from personalize.data.items import ProfileItem
-from personalize.errors import InvalidInputError
 from personalize.serving.hf_backend import generate_text
 from personalize.serving.modeling import LoadedModel
 from personalize.serving.scoring import candidate_log_likelihoods, median_label
@@ -66,12 +65,17 @@ def teacher_retrieval(settings: Any, distill: DistillSettings) -> TeacherRetriev
     return TeacherRetrieval(retriever, distill.k or settings.k, settings.token_budget, settings.input_share)
 
 
+def is_label(task: Task, gold: str) -> bool:
+    """A pair whose output is one of the task's labels is scored over them; any other output is generated."""
+    return gold in (task.labels or ())
+
+
 def teacher_answer(
     loaded: LoadedModel, task: Task, prompt_ids: list[int], gold: str, distill: DistillSettings
 ) -> tuple[str, bool]:
     """The teacher's answer to an encoded rag prompt, and whether it was scored over the task's labels."""
-    labels = task.labels
-    if labels and gold in labels:
+    if is_label(task, gold):
+        labels = task.labels or ()
         scores = dict(zip(labels, candidate_log_likelihoods(loaded, prompt_ids, labels), strict=True))
         if distill.decision == "median":
             return median_label(scores), True
@@ -92,12 +96,7 @@ def distill_pairs(
     chosen = {item.id for item in most_recent(items, distill.max_items)}
     ordered = time_order(items)
     tasks = [get_task(item.task) for item in ordered]
-    docs = [t.doc_text(t.item_values(i)) or i.text for t, i in zip(tasks, ordered, strict=True)]
-    vectors = None
-    if retrieval.retriever == "dense":
-        if embedder is None:
-            raise InvalidInputError("dense retrieval for the distill teacher needs the embedder")
-        vectors = embedder.embed(docs)
+    docs, vectors = ranking_inputs(ordered, tasks, retrieval.retriever, embedder, "the distill teacher")
     positions = [pos for pos, item in enumerate(ordered) if item.id in chosen]
     out: list[DistillPair] = []
     for done, pos in enumerate(positions):
@@ -130,7 +129,7 @@ def _distill_one(
     query = task.query_text(prompt)
     query_vector = embedder.embed_one(query) if vectors is not None else None
     used = top_among(items, docs, others, query, retrieval.k, retrieval.retriever, vectors, query_vector)
-    max_new = 1 if task.labels and gold in task.labels else distill.teacher_max_new_tokens
+    max_new = 1 if is_label(task, gold) else distill.teacher_max_new_tokens
     built = build_prompt(loaded, task, prompt, used, retrieval.token_budget, retrieval.input_share, max_new)
     target, scored = teacher_answer(loaded, task, built.input_ids, gold, distill)
     if not target.strip():

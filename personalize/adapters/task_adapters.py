@@ -325,7 +325,7 @@ def time_order(items: Sequence[ProfileItem]) -> list[ProfileItem]:
 
 
 def check_pair_retriever(name: str) -> str:
-    """A retriever the context of task-adapter pairs can be ranked with: the built-in ones, which ``_earlier_top``
+    """A retriever the context of task-adapter pairs can be ranked with: the built-in ones, which ``top_among``
     mirrors over a user's earlier items (a registered retriever searches stored items, not a prefix of them)."""
     check_retriever(name)
     if name not in BUILTIN_RETRIEVERS:
@@ -335,19 +335,17 @@ def check_pair_retriever(name: str) -> str:
     return name
 
 
-def _earlier_top(
-    items: Sequence[ProfileItem],
-    docs: Sequence[str],
-    position: int,
-    query: str,
-    k: int,
-    retriever: str,
-    vectors: np.ndarray | None = None,
-    query_vector: np.ndarray | None = None,
-) -> list[RetrievedItem]:
-    """The top k of the user's items strictly before ``position`` (never one dated after the item there), ranked
-    as the ``rag`` retriever would rank them among those items alone."""
-    return top_among(items, docs, _earlier_candidates(items, position), query, k, retriever, vectors, query_vector)
+def ranking_inputs(
+    items: Sequence[ProfileItem], tasks: Sequence[Task], retriever: str, embedder: Any, what: str
+) -> tuple[list[str], np.ndarray | None]:
+    """What ``top_among`` ranks a user's items by: each item's retrieval text under its task, and their embeddings
+    when the retriever is dense (``what`` names the caller in the error when no embedder was given)."""
+    docs = [t.doc_text(t.item_values(i)) or i.text for t, i in zip(tasks, items, strict=True)]
+    if retriever != "dense":
+        return docs, None
+    if embedder is None:
+        raise InvalidInputError(f"dense retrieval for {what} needs the embedder")
+    return docs, embedder.embed(docs)
 
 
 def top_among(
@@ -401,12 +399,7 @@ def build_task_pairs(
     for uid, raw_items in users.items():
         key = user_key(uid)
         items = time_order(raw_items)
-        docs = [task.doc_text(task.item_values(i)) or i.text for i in items]
-        vectors = None
-        if source.retriever == "dense":
-            if embedder is None:
-                raise InvalidInputError("dense retrieval for task-adapter pairs needs the embedder")
-            vectors = embedder.embed(docs)
+        docs, vectors = ranking_inputs(items, [task] * len(items), source.retriever, embedder, "task-adapter pairs")
         make_pair = _choice_pairs(task, key, users) if task.name in CHOICE_PAIRS else partial(item_pair, task)
         usable = [(pos, p) for pos in range(len(items)) if (p := make_pair(items[pos])) is not None]
         for pos, (prompt, output) in usable[-settings.max_pairs_per_user :]:
@@ -415,7 +408,8 @@ def build_task_pairs(
             if with_context:
                 query = task.query_text(prompt)
                 qv = embedder.embed_one(query) if vectors is not None else None
-                used = _earlier_top(items, docs, pos, query, source.k, source.retriever, vectors, qv)
+                earlier = _earlier_candidates(items, pos)  # never an item dated after this one
+                used = top_among(items, docs, earlier, query, source.k, source.retriever, vectors, qv)
             if used:
                 built = build_prompt(loaded, task, prompt, used, token_budget, input_share, 1)
                 prompt_text, context = built.text, tuple(h.id for h in built.used)

@@ -168,6 +168,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
         items = p.store.items(user_id)
         loaded, task_adapter = p.bases.training_base(p.store.get_user(user_id))
         pairs, distilled, train_progress = _training_pairs(p, method.distilled, settings, items, loaded, beat)
+        distill_record = {"distill": distilled} if distilled else {}  # in the adapter's metadata and its SQL row
         version = p.jobs.next_version(user_id)
         out = p.adapter_store.path_for(user_id, version)
         p.adapter_store.discard_incomplete(out)  # left by a crash between the rename and the SQL insert
@@ -181,7 +182,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
             progress=train_progress,
             should_stop=beat.should_stop,
             owner=user_key(user_id),
-            extra={"task_adapter": task_ref, **({"distill": distilled} if distilled else {})},
+            extra={"task_adapter": task_ref, **distill_record},
         )
     except TrainingCancelled as exc:
         p.jobs.fail(job_id, str(exc), state="cancelled")
@@ -215,7 +216,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
             "peft_type": method.peft_type,
             "trainer_used": result.trainer,
             "compute_precision": result.precision,  # what the frozen base computed in ("auto" resolved)
-            **({"distill": distilled} if distilled else {}),
+            **distill_record,
         },
     )
     if p.jobs.finish(job_id, trained) is None:  # the user was forgotten, or the job reclaimed: never write back
