@@ -129,6 +129,24 @@ def test_a_batch_equals_one_at_a_time_answers(family, method):
         assert client.generate("bob", PROMPT, method=f"peft:{method}", max_new_tokens=4).text == alone[1].text
 
 
+def test_auto_serves_the_adapter_method_a_calibrated_band_names(family):
+    from personalize.serving.router import Band, Policy
+
+    with Personalizer(family) as client:
+        client.add_items("alice", _rated(10))
+        client.add_items("bob", _rated(10, prefix="bob"))
+        lora = client.train("alice")
+        ia3 = client.train("alice", method="ia3")
+        client.train("bob")  # bob has LoRA only
+        client.router.save(Policy("generic", [Band(1, "peft:ia3")]))
+        alice = client.generate("alice", PROMPT, method="auto", max_new_tokens=4)
+        assert alice.method == "peft:ia3" and alice.timings.extra["adapter_method"] == "ia3"
+        assert alice.timings.extra["adapter_version"] == ia3.version != lora.version  # versions count per user
+        assert alice.text == client.generate("alice", PROMPT, method="peft:ia3", max_new_tokens=4).text
+        bob = client.generate("bob", PROMPT, method="auto", max_new_tokens=4)  # no IA3 adapter: none, not his LoRA
+        assert bob.method == "none" and any("peft:ia3 needs an adapter" in n for n in bob.notes)
+
+
 def test_rows_of_several_methods_run_each_methods_rows_apart(family):
     with Personalizer(family.model_copy(update={"decoder": "plain"})) as client:
         client.add_items("alice", _rated(9))
@@ -282,6 +300,8 @@ def test_an_eval_run_compares_adapter_methods_trained_by_a_worker(home, tiny_mod
         assert training["adapters"] == 6  # 3 users x (LoRA, IA3), each method's cost apart
         assert {m: c["adapters"] for m, c in training["by_method"].items()} == {"ia3": 3, "lora": 3}
         assert training["by_method"]["ia3"]["adapter_bytes_mean"] < training["by_method"]["lora"]["adapter_bytes_mean"]
+        params = {m: c["trainable_params"] for m, c in training["by_method"].items()}
+        assert 0 < params["ia3"] < params["lora"]  # recorded by each training run: IA3's scales are far fewer
         assert "training (ia3): 3 adapters" in result.stdout
         with client.store.session() as s:
             users = {r.user_external_id for r in s.query(EvalResult).filter(EvalResult.run_id == run_id)}

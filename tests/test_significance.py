@@ -255,6 +255,48 @@ def test_router_moves_only_on_evidence_and_keeps_it(store):
     assert Router(store).policy("movielens-rating").bands[-1].evidence == chosen  # stored with the band
 
 
+def test_router_chooses_among_the_peft_family_on_evidence(store):
+    sizes = {f"u{i:03d}": 10 + i for i in range(80)}
+    answers = rating_run(80, {"rag": 0.0, "peft": 0.0, "peft:ia3": 1.0, "rag+peft:prompt-tuning": 0.0}, queries=3)
+    answers["peft:p-tuning"] = answers["peft:ia3"]  # as good as ia3 but costlier to serve: never chosen over it
+    store_run(store, "family", "movielens-rating", answers, sizes)
+    policy = calibrate_from_run(store, "family", tolerance=0.0, alpha=0.05)
+    assert [b.method for b in policy.bands] == ["peft:ia3"]
+    assert policy.bands[0].evidence["versus"] == "none" and policy.bands[0].evidence["p_holm"] < 0.05
+    family = {"none", "rag", "peft", "peft:ia3", "peft:p-tuning", "rag+peft:prompt-tuning"}
+    assert set(policy.bands[0].quality) == family
+    router = Router(store)
+    assert router.planned("movielens-rating", 40) == "peft:ia3"
+    assert router.choose("movielens-rating", 40, has_adapter=True).method == "peft:ia3"
+    fallback = router.choose("movielens-rating", 40, has_adapter=False)
+    assert fallback.method == "none" and "peft:ia3 needs an adapter" in fallback.reason
+
+
+def test_the_cost_order_ranks_adapter_methods_within_each_tier():
+    from personalize.serving.router import cost_order, is_routable
+
+    names = ["rag+peft:ia3", "peft:prefix-tuning", "peft:distill", "peft", "rag", "none", "peft:ia3", "rag+peft"]
+    assert cost_order([*names, "zero-shot", "majority", "peft:nope"]) == [
+        "none",
+        "rag",
+        "peft",  # LoRA: the fast decoder and mixed batches
+        "peft:distill",  # the same serving, but a teacher to train
+        "peft:ia3",  # the plain path, mixed batches
+        "peft:prefix-tuning",  # one row at a time
+        "rag+peft",
+        "rag+peft:ia3",
+    ]
+    assert not is_routable("zero-shot") and not is_routable("peft:nope") and is_routable("rag+peft:p-tuning")
+
+
+def test_a_band_with_an_unknown_method_is_refused(store):
+    from personalize.errors import InvalidInputError
+    from personalize.serving.router import Band, Policy
+
+    with pytest.raises(InvalidInputError, match="unknown method 'peft:nope'"):
+        Router(store).save(Policy("movielens-rating", [Band(1, "peft:nope")]))
+
+
 def test_router_merges_buckets_too_small_to_be_significant(store):
     sizes = {f"u{i:03d}": 10 + i for i in range(12)}  # 4 buckets of 3 users: none can reach p < 0.05 alone
     answers = rating_run(12, {"peft": 1.0})

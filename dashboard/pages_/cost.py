@@ -124,6 +124,7 @@ with ui.page("Cost", "What each method costs (training, storage, latency) agains
                     "training s / user (mean)": round(cost["train_seconds_per_user_mean"], 1),
                     "training s / user (max)": round(cost["train_seconds_per_user_max"], 1),
                     "adapter MB (mean)": round(cost["adapter_bytes_mean"] / 1e6, 3),
+                    "trainable parameters": cost.get("trainable_params"),
                 }
                 for method, cost in per_method.items()
             ],

@@ -62,6 +62,7 @@ class TrainResult:
     trainer: str = "plain"  # "fast" (personalize.cpu.fasttrain) or "plain" (peft's own forward)
     trainer_note: str | None = None  # why the fast step did not apply, when it was asked for
     precision: str = "fp32"  # what the frozen base computed in: "fp32" or "bf16" (``cpu.precision``)
+    trainable_params: int = 0  # parameters the optimizer updated (a P-tuning encoder's too, though not stored)
 
 
 # --- training pairs -----------------------------------------------------------------------------------------------
@@ -318,6 +319,7 @@ def train_adapter(
                     progress(len(losses) / total, losses[-1])
     train_seconds = time.perf_counter() - start
     n_tokens = sum(step_tokens)
+    trainable_params = sum(p.numel() for p in params)
     if should_stop is not None and should_stop():
         raise TrainingCancelled(f"training stopped after all {total} steps, before the adapter was written")
     model.eval()
@@ -330,6 +332,7 @@ def train_adapter(
         "n_pairs": len(examples),
         "n_tokens": n_tokens,
         "steps": len(losses),
+        "trainable_params": trainable_params,
         "final_loss": final_loss,
         "train_seconds": train_seconds,
         "seed": settings.seed,
@@ -356,6 +359,7 @@ def train_adapter(
         trainer.name,
         note,
         precision,
+        trainable_params,
     )
 
 

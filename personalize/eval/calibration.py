@@ -16,7 +16,7 @@ from personalize.data.store import Store
 from personalize.errors import InvalidInputError
 from personalize.eval.reports import Comparison, RunSamples, _quantile_buckets, adjust, compare, load_run_samples
 from personalize.eval.significance import smallest_pvalue
-from personalize.serving.router import COST_ORDER, Band, Policy, Router
+from personalize.serving.router import Band, Policy, Router, cost_order
 from personalize.settings import StatsSettings
 
 
@@ -59,7 +59,7 @@ def _choose(bucket: Bucket, metric: str, alpha: float, tolerance: float, stats: 
     """Start at the cheapest method; move up only on a significant gain (over the cheapest, Holm-adjusted over the
     candidates, and over the current choice) that is also above ``tolerance``."""
     samples = bucket.samples
-    present = [m for m in COST_ORDER if m in samples.samples]
+    present = cost_order(samples.samples)
     values = {m: samples.family.point(samples.samples[m])[metric] for m in present}
     cheapest = present[0]
     tests = {m: compare(samples, m, cheapest, stats)[metric] for m in present[1:]}
@@ -105,7 +105,7 @@ def calibrate_bands(
 ) -> list[Band]:
     """``buckets`` ascending by size. Merge the ones too small to ever be significant, choose per bucket with
     ``_choose``, and merge neighbouring bands that chose the same method."""
-    usable = [b for b in buckets if any(m in b.samples.samples for m in COST_ORDER)]
+    usable = [b for b in buckets if cost_order(b.samples.samples)]
     bands: list[Band] = []
     for i, bucket in enumerate(merge_small_buckets(usable, users_needed(alpha, stats))):
         band = _choose(bucket, metric, alpha, tolerance, stats)

@@ -483,7 +483,7 @@ def _cost(store: Store, run: EvalRun, results: list[EvalResult]) -> dict[str, An
             .subquery()
         )
         adapter_rows = s.execute(
-            select(User.external_id, Adapter.train_seconds, Adapter.size_bytes, Adapter.method)
+            select(User.external_id, Adapter.train_seconds, Adapter.size_bytes, Adapter.method, Adapter.config)
             .join(Adapter, Adapter.user_pk == User.id)
             .join(latest, (latest.c.user_pk == Adapter.user_pk) & (latest.c.v == Adapter.version))
             .where(User.external_id.startswith(prefix, autoescape=True))
@@ -499,13 +499,20 @@ def _cost(store: Store, run: EvalRun, results: list[EvalResult]) -> dict[str, An
     return {"latency": latency, "training": training}
 
 
+def _params_text(params: int | None) -> str:
+    return "" if params is None else f", {params:,} trainable parameters"
+
+
 def _training_cost(rows: list[Any]) -> dict[str, Any]:
-    """Adapters, training seconds per user and bytes of (user, train_seconds, size_bytes, ...) rows."""
+    """Adapters, training seconds per user, bytes and trainable parameters of (user, train_seconds, size_bytes,
+    method, config) rows; the parameters are None where no adapter recorded them (trained before they were)."""
+    params = [c["trainable_params"] for c in (r[4] or {} for r in rows) if isinstance(c.get("trainable_params"), int)]
     return {
         "adapters": len(rows),
         "train_seconds_per_user_mean": statistics.mean(r[1] for r in rows),
         "train_seconds_per_user_max": max(r[1] for r in rows),
         "adapter_bytes_mean": statistics.mean(r[2] for r in rows),
+        "trainable_params": round(statistics.mean(params)) if params else None,
     }
 
 
@@ -744,6 +751,7 @@ def format_report(report: RunReport) -> str:
                     f"training{f' ({method})' if method else ''}: {cost['adapters']} adapters, "
                     f"{cost['train_seconds_per_user_mean']:.1f} s/user mean "
                     f"(max {cost['train_seconds_per_user_max']:.1f}), {cost['adapter_bytes_mean'] / 1e6:.2f} MB each"
+                    + _params_text(cost.get("trainable_params"))
                 )
     if report.claims:
         out += ["", f"== the paper's claims, checked ({report.metrics[0]}) =="]

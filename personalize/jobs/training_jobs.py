@@ -211,6 +211,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
             "n_pairs": result.n_pairs,
             "n_tokens": result.n_tokens,
             "steps": result.steps,
+            "trainable_params": result.trainable_params,
             "trained_on": loaded.name,
             "task_adapter": task_ref,
             "peft_type": method.peft_type,

@@ -179,6 +179,9 @@ def prepare_request(
     adapter_method = adapter_method_of(check_method(method))
     user = p.bases.resolve_user(user_id, with_adapter=uses_adapter(method) or method == AUTO, method=adapter_method)
     the_task = task_for(user.info, task)
+    planned = p.router.planned(the_task.name, user.info.n_items) if method == AUTO else method
+    if uses_adapter(planned) and adapter_method_of(planned) != adapter_method:  # auto's band: another method's
+        user = p.bases.resolve_user(user_id, with_adapter=True, method=adapter_method_of(planned))
     loaded, task_adapter = p.bases.base_for(the_task, method)
     adapter, notes = _usable_adapter(user, loaded, method, the_task)
     chosen, chosen_notes = choose_method(p.router, user.info, method, adapter is not None)

@@ -1,4 +1,5 @@
-"""The router: pick ``none``, ``rag``, ``peft`` or ``rag+peft`` for a user from their data volume.
+"""The router: pick ``none``, ``rag``, ``peft``, ``rag+peft`` or an adapter method's variant of the last two
+(``peft:ia3``, ``rag+peft:prompt-tuning``, ...) for a user from their data volume.
 
 A policy is a list of profile-size bands per task, each with a method. Before any calibration the policy follows the
 paper's finding (RAG for cold-start and small profiles, RAG+PEFT once a user has enough data and an adapter).
@@ -7,7 +8,9 @@ cheapest method and moves to a costlier one only when that method's gain over th
 (a paired within-user permutation test over the bucket's users at ``RouterSettings.alpha``, Holm-adjusted over the
 bucket's candidates) and larger than ``tolerance`` (relative). Buckets with too few users to ever reach that level
 are merged with a neighbour first. Each band keeps the interval and p-value that chose it. Peft methods need a
-current adapter; without one the router steps down to the same method without it.
+current adapter of their adapter method; without one the router steps down to the same method without it. The
+cost order (``cost_order``) ranks the four basic methods as before and, within ``peft`` and within ``rag+peft``,
+the adapter methods by what they cost to serve and train here (see ``adapter_cost_key``).
 
 Calibrating from a run (the bridge from evaluation results to policies) lives in ``personalize.eval.calibration``: the
 router itself reads and stores policies only, and never imports reports or the evaluation runner.
@@ -15,18 +18,28 @@ router itself reads and stores policies only, and never imports reports or the e
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import select
 
+from personalize.adapters.methods import ADAPTER_METHODS, AdapterMethod
 from personalize.data.schema import RouterCalibration
 from personalize.data.store import Store
 from personalize.errors import InvalidInputError
-from personalize.methods import MODEL_METHODS, by_cost, uses_adapter, without_adapter
+from personalize.methods import (
+    DEFAULT_ADAPTER_METHOD,
+    METHODS,
+    MODEL_METHODS,
+    adapter_variant,
+    by_cost,
+    uses_adapter,
+    without_adapter,
+)
 from personalize.settings import RouterSettings
 
-COST_ORDER = tuple(by_cost(MODEL_METHODS))  # cheapest first: adapters cost training and memory
+COST_ORDER = tuple(by_cost(MODEL_METHODS))  # the four basic methods, cheapest first: adapters cost training, memory
 DEFAULT_TASK = "*"
 
 
@@ -57,6 +70,36 @@ class Policy:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def adapter_cost_key(method: AdapterMethod) -> tuple[int, int, int, int]:
+    """Cheapest first within a tier: served by the fast decoder, then in mixed batches (a prompt-learning method
+    runs one row at a time on the plain path), then trained without a teacher (distillation first generates rag
+    answers), then registration order (LoRA, the default, first among equals)."""
+    order = list(ADAPTER_METHODS).index(method.name) if method.name in ADAPTER_METHODS else len(ADAPTER_METHODS)
+    return (not method.fast_decoding, not method.mixed_batches, method.distilled, order)
+
+
+def is_routable(name: str) -> bool:
+    """A method the router may choose: one of the four basic ones, or ``peft:<m>`` / ``rag+peft:<m>`` with a
+    registered adapter method ``m``."""
+    if name in COST_ORDER:
+        return True
+    variant = adapter_variant(name)
+    return variant is not None and variant[1] in ADAPTER_METHODS
+
+
+def cost_order(names: Iterable[str]) -> list[str]:
+    """The routable methods among ``names``, cheapest first: the basic methods' cost rank (none < rag < peft <
+    rag+peft), and within an adapter tier the adapter methods by ``adapter_cost_key`` (plain ``peft`` is LoRA)."""
+
+    def key(name: str) -> tuple[int, tuple[int, int, int, int]]:
+        variant = adapter_variant(name)
+        base, adapter = variant if variant else (name, DEFAULT_ADAPTER_METHOD)
+        method = ADAPTER_METHODS.get(adapter)
+        return METHODS[base].cost_rank, adapter_cost_key(method) if method else (0, 0, 0, 0)
+
+    return sorted(dict.fromkeys(n for n in names if is_routable(n)), key=key)
 
 
 @dataclass(frozen=True)
@@ -104,7 +147,14 @@ class Router:
             tasks = sorted(set(s.scalars(select(RouterCalibration.task))))
         return [self.policy(t) for t in tasks]
 
+    def planned(self, task: str | None, n_items: int) -> str:
+        """The method the policy's band for ``n_items`` names, before any adapter check (what ``choose`` returns
+        for a user who has that method's adapter): serving asks it first to know which adapter to look up."""
+        return "none" if n_items <= 0 else self.policy(task).method_for(n_items).method
+
     def choose(self, task: str | None, n_items: int, has_adapter: bool) -> Decision:
+        """The method for a user with ``n_items`` items; ``has_adapter``: whether the user has a current adapter
+        of the planned method's adapter method (``planned``)."""
         if n_items <= 0:
             return Decision("none", "the user has no items")
         policy = self.policy(task)
@@ -121,7 +171,7 @@ class Router:
         if not policy.bands or policy.bands[0].min_items > 1:
             raise InvalidInputError("a policy needs bands starting at 1 item")
         for band in policy.bands:
-            if band.method not in COST_ORDER:
+            if not is_routable(band.method):
                 raise InvalidInputError(f"unknown method {band.method!r} in a router band")
         thresholds = {
             "bands": [asdict(b) for b in policy.bands],
