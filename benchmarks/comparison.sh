@@ -13,6 +13,10 @@
 # session 6 ran none,rag,zero-shot,baselines: per-user adapters for 40 authors did not fit its 2-core budget; its
 # reuters-authorship task adapter ran with PERSONALIZE_TASK_ADAPTER__MAX_TOKENS=80000 for the same reason).
 # Each task gets its own home folder: an embedded Chroma folder has one writer at a time.
+# The PEFT family (issue 15): PEFT_METHODS=lora,ia3,prompt-tuning,p-tuning,prefix-tuning,distill adds peft:<m> and
+# rag+peft:<m> for each; ADAPTER_TOKENS=N sets one per-user token budget for every adapter method (distill's teacher
+# then answers only the DISTILL_ITEMS most recent items, default 16: what N=1000 trains on); WORKERS=N training
+# workers (default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -23,13 +27,19 @@ what=${1:-all}
 methods() { if [[ -n ${METHODS:-} ]]; then echo "--methods $METHODS"; fi; }
 # DECISION=median: movielens answers the median of the label distribution (MAE's loss) instead of the argmax
 decision() { if [[ -n ${DECISION:-} ]]; then echo "--decision $DECISION"; fi; }
+family() { if [[ -n ${PEFT_METHODS:-} ]]; then echo "--peft-methods $PEFT_METHODS"; fi; }
+if [[ -n ${ADAPTER_TOKENS:-} ]]; then
+  for m in LORA IA3 PROMPT_TUNING P_TUNING PREFIX_TUNING DISTILL; do export "PERSONALIZE_${m}__MAX_TOKENS=$ADAPTER_TOKENS"; done
+  export PERSONALIZE_DISTILL__MAX_ITEMS=${DISTILL_ITEMS:-16}
+fi
+WORKERS=${WORKERS:-1}
 if [[ $what == movielens || $what == all ]]; then
   export PERSONALIZE_HOME=$HOME_BASE/movielens
   $P task-adapter list | grep -q '^movielens-rating@' || $P task-adapter train --task movielens-rating \
     --data "$DATA/movielens-small" --split test --users 100 --retriever bm25 --k 4
   # shellcheck disable=SC2046
   $P eval run --task movielens-rating --split test --data "$DATA/movielens-small" --users 100 --retriever bm25 \
-    --k 4 --scoring likelihood --train-via workers --workers 1 $(methods) $(decision)
+    --k 4 --scoring likelihood --train-via workers --workers "$WORKERS" $(methods) $(decision) $(family)
 fi
 if [[ $what == reuters-authorship || $what == all ]]; then
   export PERSONALIZE_HOME=$HOME_BASE/reuters-authorship
@@ -37,7 +47,7 @@ if [[ $what == reuters-authorship || $what == all ]]; then
     --data "$DATA/reuters-c50" --split test --retriever bm25 --k 4
   # shellcheck disable=SC2046
   $P eval run --task reuters-authorship --split test --data "$DATA/reuters-c50" --retriever bm25 --k 4 \
-    --train-via workers --workers 1 $(methods)
+    --train-via workers --workers "$WORKERS" $(methods) $(family)
 fi
 if [[ $what == reuters-lead || $what == all ]]; then
   export PERSONALIZE_HOME=$HOME_BASE/reuters-lead
@@ -45,5 +55,5 @@ if [[ $what == reuters-lead || $what == all ]]; then
     --data "$DATA/reuters-c50" --split test --retriever bm25 --k 4
   # shellcheck disable=SC2046
   $P eval run --task reuters-lead --split test --data "$DATA/reuters-c50" --retriever bm25 --k 4 \
-    --max-new-tokens 32 --train-via workers --workers 1 $(methods)
+    --max-new-tokens 32 --train-via workers --workers "$WORKERS" $(methods) $(family)
 fi
