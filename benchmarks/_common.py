@@ -6,11 +6,17 @@ import os
 import platform
 import shlex
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+# benchmarks/kernels.py would shadow the hub's ``kernels`` package that transformers imports (an ImportError while
+# loading the model): once this module is imported, search the scripts' own folder last
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.append(sys.path.pop(0))
 
 
 def median(values: Sequence[float]) -> float:

@@ -10,12 +10,19 @@ movie-rating items and an adapter (epochs 1, capped at 1 step of 4 pairs: traini
 2 cores, and serving speed does not depend on how well an adapter was trained; reused when the home already holds an
 adapter trained on the user's current items). Then:
 
-(a) adapter load time into the ``AdapterCache``: cold (evict the user's adapter, then ``ensure_loaded`` reads it from
-    its folder again) and warm (``ensure_loaded`` again: a cache hit), median over users and rounds;
+(a) adapter load time, both paths taking turns on each user: peft's ``AdapterCache`` (the plain decoder's) cold (evict
+    the user's adapter, then ``ensure_loaded`` reads it from its folder again) and warm (a cache hit), and the fast
+    decoder's direct read into its LoRA tables (``FastBackend.tables_for``, probe included) cold and warm; median over
+    users and rounds, and the cold ratio against its target (>= 10x);
 (b) 8 requests from the 8 users, each with its own adapter (method "peft"), served in one
     ``Personalizer.generate_batch`` call (peft's mixed-adapter batch) versus one at a time with
     ``Personalizer.generate`` (``set_adapter`` per user), interleaved over the repeats; and whether the greedy texts
-    are the same both ways. Nothing here asserts a time: it prints what it measured.
+    are the same both ways, against the target (>= 5x);
+(c) 32 users (32 adapter names over the 8 folders) in batches of 8 through the fast backend, whose table cache holds 8,
+    against one request at a time: the cache and batching together;
+(d) a profile of one decoding step, batch 1 against batch 8, with and without adapters, and the weight-only matrix
+    products alone: where a batched step's time goes.
+Nothing here asserts a time: it prints what it measured.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from _common import Clock, contention_note, footer, loadavg, median, table
 from tqdm import tqdm
@@ -33,6 +41,7 @@ from tqdm import tqdm
 from personalize.data.naming import user_key as adapter_name
 from personalize.personalizer import Personalizer
 from personalize.results import GenerationResult
+from personalize.serving.fast_backend import FastBackend
 from personalize.serving.modeling import BUNDLED_CACHE_NAME
 from personalize.settings import BUNDLED_MODEL, LoraSettings, Settings
 
@@ -173,10 +182,19 @@ def run(p: Personalizer, repeats: int, rounds: int, max_new_tokens: int, templat
     firsts.append(["first adapter into an empty cache (PeftModel.from_pretrained wraps the base)", f"{c.wall:.3f} s"])
     for u in users[1:]:
         cache.ensure_loaded(adapter_name(u), paths[u])
-    cold, warm, activate = [], [], []
+    backend = p.serving.backend
+    decoder = backend.decoder(loaded)[0] if isinstance(backend, FastBackend) else None
+    tables = backend.tables_for(loaded, decoder) if isinstance(backend, FastBackend) and decoder else None
+    if tables is not None:  # the probe's base forward, once per decoder (a one-off, like wrapping the base above)
+        with Clock() as c:
+            tables.get(adapter_name(users[0]), paths[users[0]])
+        firsts.append(
+            ["first adapter read into the fast decoder's tables (incl. the probe's base pass)", f"{c.wall:.3f} s"]
+        )
+    cold, warm, activate, direct_cold, direct_warm = [], [], [], [], []
     with tqdm(total=rounds * len(users), desc="adapter loads", unit="user", file=sys.stderr) as bar:
         for _ in range(rounds):
-            for u in users:
+            for u in users:  # the two paths take turns on each user
                 name = adapter_name(u)
                 cache.evict(name)  # the other 7 stay loaded: the PeftModel stays, load_adapter adds one
                 t0 = time.perf_counter()
@@ -189,16 +207,37 @@ def run(p: Personalizer, repeats: int, rounds: int, max_new_tokens: int, templat
                 cold.append(t1 - t0)
                 warm.append(t2 - t1)
                 activate.append(t3 - t2)
+                if tables is not None:
+                    tables.evict(name)
+                    t0 = time.perf_counter()
+                    tables.get(name, paths[u])
+                    t1 = time.perf_counter()
+                    tables.get(name, paths[u])
+                    direct_cold.append(t1 - t0)
+                    direct_warm.append(time.perf_counter() - t1)
                 bar.update(1)
     rows = [
-        ["cold: evicted, ensure_loaded reads the folder", len(cold), *(f"{x * 1000:.2f}" for x in stats(cold))],
-        ["warm: ensure_loaded, cache hit", len(warm), *(f"{x * 1000:.3f}" for x in stats(warm))],
-        ["activate, cache hit (+ set_adapter)", len(activate), *(f"{x * 1000:.3f}" for x in stats(activate))],
+        ["peft cold: evicted, ensure_loaded reads the folder", len(cold), *(f"{x * 1000:.2f}" for x in stats(cold))],
+        ["peft warm: ensure_loaded, cache hit", len(warm), *(f"{x * 1000:.3f}" for x in stats(warm))],
+        ["peft activate, cache hit (+ set_adapter)", len(activate), *(f"{x * 1000:.3f}" for x in stats(activate))],
     ]
+    if direct_cold:
+        rows += [
+            ["fast decoder cold: evicted, read into its tables", len(direct_cold)]
+            + [f"{x * 1000:.2f}" for x in stats(direct_cold)],
+            ["fast decoder warm: cache hit", len(direct_warm)] + [f"{x * 1000:.3f}" for x in stats(direct_warm)],
+        ]
+    swap = (
+        f"\ncold swap, peft / fast decoder's direct read: {median(cold) / median(direct_cold):.1f}x (target >= 10x, "
+        "median over median, measured in turns on the same users)"
+        if direct_cold
+        else "\n(no fast decoder here: the direct read was not measured)"
+    )
     out.append(
-        f"(a) AdapterCache loads of {N_USERS} users' adapters (rank {p.settings.lora.rank}, {size / 1e6:.1f} MB "
+        f"(a) adapter loads of {N_USERS} users' adapters (rank {p.settings.lora.rank}, {size / 1e6:.1f} MB "
         f"each on disk), {rounds} round(s) over the users\n"
         + table(["load", "n", "median ms", "min ms", "max ms"], rows)
+        + swap
     )
 
     # (b) batched versus one at a time
@@ -263,8 +302,8 @@ def run(p: Personalizer, repeats: int, rounds: int, max_new_tokens: int, templat
         f"max_new_tokens {max_new_tokens}), on {spec} ({n_params / 1e6:.0f}M parameters, fp32); {repeats} "
         "repeat(s), the modes taking turns to go first\n"
         + table(["mode", "runs", "median s", "range s", "req/s", "new tok", "new tok/s", "cpu/wall", "vs one"], rows)
-        + f"\nspeed-up of batched over one at a time: {batched_rate / single_rate:.2f}x (median req/s over median "
-        "req/s)\n"
+        + f"\nspeed-up of batched over one at a time: {batched_rate / single_rate:.2f}x (target >= 5x; median req/s "
+        "over median req/s)\n"
         f"texts identical, batched vs one at a time (every repeat): {'yes' if same else 'NO'}"
     )
     if not same:
@@ -274,6 +313,13 @@ def run(p: Personalizer, repeats: int, rounds: int, max_new_tokens: int, templat
             if b != s:
                 diffs.append([u, clip(b), clip(s)])
         out.append("Differing texts (first repeat)\n" + table(["user", "batched", "one at a time"], diffs))
+    if decoder is not None and isinstance(backend, FastBackend):
+        out.append(many_users(backend, loaded, [q for _, q in requests], list(paths.values()), max_new_tokens, repeats))
+        out.append(
+            profile_step(
+                decoder, [backend.tables_for(loaded, decoder).get(adapter_name(u), paths[u])[0] for u in users]
+            )
+        )
     sample = runs["batched"][0][2][0]
     out.append(f"sample answer ({sample.user_id}, {sample.new_tokens} new tokens): {clip(sample.text, 160)}")
     out.append(
@@ -286,11 +332,124 @@ def run(p: Personalizer, repeats: int, rounds: int, max_new_tokens: int, templat
         "cpu/wall = process CPU time over wall time (near the thread count when the CPUs were ours); vs one = req/s "
         f"over the req/s of one at a time. The row {BASE_MODE!r} is a reference: the same 8 requests in one batch "
         "with method none (base model, no LoRA), which shows what peft's per-row adapter routing costs (its texts "
-        "differ, as no adapter is used). The cold load is mostly peft walking the model's modules in Python "
-        "(inject_adapter, set_peft_model_state_dict), not reading the 3.7 MB."
+        "differ, as no adapter is used). peft's cold load is mostly peft walking the model's modules in "
+        "Python (inject_adapter, set_peft_model_state_dict), not reading the 3.7 MB; the fast decoder's cold read is "
+        "safetensors into its tables plus the probe (what the adapter adds to its projections on the probe input)."
     )
     out.append("One-off costs\n" + table(["what", "time"], firsts))
     return out
+
+
+def many_users(
+    backend: FastBackend, loaded: Any, questions: list[str], folders: list[Path], max_new_tokens: int, repeats: int
+) -> str:
+    """(c) 32 users (32 adapter names over the 8 folders) in batches of 8 through the fast backend, its table cache
+    holding 8: every batch reads its 8 adapters cold; against the same backend one request at a time (warm)."""
+    from personalize.results import ServingFacts
+    from personalize.serving.backend import AdapterRef, DecodeRow
+
+    def encode(q: str) -> list[int]:
+        return list(
+            loaded.tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+
+    prompts = [encode(q) for q in questions]
+    refs = [AdapterRef(f"many-{i}", folders[i % len(folders)], 1) for i in range(32)]
+    rows = [DecodeRow(prompts[i % len(prompts)], ref) for i, ref in enumerate(refs)]
+
+    def batched() -> int:
+        return sum(
+            g.new_tokens
+            for k in range(0, 32, 8)
+            for g in backend.generate(loaded, rows[k : k + 8], max_new_tokens, ServingFacts())
+        )
+
+    def single() -> int:
+        return sum(backend.generate(loaded, [row], max_new_tokens, ServingFacts())[0].new_tokens for row in rows[:8])
+
+    single()  # warm: the 8 single requests' adapters are in the cache
+    results: dict[str, list[tuple[float, int, int]]] = {
+        "32 users, batches of 8 (cold reads)": [],
+        "8 users, one at a time (warm)": [],
+    }
+    for _ in range(repeats):
+        for name, fn, n in (
+            ("32 users, batches of 8 (cold reads)", batched, 32),
+            ("8 users, one at a time (warm)", single, 8),
+        ):
+            with Clock() as c:
+                tokens = fn()
+            results[name].append((c.wall, tokens, n))
+    rate = {name: median([n / w for w, _, n in runs]) for name, runs in results.items()}
+    single_rate = rate["8 users, one at a time (warm)"]
+    body = [
+        [
+            name,
+            len(runs),
+            f"{median([w for w, _, _ in runs]):.2f}",
+            f"{rate[name]:.2f}",
+            f"{median([t / w for w, t, _ in runs]):.1f}",
+            f"{rate[name] / single_rate:.2f}x",
+        ]
+        for name, runs in results.items()
+    ]
+    return (
+        "(c) cache and batching together: 32 users' adapters (32 names over the 8 adapter folders) in 4 batches of 8 "
+        "through the fast backend (its table cache holds 8: each batch reads its adapters cold), against one request "
+        "at a time on the same backend\n" + table(["mode", "runs", "median s", "req/s", "new tok/s", "vs one"], body)
+    )
+
+
+def profile_step(decoder: Any, loras: list[Any]) -> str:
+    """Where a decoding step's time goes, batch 1 against batch 8: the whole step (prefill taken out) with and
+    without adapters, and the weight-only matrix products alone (the layers' and the output layer's)."""
+    import torch
+
+    prompt = list(range(1000, 1040))
+    hidden, inter = decoder.config.hidden_size, decoder.inter
+
+    def timed(fn: Any, *args: Any) -> float:
+        walls = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn(*args)
+            walls.append(time.perf_counter() - t0)
+        return median(walls)
+
+    def layer_products(x: Any, y: Any) -> None:
+        for layer in decoder.layers:
+            layer.qkv(x), layer.o(x), layer.gate_up(x), layer.down(y)
+
+    rows, step = [], {}
+    for batch in (1, 8):
+        for with_lora in (False, True):
+            lora = loras[:batch] if with_lora else None
+            short = timed(decoder.generate, [prompt] * batch, 1, [], 0, lora)
+            long = timed(decoder.generate, [prompt] * batch, 17, [], 0, lora)
+            step[(batch, with_lora)] = (long - short) / 16
+        matmuls = timed(layer_products, torch.randn(batch, hidden), torch.randn(batch, inter))
+        head = timed(decoder.lm_head, torch.randn(batch, hidden))
+        whole = step[(batch, False)]
+        rows.append(
+            [
+                f"batch {batch}",
+                f"{whole * 1e3:.1f}",
+                f"{step[(batch, True)] * 1e3:.1f}",
+                f"{matmuls * 1e3:.1f}",
+                f"{head * 1e3:.1f}",
+                f"{(whole - matmuls - head) * 1e3:.1f}",
+            ]
+        )
+    ratio = step[(8, True)] / step[(1, True)]
+    return (
+        "(d) profile: one decoding step of the fast decoder (ms; the median of 3 over 16 steps, prefill taken out), "
+        "and its weight-only matrix products alone (layers, output layer), batch 1 against batch 8\n"
+        + table(["batch", "step", "step, adapters", "layer matmuls", "output layer", "rest of step"], rows)
+        + f"\na batched step (8 rows, 8 adapters) costs {ratio:.2f}x a single one; 8 requests batched can be at most "
+        f"{8 / ratio:.1f}x one at a time"
+    )
 
 
 def stats(values: list[float]) -> tuple[float, float, float]:

@@ -225,7 +225,8 @@ class Personalizer:
 
     @property
     def adapter_cache(self) -> AdapterCache:
-        """The user adapters loaded on the plain base model."""
+        """The user adapters loaded into peft on the plain base model: the plain decoder's, and the fast decoder's
+        fallback (the fast decoder reads LoRA adapters into its own tables: ``FastBackend.tables_for``)."""
         return self.serving.cache_for(self.model)
 
     def current_adapter(self, user_id: str, method: str = "lora") -> AdapterInfo | None:

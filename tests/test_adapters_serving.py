@@ -74,7 +74,8 @@ def test_generate_batch_equals_one_at_a_time_with_mixed_adapters(client):
 
 
 def test_adapter_cache_is_bounded_lru(settings):
-    with Personalizer(settings.model_copy(update={"adapter_cache_size": 2})) as client:
+    # the peft cache serves the plain decoder (the fast one reads adapters into its own LRU: test_adapter_swap.py)
+    with Personalizer(settings.model_copy(update={"adapter_cache_size": 2, "decoder": "plain"})) as client:
         for user in ("a", "b", "c"):
             client.add_items(user, _rated(6, prefix=user))
             client.train(user)

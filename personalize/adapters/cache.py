@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from personalize.adapters.format import read_metadata
 from personalize.adapters.methods import is_prompt_learning, peft_type_name, unsupported_peft_type_reason
@@ -38,6 +38,76 @@ def validate_adapter_name(name: object) -> str:
             "(e.g. a hash-derived key such as naming.user_key)"
         )
     return name
+
+
+def probe_ids(loaded: LoadedModel) -> list[int]:
+    """The probe input's token ids: every cache checks a new adapter's effect on the same text."""
+    return list(loaded.tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids or [0])
+
+
+def check_adapter_folder(path: Path, base_name: str) -> None:
+    """Refuse a folder that is not a complete adapter (``AdapterUnavailableError``) or was trained on another base
+    than ``base_name`` (``InvalidInputError``): what every cache checks before reading an adapter."""
+    metadata = read_metadata(path)
+    if metadata is None:
+        raise AdapterUnavailableError(path)
+    if metadata.get("base_model") != base_name:
+        raise InvalidInputError(
+            f"the adapter at {path} was trained on {metadata.get('base_model')!r}, not on the loaded model "
+            f"{base_name!r}: retrain it for this model"
+        )
+
+
+T = TypeVar("T")
+
+
+class TableCache(Generic[T]):
+    """Per-user adapters as a decoder's own tables (``fastpath.read_lora_pairs``), no ``PeftModel``: a bounded LRU
+    of name -> (folder, tables), least recently used evicted beyond ``capacity``. ``load(name, folder)`` reads one
+    (checks included); a name read from another folder (a retrained adapter) is read again."""
+
+    def __init__(self, load: Any, capacity: int = 8) -> None:
+        if capacity < 1:
+            raise InvalidInputError(f"an adapter cache holds at least 1 adapter, got capacity={capacity}")
+        self.capacity = capacity
+        self._load = load
+        self._entries: OrderedDict[str, tuple[Path, T]] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, name: str, path: Path) -> tuple[T, bool]:
+        """The tables of adapter ``name`` at ``path``, read if needed; and whether it was a cache hit."""
+        path = Path(path)
+        with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None and entry[0] == path:
+                self._entries.move_to_end(name)
+                self.hits += 1
+                return entry[1], True
+            tables: T = self._load(name, path)
+            self._entries.pop(name, None)
+            self._entries[name] = (path, tables)
+            self.misses += 1
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+                self.evictions += 1
+            return tables, False
+
+    def names(self) -> list[str]:
+        """Cached adapters, least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def evict(self, name: str) -> bool:
+        """Drop ``name``; False if it was not cached."""
+        with self._lock:
+            return self._entries.pop(name, None) is not None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 class AdapterCache:
@@ -96,14 +166,7 @@ class AdapterCache:
                 return True
             if name in self._paths:
                 self._remove(name)
-            metadata = read_metadata(path)
-            if metadata is None:
-                raise AdapterUnavailableError(path)
-            if metadata.get("base_model") != self.loaded.name:
-                raise InvalidInputError(
-                    f"the adapter at {path} was trained on {metadata.get('base_model')!r}, not on the loaded model "
-                    f"{self.loaded.name!r}: retrain it for this model"
-                )
+            check_adapter_folder(path, self.loaded.name)
             self._load(name, path)
             self.misses += 1
             while len(self._paths) > self.capacity:
@@ -205,7 +268,7 @@ class AdapterCache:
         import torch
 
         if self._probe is None:
-            ids = torch.tensor([self.loaded.tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids or [0]])
+            ids = torch.tensor([probe_ids(self.loaded)])
             inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
             if self.loaded.is_encoder_decoder:  # the first decoder step's logits
                 start = getattr(self.loaded.model.config, "decoder_start_token_id", None)
@@ -347,7 +410,10 @@ __all__ = [
     "BASE",
     "AdapterCache",
     "AdapterUnavailableError",
+    "TableCache",
     "batching_of",
+    "check_adapter_folder",
+    "probe_ids",
     "generate_batch",
     "greedy_by_forward",
     "validate_adapter_name",

@@ -20,20 +20,27 @@ merged weights are no longer the GGUF's exact weights and changed 1-2 of 30 gree
 ``(x @ A_t) @ B_t`` are the merged weights up to fp32 summation order. A row's own adapter is then concatenated with
 the resident one (ranks add), so the C step and mixed batches need nothing new.
 
-LoRA adapters stay in peft's format: the decoder reads ``lora_A``/``lora_B``/``scaling`` of a loaded adapter from
-the ``PeftModel`` (the ``AdapterCache``) and adds ``scale * (x @ A_t) @ B_t`` to the layer's output, per row, so one
-batch can mix users. Which adapters it takes is an allow-list on their peft type: only methods registered with
-``fast_decoding`` (``adapter_methods``: LoRA), so an adapter of another method (IA3, prompt or prefix tuning, which
-have no ``lora_A``) is never decoded as the base model. Anything else it does not handle (another architecture,
-DoRA, LoRA on embeddings, biases) is reported by ``unsupported_reason`` / ``lora_unsupported_reason`` and the caller
-falls back to the plain path.
+LoRA adapters stay in peft's format. The decoder reads an adapter folder's ``adapter_model.safetensors`` and
+``adapter_config.json`` straight into its tables (``read_lora_pairs``: a few ms, where peft's load walks every module
+of the model for hundreds), or, for what that reader does not cover, ``lora_A``/``lora_B``/``scaling`` of an adapter
+loaded into a ``PeftModel`` (the ``AdapterCache``); either way the same tensors. It adds ``scale * (x @ A_t) @ B_t``
+to the layer's output, per row, so one batch can mix users. Which adapters it takes is an allow-list on their peft
+type: only methods registered with ``fast_decoding`` (``adapter_methods``: LoRA), so an adapter of another method
+(IA3, prompt or prefix tuning, which have no ``lora_A``) is never decoded as the base model. Anything else it does
+not handle (another architecture, DoRA, LoRA on embeddings, biases) is reported by ``unsupported_reason`` /
+``lora_unsupported_reason`` and the caller falls back to the plain path.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, cast
 
 from personalize.adapters.methods import unsupported_peft_type_reason
@@ -129,6 +136,25 @@ class _LoraPair:
 
 
 LoraPairs = dict[tuple[int, str], _LoraPair]
+
+
+@dataclass
+class ProjectionInputs:
+    """One layer's projection inputs on a prompt (B, S, in): what a LoRA on each projection multiplies."""
+
+    attn_in: Any  # q_proj, k_proj, v_proj
+    o_in: Any
+    mlp_in: Any  # gate_proj, up_proj
+    down_in: Any
+
+    def of(self, proj: str) -> Any:
+        if proj in _ATTN:
+            return self.attn_in
+        if proj in _MLP_IN:
+            return self.mlp_in
+        return self.o_in if proj == "o_proj" else self.down_in
+
+
 _PARTS = [("attn", p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
     ("mlp", p) for p in ("gate_proj", "up_proj", "down_proj")
 ]
@@ -143,7 +169,7 @@ def lora_config_unsupported_reason(config: Any) -> str | None:
         return "DoRA adapters"
     if getattr(config, "bias", "none") != "none" or getattr(config, "lora_bias", False):
         return "LoRA with biases"
-    targets = config.target_modules
+    targets = getattr(config, "target_modules", None)
     targets = {targets} if isinstance(targets, str) else set(targets or ())
     if not targets <= set(_PROJECTIONS):
         return f"LoRA on {sorted(targets - set(_PROJECTIONS))}"
@@ -166,6 +192,66 @@ def lora_pairs(peft_model: Any, name: str) -> LoraPairs:
             b = module.lora_B[name].weight
             scale = float(module.scaling[name])
             pairs[(index, proj)] = _LoraPair(a.detach().t().contiguous(), (b.detach() * scale).t().contiguous())
+    return pairs
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's save_pretrained files
+ADAPTER_CONFIG = "adapter_config.json"
+# peft's state-dict keys (the adapter name stripped) of LoRA on a Llama-family decoder's projections
+_LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+class DirectReadUnsupported(ValueError):
+    """An adapter folder ``read_lora_pairs`` does not cover (the caller loads it through peft instead)."""
+
+
+def _direct_config_reason(config: dict[str, Any]) -> str | None:
+    """Why ``read_lora_pairs`` cannot read an adapter with this ``adapter_config.json`` (None when it can): what the
+    fast decoder does not run at all, and the config fields whose effect peft computes per module."""
+    reason = lora_config_unsupported_reason(SimpleNamespace(**config))
+    if reason:
+        return reason
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        return "per-module rank or alpha patterns"
+    if config.get("fan_in_fan_out"):
+        return "fan_in_fan_out weights"
+    return None
+
+
+def lora_scaling(config: dict[str, Any]) -> float:
+    """peft's LoRA scaling for this config: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    alpha, rank = config.get("lora_alpha", 8), config.get("r", 8)
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+
+def read_lora_pairs(folder: Path, n_layers: int) -> LoraPairs:
+    """The LoRA tables of the adapter saved in ``folder`` (peft's files), read without a ``PeftModel``: the same
+    tensors ``lora_pairs`` copies out of peft (transposed, peft's scaling folded into B). Raises
+    ``DirectReadUnsupported`` (with why) for a folder it does not cover; an adapter that targets nothing gives {}."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = folder / ADAPTER_WEIGHTS
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DirectReadUnsupported(f"no readable {ADAPTER_CONFIG} ({type(exc).__name__})") from exc
+    reason = _direct_config_reason(config) or (None if weights.is_file() else f"no {ADAPTER_WEIGHTS}")
+    if reason:
+        raise DirectReadUnsupported(reason)
+    found: dict[tuple[int, str], dict[str, Any]] = {}
+    for key, tensor in load_file(str(weights)).items():
+        match = _LORA_KEY.match(key)
+        if match is None or match[2] not in _PROJECTIONS or int(match[1]) >= n_layers:
+            raise DirectReadUnsupported(f"a tensor the fast decoder does not place: {key}")
+        found.setdefault((int(match[1]), match[2]), {})[match[3]] = tensor
+    scale = lora_scaling(config)
+    pairs: LoraPairs = {}
+    for slot, ab in found.items():
+        a, b = ab.get("A"), ab.get("B")
+        if a is None or b is None or a.shape[0] != config.get("r", 8) or b.shape[1] != a.shape[0]:
+            raise DirectReadUnsupported(f"layer {slot[0]} {slot[1]}: LoRA A/B of unexpected shapes")
+        pairs[slot] = _LoraPair(a.float().t().contiguous(), (b.float() * scale).t().contiguous())
     return pairs
 
 
@@ -266,6 +352,46 @@ class FastDecoder:
                 self._lora.clear()
             self._lora[(name, source)] = pairs
         return pairs
+
+    def last_logits(self, prompt: Sequence[int], lora: LoraPairs | None = None) -> Any:
+        """The output layer's fp32 logits after ``prompt`` (one row, ``lora`` on it, the resident adapter where
+        there is one): the adapter probe's full check, on the weights this decoder serves with."""
+        return self.lm_head(self._probe_forward(prompt, lora))[0].float()
+
+    def probe_inputs(self, prompt: Sequence[int]) -> list[ProjectionInputs]:
+        """Per layer, the inputs of its projections on ``prompt`` with no user adapter (the resident one on): what
+        ``lora_effect`` multiplies, computed once per decoder."""
+        record: list[ProjectionInputs] = []
+        self._probe_forward(prompt, None, record)
+        return record
+
+    def lora_effect(self, inputs: list[ProjectionInputs], lora: LoraPairs) -> float:
+        """The largest ``|(x @ A_t) @ B_t|`` of an adapter's projections on the probe's ``inputs``: what it adds to
+        the first layer it changes. 0 exactly when it adds nothing anywhere, so the logits stay exactly the base's;
+        a millisecond, where ``last_logits`` is a whole forward pass."""
+        torch = self.torch
+        largest = 0.0
+        with torch.inference_mode():
+            for (layer, proj), pair in lora.items():
+                x = inputs[layer].of(proj)
+                largest = max(largest, float(((x @ pair.a_t) @ pair.b_t).abs().max()))
+        return largest
+
+    def _probe_forward(
+        self, prompt: Sequence[int], lora: LoraPairs | None, record: list[ProjectionInputs] | None = None
+    ) -> Any:
+        """The final normed hidden state after ``prompt`` (1, hidden), one row on fresh caches."""
+        torch = self.torch
+        width = len(prompt)
+        cos_table, sin_table = self._rope(width + 1)
+        cache_k = [torch.empty(1, self.n_kv, width, self.head_dim) for _ in self.layers]
+        cache_v = [torch.empty(1, self.n_kv, width, self.head_dim) for _ in self.layers]
+        mask = torch.ones(width, width, dtype=torch.bool).tril()[None, None]
+        positions = torch.arange(width).unsqueeze(0)
+        groups = _groups([lora or self.resident])
+        with torch.inference_mode():
+            ids = torch.tensor([list(prompt)], dtype=torch.long)
+            return self._forward(ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, record)
 
     # -- decoding ---------------------------------------------------------------------------------------------------
 
@@ -399,9 +525,10 @@ class FastDecoder:
         cache_k: list[Any],
         cache_v: list[Any],
         groups: list[tuple[Any, dict[tuple[int, str], _LoraPair]]],
+        record: list[ProjectionInputs] | None = None,
     ) -> Any:
         """Run the decoder stack on ``ids`` (B, S) written at cache positions ``offset..offset+S``; returns the final
-        normed hidden state of the last position (B, hidden)."""
+        normed hidden state of the last position (B, hidden). ``record`` collects each layer's projection inputs."""
         torch = self.torch
         fn = torch.nn.functional
         batch, seq = ids.shape
@@ -410,7 +537,7 @@ class FastDecoder:
         sin = sin_table[positions].unsqueeze(1)
         end = offset + seq
         for index, layer in enumerate(self.layers):
-            y = _rms(x, layer.ln1, self.eps)
+            y = y_attn = _rms(x, layer.ln1, self.eps)
             qkv = layer.qkv(y)
             if groups:
                 _add_lora(
@@ -448,6 +575,8 @@ class FastDecoder:
                 _add_lora(gu, y, groups, index, (("gate_proj", 0, self.inter), ("up_proj", self.inter, self.inter)))
             act = fn.silu(gu[..., : self.inter]) * gu[..., self.inter :]
             d = layer.down(act)
+            if record is not None:
+                record.append(ProjectionInputs(y_attn, attn, y, act))
             if groups:
                 _add_lora(d, act, groups, index, (("down_proj", 0, d.shape[-1]),))
             x = x + d
@@ -532,7 +661,11 @@ def _cached_decoder(key: tuple[int, str, str | None], build: Any) -> FastDecoder
 
 __all__ = [
     "FastDecoder",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "DirectReadUnsupported",
     "LoraPairs",
+    "ProjectionInputs",
     "WeightFormat",
     "decoder_for",
     "fast_weights",
@@ -540,5 +673,7 @@ __all__ = [
     "join_lora_pairs",
     "lora_config_unsupported_reason",
     "lora_pairs",
+    "lora_scaling",
+    "read_lora_pairs",
     "unsupported_reason",
 ]

@@ -1,7 +1,9 @@
 """The CPU fast serving backend: the fast decoder (8-bit or fp32 weights, per-row LoRA), the plain one as fallback.
 
-Adapters still load through the plain backend's peft cache (LRU); their LoRA matrices are copied into the
-decoder's per-row tables, so a batch mixes users' adapters in one pass. Whatever the fast decoder cannot run (an
+A LoRA adapter is read from its folder straight into the decoder's per-row tables (``fastpath.read_lora_pairs``,
+an LRU of tables per decoder: no ``PeftModel``, no module walk), probed on the decoder itself, so a batch mixes
+users' adapters in one pass. What that reader does not cover loads through the plain backend's peft cache as
+before, its matrices copied out. Whatever the fast decoder cannot run (an
 encoder-decoder model, a method other than LoRA, a LoRA config it does not support) runs on the plain backend,
 and the answer's facts say why.
 """
@@ -12,8 +14,20 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from personalize.adapters.cache import PROBE_ATOL, TableCache, check_adapter_folder, probe_ids
 from personalize.adapters.methods import unsupported_peft_type_reason
-from personalize.cpu.fastpath import FastDecoder, WeightFormat, decoder_for, fast_weights, unsupported_reason
+from personalize.cpu.fastpath import (
+    DirectReadUnsupported,
+    FastDecoder,
+    LoraPairs,
+    WeightFormat,
+    decoder_for,
+    fast_weights,
+    join_lora_pairs,
+    read_lora_pairs,
+    unsupported_reason,
+)
+from personalize.errors import AdapterHasNoEffectError
 from personalize.results import ServingFacts
 from personalize.serving.backend import AdapterRef, DecodeRow, Generated, register_backend
 from personalize.serving.hf_backend import HFBackend
@@ -21,6 +35,10 @@ from personalize.serving.modeling import LoadedModel
 
 if TYPE_CHECKING:
     from personalize.settings import Settings
+
+# an adapter adding more than this to a projection's output on the probe changes the logits (by far more than
+# PROBE_ATOL): the probe needs no forward pass of its own
+CLEAR_EFFECT = 1e-3
 
 
 class FastBackend:
@@ -30,6 +48,8 @@ class FastBackend:
         self.plain = plain
         self.fp32_only = fp32_only
         self.name = "fast-fp32" if fp32_only else "fast"
+        self._tables: dict[int, TableCache[LoraPairs]] = {}  # per decoder (id): its users' adapters as tables
+        self._probe_base: dict[int, Any] = {}  # per decoder: its logits on the probe with no user adapter
 
     def decoder(self, loaded: LoadedModel) -> tuple[FastDecoder | None, str | None]:
         """The fast decoder for ``loaded`` and a note on why it is not the best one, or None and why not."""
@@ -49,6 +69,47 @@ class FastBackend:
 
     def evict(self, user_key: str) -> None:
         self.plain.evict(user_key)
+        for tables in self._tables.values():
+            tables.evict(user_key)
+
+    def tables_for(self, loaded: LoadedModel, decoder: FastDecoder) -> TableCache[LoraPairs]:
+        """The LRU of ``decoder``'s users' adapters read as tables (as many as the plain backend's peft cache)."""
+        key = id(decoder)
+        if key not in self._tables:
+
+            def load(name: str, path: Any) -> LoraPairs:
+                return self._read_adapter(loaded, decoder, name, path)
+
+            self._tables[key] = TableCache(load, self.plain.adapter_cache_size)
+        return self._tables[key]
+
+    def _read_adapter(self, loaded: LoadedModel, decoder: FastDecoder, name: str, path: Any) -> LoraPairs:
+        """One adapter folder as ``decoder``'s tables (joined with its resident LoRA), refused like the peft cache
+        refuses: an incomplete folder, another base, or (``probe``) no change to the logits on the probe input."""
+        check_adapter_folder(path, loaded.name)
+        own = read_lora_pairs(path, len(decoder.layers))
+        pairs = join_lora_pairs(decoder.resident, own) if decoder.resident else own
+        if self.plain.probe:
+            self._probe(loaded, decoder, name, path, own, pairs)
+        return pairs
+
+    def _probe(
+        self, loaded: LoadedModel, decoder: FastDecoder, name: str, path: Any, own: LoraPairs, pairs: LoraPairs
+    ) -> None:
+        """Refuse (``AdapterHasNoEffectError``) an adapter that leaves the decoder's logits on the probe input as
+        the base's, like the peft cache. What it adds to its projections on the probe decides in a millisecond when
+        it is clearly non-zero (or exactly zero); in between, the logits of a whole forward pass decide."""
+        ids = probe_ids(loaded)
+        key = id(decoder)
+        if key not in self._probe_base:
+            self._probe_base[key] = (decoder.probe_inputs(ids), decoder.last_logits(ids))
+        inputs, base = self._probe_base[key]
+        effect = decoder.lora_effect(inputs, own)
+        if effect > CLEAR_EFFECT:
+            return
+        change = float((decoder.last_logits(ids, pairs) - base).abs().max()) if effect > 0 else 0.0
+        if not change > PROBE_ATOL:
+            raise AdapterHasNoEffectError(name, path, change)
 
     def generate(
         self, loaded: LoadedModel, rows: Sequence[DecodeRow], max_new_tokens: int, facts: ServingFacts
@@ -81,21 +142,29 @@ class FastBackend:
         adapters: Sequence[AdapterRef | None],
         facts: ServingFacts,
     ) -> tuple[FastDecoder | None, str | None, list[Any]]:
-        """Load each adapter (LRU) and copy its LoRA matrices out, so decoding needs no lock; a row the decoder
-        cannot run turns the whole batch over to the plain backend (None and why)."""
+        """Read each adapter into the decoder's tables (LRU), or where that reader does not cover it load it into
+        peft (LRU) and copy its matrices out, so decoding needs no lock; a row the decoder cannot run turns the whole
+        batch over to the plain backend (None and why)."""
         t0 = time.perf_counter()
         for adapter in adapters:  # the allow-list: only methods registered with fast_decoding reach the decoder
             reason = adapter and unsupported_peft_type_reason(adapter.peft_type, "fast_decoding", "the fast decoder")
             if reason:
                 return None, reason, [None] * len(adapters)  # the plain backend loads (and times) them
-        cache = self.plain.cache_for(loaded)
         loras: list[Any] = [None] * len(adapters)
         hits: list[bool] = []
         why = None
-        with cache.lock:
-            for row, adapter in enumerate(adapters):
-                if adapter is None:
+        for row, adapter in enumerate(adapters):
+            if adapter is None:
+                continue
+            if decoder is not None:
+                try:
+                    loras[row], hit = self.tables_for(loaded, decoder).get(adapter.user_key, adapter.path)
+                    hits.append(hit)
                     continue
+                except DirectReadUnsupported:
+                    pass  # peft reads it below
+            cache = self.plain.cache_for(loaded)
+            with cache.lock:
                 hits.append(cache.ensure_loaded(adapter.user_key, adapter.path))
                 if decoder is None:
                     continue
