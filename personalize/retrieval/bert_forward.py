@@ -143,8 +143,15 @@ class BertMeanEncoder:
         return F.layer_norm(torch.addmm(w.down_bias, up, w.down) + x, (self.hidden,), *w.norm2, self.eps)
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), so padding to each batch's longest text
-    costs little; the caller puts the results back in the original order."""
+def length_sorted_batches(lengths: Sequence[int], max_tokens: int, max_texts: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), each at most ``max_texts`` texts and, past
+    its first text, at most ``max_tokens`` padded tokens: padding to a batch's longest text then costs little, and
+    a batch's activations stay in cache whatever the texts' length. The caller restores the original order."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_texts and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

