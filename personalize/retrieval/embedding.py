@@ -92,14 +92,21 @@ class Embedder:
         clipped = [t[:limit] for t in texts] if limit else list(texts)
         _ = self.model
         if self._lean is not None and self.lean_enabled:
-            return self._embed_lean(clipped, *self._lean)
+            return self._embed_lean(clipped, *self._lean, show_progress=show_progress)
         return self.reference_embed(clipped, show_progress)
 
-    def _embed_lean(self, texts: list[str], encoder: BertMeanEncoder, tokenizer: Any) -> np.ndarray:
+    def _embed_lean(
+        self, texts: list[str], encoder: BertMeanEncoder, tokenizer: Any, show_progress: bool = False
+    ) -> np.ndarray:
         """Tokenize once, batch by token count (little padding), and put the rows back in the callers' order."""
         ids = [e.ids for e in tokenizer.encode_batch(texts)] if len(texts) > 1 else [tokenizer.encode(texts[0]).ids]
         out = np.empty((len(texts), encoder.hidden), dtype=np.float32)
-        for batch in length_sorted_batches([len(row) for row in ids], self.batch_tokens, self.batch_size):
+        batches = length_sorted_batches([len(row) for row in ids], self.batch_tokens, self.batch_size)
+        if show_progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="Batches", unit="batch")
+        for batch in batches:
             out[batch] = encoder.encode([ids[i] for i in batch])
         return out
 
