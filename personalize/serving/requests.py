@@ -17,7 +17,7 @@ from personalize.adapters.methods import get_adapter_method
 from personalize.data.checks import check_int, check_unicode, short
 from personalize.data.items import UserInfo
 from personalize.data.naming import validate_user_id
-from personalize.errors import AdapterBaseMismatchError, EmptyPromptError, InvalidInputError
+from personalize.errors import AdapterBaseMismatchError, EmptyPromptError, InvalidInputError, UnknownUserError
 from personalize.jobs.training_jobs import queue_quietly
 from personalize.methods import (
     AUTO,
@@ -155,7 +155,8 @@ def retrieve_checked(
     validate_user_id(user_id)
     query = check_prompt(query, p.settings.max_prompt_chars, "query")
     k = p.settings.k if k is None else check_int(k, "k", 0, MAX_K)
-    p.store.get_user(user_id)
+    if not p.store.has_user(user_id):  # not get_user: its item count scans all the user's rows (~5 ms at 10,000)
+        raise UnknownUserError(user_id)
     return p.retrievers.search(user_id, query, k, retriever) if k else []
 
 
