@@ -25,9 +25,10 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -455,6 +456,41 @@ def server_command(
     return argv, env
 
 
+@contextlib.contextmanager
+def vllm_server(
+    python: str, model_dir: Path | str, settings: VllmSettings, log: Path, start_timeout_s: float = 600.0
+) -> Iterator[VllmSettings]:
+    """A vLLM server on a free loopback port (``server_command``), in its own process group; yields ``settings``
+    pointed at it once ``GET /v1/models`` answers, and stops it (the whole group) on exit."""
+    from personalize.jobs.worker_process import stop_worker
+    from personalize.retrieval.chroma_server import free_port
+
+    port = free_port()
+    here = settings.model_copy(update={"url": f"http://127.0.0.1:{port}"})
+    argv, env = server_command(python, model_dir, here)
+    with Path(log).open("wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
+        )
+    try:
+        deadline = time.time() + start_timeout_s
+        with VllmClient(here) as client:
+            while True:
+                try:
+                    client.models()
+                    break
+                except EngineUnavailableError:
+                    if proc.poll() is not None or time.time() > deadline:
+                        why = "exited" if proc.poll() is not None else f"not ready after {start_timeout_s:.0f} s"
+                        raise EngineUnavailableError(
+                            f"the vLLM server {why}; its log ({log}) ends:\n{Path(log).read_text()[-3000:]}"
+                        ) from None
+                    time.sleep(1.0)
+        yield here
+    finally:
+        stop_worker(proc, timeout=30)
+
+
 __all__ = [
     "VLLM_PYTHON_ENV",
     "LoraName",
@@ -465,4 +501,5 @@ __all__ = [
     "generated_ids",
     "server_command",
     "vllm_python",
+    "vllm_server",
 ]
