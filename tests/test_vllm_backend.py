@@ -274,3 +274,21 @@ def test_vllm_answers_for_the_base_and_lora_adapters_as_our_fast_decoder_does(se
     new_name = retrained.timings.extra["engine_model"]
     assert "-v2-" in new_name and new_name in on_server
     assert not any("-v1-" in name and name.startswith(new_name.split("-v2-")[0]) for name in on_server)
+
+
+def test_cli_prints_the_server_command_and_says_what_is_missing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from personalize.cli import app
+
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    monkeypatch.delenv(VLLM_PYTHON_ENV, raising=False)
+    monkeypatch.setenv("PERSONALIZE_VLLM__URL", "http://127.0.0.1:8123")
+    runner = CliRunner()
+    printed = runner.invoke(app, ["vllm", "command", "/models/smol", "--python", "/venv/bin/python"])
+    assert printed.exit_code == 0, printed.output
+    assert printed.output.startswith("VLLM_ALLOW_RUNTIME_LORA_UPDATING=True ")
+    assert "/venv/bin/python -m vllm.entrypoints.openai.api_server --model /models/smol" in printed.output
+    assert "--port 8123" in printed.output
+    missing = runner.invoke(app, ["vllm", "command", "/models/smol"])
+    assert missing.exit_code == 2 and VLLM_PYTHON_ENV in missing.output
