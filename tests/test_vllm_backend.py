@@ -22,7 +22,7 @@ from personalize import Personalizer, Settings
 from personalize.data.naming import user_key
 from personalize.errors import EngineUnavailableError
 from personalize.retrieval.chroma_server import free_port
-from personalize.serving.backend import AdapterRef
+from personalize.serving.backend import AdapterRef, DecodeRow
 from personalize.serving.backends import backend_for
 from personalize.serving.hf_backend import HFBackend
 from personalize.serving.modeling import LoadedModel
@@ -158,13 +158,16 @@ def test_methods_vllm_cannot_serve_fall_back_to_the_local_decoder_with_a_note(tm
     assert (served.text, served.new_tokens) == (local.text, local.new_tokens)
 
 
-def test_a_task_adapted_base_is_not_sent_to_the_plain_base_on_the_server(tmp_path):
+def test_only_the_servers_base_and_lora_adapters_are_sent_to_vllm(tmp_path):
     backend = backend_for(unreachable_settings(tmp_path, "m"), HFBackend())
     assert isinstance(backend, VllmBackend)
-    task_base = LoadedModel("bundled+movielens@v1#ab12", None, None, False, 512, 0.0, "")
-    assert "task adapter merged in" in (backend.local_reason(task_base, []) or "")
-    plain = LoadedModel("bundled", None, None, False, 512, 0.0, "")
+    task_base = LoadedModel("m+movielens-rating@v1#ab12", None, None, False, 512, 0.0, "")
+    assert "task adapter merged in; the server serves m" in (backend.local_reason(task_base, []) or "")
+    assert "another model" in (backend.local_reason(LoadedModel("other", None, None, False, 512, 0.0, ""), []) or "")
+    plain = LoadedModel("m", None, None, False, 512, 0.0, "")
     assert backend.local_reason(plain, []) is None
+    ia3 = AdapterRef("u-x", Path("/a/v0001"), 1, peft_type="IA3")
+    assert "IA3 adapters" in (backend.local_reason(plain, [DecodeRow([1, 2], ia3)]) or "")
 
 
 def test_export_model_writes_a_folder_without_the_gguf_quantisation_entry(tmp_path, tiny_model_dir):

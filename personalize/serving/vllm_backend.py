@@ -245,6 +245,7 @@ class VllmBackend:
         self.fallback = fallback
         self.client = VllmClient(settings.vllm)
         self._local_root = settings.resolved_adapters_dir
+        self._model = settings.model  # the base the server was started with (``export_model``)
         self._base: str | None = None
         self._engine: str | None = None
         self._loaded: dict[str, LoraName] = {}  # user key -> the adapter loaded for the user on the server
@@ -273,10 +274,9 @@ class VllmBackend:
         """Why these rows cannot go to vLLM (None when they can): the server serves its plain base and LoRA only."""
         if loaded.is_encoder_decoder:
             return "vLLM not used: encoder-decoder model"
-        if loaded.merged_lora is not None or "+" in loaded.name:
-            return (
-                f"vLLM not used: the base {loaded.name} has a task adapter merged in; the server serves the plain base"
-            )
+        if loaded.name != self._model:
+            what = "has a task adapter merged in" if loaded.name.startswith(f"{self._model}+") else "is another model"
+            return f"vLLM not used: the base {loaded.name} {what}; the server serves {self._model} (Settings.model)"
         for row in rows:
             reason = row.adapter and unsupported_peft_type_reason(row.adapter.peft_type, "vllm_serving", "vLLM")
             if reason:
