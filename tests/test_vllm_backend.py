@@ -71,7 +71,7 @@ def unreachable_settings(home: Path, model: Path | str, **kw: object) -> Setting
 def test_completion_request_asks_for_greedy_token_ids_with_our_stop_ids():
     body = completion_request("u-x-v3-abc", [[1, 2, 3], (4, 5)], 12, [2, 7])
     assert body["model"] == "u-x-v3-abc" and body["prompt"] == [[1, 2, 3], [4, 5]]
-    assert body["max_tokens"] == 12 and body["stop_token_ids"] == [2, 7]
+    assert body["max_tokens"] == 12 and body["stop_token_ids"] == [2, 7] and body["ignore_eos"] is True
     assert body["temperature"] == 0.0 and body["top_k"] == -1 and body["repetition_penalty"] == 1.0
     assert body["return_token_ids"] is True and body["add_special_tokens"] is False  # our ids, not re-tokenised
     json.dumps(body)  # what httpx sends

@@ -71,7 +71,8 @@ class LoraName:
 
 def completion_request(model: str, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int]):  # noqa: ANN201
     """The body of ``POST /v1/completions`` for greedy decoding of token-id prompts: every sampling setting spelled
-    out (a server's generation-config defaults never apply), our stop ids, and the new token ids asked back."""
+    out (a server's generation-config defaults never apply), our stop ids as the only ones (``ignore_eos``: the
+    server's own eos does not stop it), and the new token ids asked back."""
     return {
         "model": model,
         "prompt": [list(p) for p in prompts],
@@ -85,7 +86,7 @@ def completion_request(model: str, prompts: Sequence[Sequence[int]], max_new_tok
         "frequency_penalty": 0.0,
         "n": 1,
         "stop_token_ids": list(stop_ids),
-        "ignore_eos": False,
+        "ignore_eos": True,  # our stop ids are the only ones: the server stops where the local decoders stop
         "skip_special_tokens": True,
         "return_token_ids": True,
         "add_special_tokens": False,
