@@ -198,6 +198,13 @@ class ServerUnavailableError(PersonalizeError):
     code = "server_unavailable"
 
 
+class EngineUnavailableError(PersonalizeError):
+    """The generation engine a serving backend sends to (a vLLM server, ``Settings.vllm``) could not be reached, or
+    answered with an error that is not the request's fault."""
+
+    code = "engine_unavailable"
+
+
 class ServerError(PersonalizeError):
     """The server failed unexpectedly; its log has the details (the response never carries a traceback)."""
 

@@ -19,6 +19,8 @@ class ServingFacts(TypedDict, total=False):
     backend: str  # the serving backend that answered (``personalize.serving.backend``)
     decoder: str  # fast-q8, fast-fp32 or plain
     decoder_note: str  # why the decoder is not the fastest one
+    engine: str  # the remote engine that decoded, as ``vllm <version> at URL`` (the vllm backend)
+    engine_model: str  # the model the engine answered with: the base's name there, or the adapter's LoRA name
     adapter_version: int
     adapter_cache_hit: bool
     adapter_load_s: float

@@ -288,6 +288,47 @@ class ServerSettings(BaseModel):
         return value.rstrip("/") if value else value
 
 
+class VllmSettings(BaseModel):
+    """The ``vllm`` serving backend (``Settings.decoder == "vllm"``): generation goes to a vLLM OpenAI-compatible
+    server, each user's LoRA loaded there at run time (``POST /v1/load_lora_adapter``). The server and its launch
+    command read the same fields (``personalize vllm command``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field("http://127.0.0.1:8100", description="The vLLM server (http://host:port, without /v1).")
+    model: str | None = Field(
+        None, description="The base model's name on the server; None: the one base model GET /v1/models lists."
+    )
+    api_key: SecretStr | None = Field(None, description="Sent as `Authorization: Bearer KEY` (vllm --api-key).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Seconds to wait for a connection to the server.")
+    timeout_s: float = Field(300.0, gt=0, description="Seconds to wait for one completion (a whole batch).")
+    load_timeout_s: float = Field(120.0, gt=0, description="Seconds to wait for the server to load one adapter.")
+    adapters_dir: str | None = Field(
+        None,
+        description="The adapter store as the server sees it (a shared mount elsewhere); None: the same path as here.",
+    )
+    fallback: Literal["fast", "fast-fp32", "plain"] = Field(
+        "fast",
+        description="The local decoder for what vLLM cannot serve (IA3 and prompt-learning adapters, task-adapted "
+        "bases); the answer's decoder_note says why it ran.",
+    )
+    max_loras: int = Field(4, ge=1, description="Adapters in one batch (the server's --max-loras).")
+    max_lora_rank: int = Field(16, ge=1, description="Highest LoRA rank the server takes (--max-lora-rank).")
+    python: str | None = Field(
+        None,
+        description="The python of vLLM's own venv, for `personalize vllm command`; None: $PERSONALIZE_VLLM_PYTHON.",
+    )
+    threads: int = Field(1, ge=1, description="CPU threads of the server's workers (OMP_NUM_THREADS).")
+    kv_cache_gb: int = Field(1, ge=1, description="KV cache of the CPU server in GiB (VLLM_CPU_KVCACHE_SPACE).")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"the vLLM URL must start with http:// or https://, got {value[:60]!r}")
+        return value.rstrip("/").removesuffix("/v1")
+
+
 def parse_server(value: Any) -> Any:
     """``PERSONALIZE_SERVER`` as a URL or as JSON."""
     if isinstance(value, str):
@@ -327,13 +368,14 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Default number of tokens to generate.")
     max_prompt_chars: int = Field(200_000, ge=1, description="Prompts longer than this are refused.")
     torch_threads: int | None = Field(None, description="torch.set_num_threads; default: torch's own.")
-    decoder: Literal["fast", "fast-fp32", "plain"] = Field(
+    decoder: Literal["fast", "fast-fp32", "plain", "vllm"] = Field(
         "fast",
         description=(
             "Greedy decoding: 'fast' (fastpath.FastDecoder with 8-bit weight codes and a C decoding step; exactly the "
             "bundled GGUF's weights; fp32 weights where no C compiler is at hand), 'fast-fp32' (the same decoder "
             "with fp32 weights in torch), or 'plain' (Hugging Face generate). Models the fast path does not support "
-            "use 'plain'; the result's timings say which path ran and why."
+            "use 'plain'; the result's timings say which path ran and why. 'vllm' sends generation to a vLLM server "
+            "(Settings.vllm), the local decoder Settings.vllm.fallback serving what vLLM cannot."
         ),
     )
 
@@ -407,6 +449,9 @@ class Settings(BaseSettings):
     server: Annotated[ServerSettings, NoDecode] = Field(
         default_factory=ServerSettings,
         description="The HTTP server and the client mode (PERSONALIZE_SERVER=http://host:port, or JSON).",
+    )
+    vllm: VllmSettings = Field(
+        default_factory=VllmSettings, description="The vLLM serving backend (PERSONALIZE_VLLM__URL=http://...)."
     )
     max_item_chars: int = Field(
         200_000,

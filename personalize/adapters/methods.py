@@ -6,7 +6,8 @@ adapter can be traced back to its method). Each method also states what the rest
 
 - ``fast_training``: the functional training step of ``personalize.cpu.fasttrain`` trains it;
 - ``fast_decoding``: the CPU decoder of ``personalize.cpu.fastpath`` (torch steps and the C step) serves it;
-- ``mixed_batches``: one batched pass may give each row its own adapter of this method (peft's ``adapter_names``).
+- ``mixed_batches``: one batched pass may give each row its own adapter of this method (peft's ``adapter_names``);
+- ``vllm_serving``: a vLLM server serves it as a LoRA module (``personalize.serving.vllm_backend``).
 
 The fast paths check these flags as an allow-list on the adapter's ``peft_type``: an adapter whose method is not
 registered with the flag set (or whose peft type no method has) is never handed to them, so it cannot be served as
@@ -36,8 +37,8 @@ from personalize.settings import (
     PTuningSettings,
 )
 
-Capability = Literal["fast_training", "fast_decoding", "mixed_batches"]
-CAPABILITIES: tuple[Capability, ...] = ("fast_training", "fast_decoding", "mixed_batches")
+Capability = Literal["fast_training", "fast_decoding", "mixed_batches", "vllm_serving"]
+CAPABILITIES: tuple[Capability, ...] = ("fast_training", "fast_decoding", "mixed_batches", "vllm_serving")
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 
@@ -52,6 +53,7 @@ class AdapterMethod:
     fast_training: bool = False
     fast_decoding: bool = False
     mixed_batches: bool = False
+    vllm_serving: bool = False  # vLLM serves LoRA modules only (peft's files as they are)
     prompt_learning: bool = False  # virtual tokens before the prompt: served one row at a time, by forward passes
     variant_of: str | None = None  # the method whose adapters this one's are (same peft type, other training data)
     distilled: bool = False  # trained on the model's own rag answers (``adapters.distill``), not on the labels
@@ -159,6 +161,7 @@ LORA = register_adapter_method(
         fast_training=True,
         fast_decoding=True,
         mixed_batches=True,
+        vllm_serving=True,
         description="Low-rank updates of the chosen projections (Hu et al. 2021).",
     )
 )
@@ -255,6 +258,7 @@ DISTILL = register_adapter_method(
         fast_training=True,
         fast_decoding=True,
         mixed_batches=True,
+        vllm_serving=True,
         variant_of="lora",
         distilled=True,
         description="A LoRA trained to answer without retrieval what the model answers with the user's retrieved "

@@ -1,8 +1,8 @@
 """The root ``personalize`` app: the top-level commands and the sub-apps, registered here in help order.
 
-Each sub-app (``db``, ``users``, ``eval``, ``router``, ``data``, ``task-adapter``) is its own module with its own
-``typer.Typer``; the top-level commands are plain functions in ``training`` and ``answer`` (and ``demo`` here), so
-this module is the one place that shows the whole command tree.
+Each sub-app (``db``, ``users``, ``eval``, ``router``, ``data``, ``task-adapter``, ``vllm``) is its own module with
+its own ``typer.Typer``; the top-level commands are plain functions in ``training`` and ``answer`` (and ``demo``
+here), so this module is the one place that shows the whole command tree.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from personalize.cli.serve import serve
 from personalize.cli.task_adapter import task_adapter_app
 from personalize.cli.training import adapters, jobs, train
 from personalize.cli.users import users_app
+from personalize.cli.vllm import vllm_app
 
 app = typer.Typer(
     help="Personalize a language model per user: RAG, per-user LoRA (PEFT), or both.",
@@ -31,6 +32,7 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(router_app, name="router")
 app.add_typer(data_app, name="data")
 app.add_typer(task_adapter_app, name="task-adapter")
+app.add_typer(vllm_app, name="vllm")
 
 
 @clear_errors

@@ -18,6 +18,7 @@ from personalize.errors import (
     AdapterHasNoEffectError,
     BrokerUnavailableError,
     DatabaseUnavailableError,
+    EngineUnavailableError,
     ForbiddenError,
     InvalidInputError,
     ModelLoadError,
@@ -52,6 +53,7 @@ STATUS: dict[type[PersonalizeError], int] = {
     BrokerUnavailableError: 503,
     ModelLoadError: 503,
     ServerUnavailableError: 503,
+    EngineUnavailableError: 503,
 }
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
 

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import personalize.serving.fast_backend  # noqa: F401  (registers fast, fast-fp32)
 import personalize.serving.hf_backend  # noqa: F401  (registers plain)
+import personalize.serving.vllm_backend  # noqa: F401  (registers vllm)
 from personalize.serving.backend import ServingBackend, get_backend_factory
 from personalize.serving.hf_backend import HFBackend
 
