@@ -112,6 +112,23 @@ def test_a_distilled_adapter_trains_through_a_job_and_serves_without_retrieval(d
         assert not Path(adapter.path).exists() and report is not None
 
 
+@pytest.mark.parametrize("decoder", ["fast", "plain"])
+def test_a_users_lora_and_distill_adapters_stay_cached_side_by_side(distill_settings, decoder):
+    """Both are peft type LORA in one cache: named by the user alone they replaced each other on every request."""
+    with Personalizer(distill_settings.model_copy(update={"decoder": decoder})) as p:
+        p.add_items("alice", _ratings(12))
+        p.train("alice")
+        p.train("alice", method="distill")
+        prompt = "Film 99, a space opera"
+        order = ["peft", "peft:distill", "peft", "peft:distill"]
+        results = [p.generate("alice", prompt, method=m, max_new_tokens=2) for m in order]
+        assert [r.timings.extra["adapter_cache_hit"] for r in results] == [False, False, True, True]
+        assert results[2].text == results[0].text and results[3].text == results[1].text
+        p.forget("alice")
+        caches = [*p.serving.plain._caches.values(), *getattr(p.serving.backend, "_tables", {}).values()]
+        assert caches and all(c.names() == [] for c in caches)  # every one of alice's adapters unloaded with her
+
+
 def test_an_eval_run_reports_peft_distill_with_the_runs_retrieval_as_teacher(home, tiny_model_dir, monkeypatch):
     from typer.testing import CliRunner
 

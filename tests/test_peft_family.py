@@ -125,7 +125,8 @@ def test_a_batch_equals_one_at_a_time_answers(family, method):
         want = "one-at-a-time" if FAMILY[method][1] else "grouped"
         assert {r.timings.extra["adapter_batching"] for r in batch} == {want}
         cache = client.serving.plain.cache_for(client.model, FAMILY[method][0])
-        assert cache.evict(user_key("alice")) and cache.names() == [user_key("bob")]  # one of two unloaded
+        assert cache.evict_user(user_key("alice")) == 1  # one of two unloaded; a non-LoRA name carries its method
+        assert cache.names() == [f"{user_key('bob')}_{method}"]
         assert client.generate("bob", PROMPT, method=f"peft:{method}", max_new_tokens=4).text == alone[1].text
 
 
@@ -212,7 +213,8 @@ def test_forget_removes_every_methods_adapter(family):
             client.generate("alice", PROMPT, method=method, max_new_tokens=2)
         backend = client.serving.plain
         loaded_before = {t: backend.cache_for(client.model, t).names() for t in ("LORA", "IA3", "PROMPT_TUNING")}
-        assert all(names == [user_key("alice")] for names in loaded_before.values())
+        key = user_key("alice")
+        assert loaded_before == {"LORA": [key], "IA3": [f"{key}_ia3"], "PROMPT_TUNING": [f"{key}_prompt-tuning"]}
         report = client.forget("alice")
         assert report.adapters == 3 and not any(f.exists() for f in folders)
         assert all(backend.cache_for(client.model, t).names() == [] for t in loaded_before)

@@ -27,6 +27,11 @@ PROBE_ATOL = 1e-5  # fp32 logits of the same forward agree exactly; a trained ad
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 
 
+def owned_by(name: str, user_key: str) -> bool:
+    """Whether cache name ``name`` is one of ``user_key``'s adapters (``AdapterRef.name``)."""
+    return name == user_key or name.startswith(f"{user_key}_")
+
+
 def validate_adapter_name(name: object) -> str:
     """Adapter names become module keys inside the model: ASCII letters, digits, ``_`` and ``-`` only (peft
     rejects ``.``), not starting with ``_`` (``__base__`` is reserved), and not an attribute of ``nn.ModuleDict``."""
@@ -104,6 +109,11 @@ class TableCache(Generic[T]):
         """Drop ``name``; False if it was not cached."""
         with self._lock:
             return self._entries.pop(name, None) is not None
+
+    def evict_user(self, user_key: str) -> int:
+        """Drop every adapter of the user (``AdapterRef.name``: the key, or ``{key}_{method}``); how many."""
+        with self._lock:
+            return sum(self._entries.pop(n, None) is not None for n in list(self._entries) if owned_by(n, user_key))
 
     def clear(self) -> None:
         with self._lock:
@@ -199,6 +209,11 @@ class AdapterCache:
                 return False
             self._remove(name)
             return True
+
+    def evict_user(self, user_key: str) -> int:
+        """Unload every adapter of the user (the key, or ``{key}_{method}``); how many."""
+        with self._lock:
+            return sum(self.evict(n) for n in list(self._paths) if owned_by(n, user_key))
 
     def clear(self) -> None:
         with self._lock:

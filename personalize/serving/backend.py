@@ -34,6 +34,14 @@ class AdapterRef:
     version: int
     peft_type: str = "LORA"
     task_adapter: str | None = None
+    method: str = "lora"  # the adapter method: a user may hold adapters of several methods at once
+
+    @property
+    def name(self) -> str:
+        """The adapter's name in the caches: the user key for LoRA, ``{key}_{method}`` for another method. A user's
+        LoRA and distill adapters (both peft type LORA, one cache) would otherwise replace each other on every
+        request. User keys hold no ``_``, so ``evict_user`` can tell a user's names apart from any other user's."""
+        return self.user_key if self.method == "lora" else f"{self.user_key}_{self.method}"
 
     @classmethod
     def of(cls, user_key: str, adapter: AdapterInfo) -> AdapterRef:
@@ -45,6 +53,7 @@ class AdapterRef:
             adapter.version,
             str(config.get("peft_type", "LORA")),
             task_adapter if isinstance(task_adapter, str) else None,
+            adapter.method,
         )
 
 

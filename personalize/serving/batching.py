@@ -134,10 +134,10 @@ def _batches(preps: Sequence[PreparedRequest], backend: ServingBackend) -> Itera
             ref = preps[i].adapter
             if preps[i].loaded is not loaded:
                 continue
-            if ref is not None and ref.user_key not in names and len(names) >= capacity:
+            if ref is not None and ref.name not in names and len(names) >= capacity:
                 continue
             if ref is not None:
-                names.add(ref.user_key)
+                names.add(ref.name)
             chunk.append(i)
             order.remove(i)
         yield chunk

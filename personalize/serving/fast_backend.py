@@ -70,7 +70,7 @@ class FastBackend:
     def evict(self, user_key: str) -> None:
         self.plain.evict(user_key)
         for tables in self._tables.values():
-            tables.evict(user_key)
+            tables.evict_user(user_key)
 
     def tables_for(self, loaded: LoadedModel, decoder: FastDecoder) -> TableCache[LoraPairs]:
         """The LRU of ``decoder``'s users' adapters read as tables (as many as the plain backend's peft cache)."""
@@ -158,21 +158,21 @@ class FastBackend:
                 continue
             if decoder is not None:
                 try:
-                    loras[row], hit = self.tables_for(loaded, decoder).get(adapter.user_key, adapter.path)
+                    loras[row], hit = self.tables_for(loaded, decoder).get(adapter.name, adapter.path)
                     hits.append(hit)
                     continue
                 except DirectReadUnsupported:
                     pass  # peft reads it below
             cache = self.plain.cache_for(loaded)
             with cache.lock:
-                hits.append(cache.ensure_loaded(adapter.user_key, adapter.path))
+                hits.append(cache.ensure_loaded(adapter.name, adapter.path))
                 if decoder is None:
                     continue
-                reason = decoder.lora_unsupported_reason(cache.model, adapter.user_key)
+                reason = decoder.lora_unsupported_reason(cache.model, adapter.name)
                 if reason:
                     decoder, why = None, reason
                 else:
-                    loras[row] = decoder.lora_weights(cache.model, adapter.user_key, str(adapter.path))
+                    loras[row] = decoder.lora_weights(cache.model, adapter.name, str(adapter.path))
         facts["adapter_cache_hit"] = all(hits)
         facts["adapter_load_s"] = time.perf_counter() - t0
         return decoder, why, loras

@@ -44,7 +44,7 @@ class HFBackend:
 
     def evict(self, user_key: str) -> None:
         for cache in self._caches.values():
-            cache.evict(user_key)
+            cache.evict_user(user_key)
 
     def generate(
         self, loaded: LoadedModel, rows: Sequence[DecodeRow], max_new_tokens: int, facts: ServingFacts
@@ -65,16 +65,16 @@ class HFBackend:
             if len(rows) == 1:
                 adapter = adapters[0]
                 assert adapter is not None
-                hits = [cache.activate(adapter.user_key, adapter.path)]
+                hits = [cache.activate(adapter.name, adapter.path)]
             else:
-                hits = [cache.ensure_loaded(a.user_key, a.path) for a in adapters if a is not None]
+                hits = [cache.ensure_loaded(a.name, a.path) for a in adapters if a is not None]
             facts.setdefault("adapter_cache_hit", all(hits))  # a fast backend that fell back recorded it first
             facts.setdefault("adapter_load_s", time.perf_counter() - t0)
             if len(rows) == 1:
                 if is_prompt_learning(peft_type):
                     return [Generated(*greedy_by_forward(loaded, cache.model, rows[0].prompt_ids, max_new_tokens))]
                 return [generate_text(loaded, rows[0].prompt_ids, max_new_tokens, model=cache.model)]
-            names = [a.user_key if a else None for a in adapters]
+            names = [a.name if a else None for a in adapters]
             outputs = generate_batch(cache, [row.prompt_ids for row in rows], names, max_new_tokens)
             return [Generated(text, n) for text, n in outputs]
 
@@ -104,7 +104,7 @@ class HFBackend:
             return [candidate_log_likelihoods(loaded, ids, labels) for ids in prompts]
         cache = self.cache_for(loaded, adapter.peft_type)
         with cache.lock:
-            cache.activate(adapter.user_key, adapter.path)
+            cache.activate(adapter.name, adapter.path)
             return [candidate_log_likelihoods(loaded, ids, labels, model=cache.model) for ids in prompts]
 
 
