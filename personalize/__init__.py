@@ -18,10 +18,13 @@ from personalize.errors import (
     AdapterExistsError,
     AdapterHasNoEffectError,
     AdapterOwnershipError,
+    AdapterRefusedError,
     AdapterUnavailableError,
     BrokerUnavailableError,
     DatabaseUnavailableError,
+    DirectReadUnsupported,
     EmptyPromptError,
+    EngineUnavailableError,
     ForbiddenError,
     ImportIncompleteError,
     InvalidInputError,
@@ -118,6 +121,9 @@ def _remote() -> RemoteClient | None:
 
 __all__ = [
     "AdapterBaseMismatchError",
+    "AdapterRefusedError",
+    "DirectReadUnsupported",
+    "EngineUnavailableError",
     "AdapterExistsError",
     "AdapterHasNoEffectError",
     "AdapterOwnershipError",

@@ -205,6 +205,18 @@ class EngineUnavailableError(PersonalizeError):
     code = "engine_unavailable"
 
 
+class DirectReadUnsupported(PersonalizeError, ValueError):
+    """An adapter folder the fast decoder's direct read does not cover (the caller loads it through peft instead)."""
+
+    code = "direct_read_unsupported"
+
+
+class AdapterRefusedError(PersonalizeError):
+    """A generation engine (vLLM) would not load an adapter (its rank, its modules): served locally instead."""
+
+    code = "adapter_refused"
+
+
 class ServerError(PersonalizeError):
     """The server failed unexpectedly; its log has the details (the response never carries a traceback)."""
 

@@ -54,6 +54,7 @@ from personalize.cpu.quantization import (
     kernel_unavailable_reason,
     quantize,
 )
+from personalize.errors import DirectReadUnsupported
 
 WeightFormat = Literal["q8", "fp32"]
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -199,10 +200,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's save_pretrained files
 ADAPTER_CONFIG = "adapter_config.json"
 # peft's state-dict keys (the adapter name stripped) of LoRA on a Llama-family decoder's projections
 _LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-
-
-class DirectReadUnsupported(ValueError):
-    """An adapter folder ``read_lora_pairs`` does not cover (the caller loads it through peft instead)."""
 
 
 def _direct_config_reason(config: dict[str, Any]) -> str | None:

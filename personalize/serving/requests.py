@@ -33,7 +33,7 @@ from personalize.results import GenerationResult, RetrievedRef, Timings
 from personalize.retrieval import RetrievedItem, check_retriever
 from personalize.serving.backend import AdapterRef, ServingBackend
 from personalize.serving.modeling import LoadedModel
-from personalize.serving.router import Router
+from personalize.serving.router import Policy, Router
 from personalize.tasks.prompting import BuiltPrompt, build_prompt, encode
 from personalize.tasks.registry import Task, get_task
 
@@ -130,12 +130,15 @@ def check_method(method: object) -> str:
     return str(method)
 
 
-def choose_method(router: Router, info: UserInfo, method: str, has_adapter: bool) -> tuple[str, list[str]]:
-    """Resolve ``auto`` and fall back when the requested method cannot run; say why in notes."""
+def choose_method(
+    router: Router, info: UserInfo, method: str, has_adapter: bool, policy: Policy | None = None
+) -> tuple[str, list[str]]:
+    """Resolve ``auto`` (with ``policy`` where the caller read it already) and fall back when the requested method
+    cannot run; say why in notes."""
     check_method(method)
     notes: list[str] = []
     if method == AUTO:
-        decision = router.choose(task_for(info, None).name, info.n_items, has_adapter)
+        decision = router.choose(task_for(info, None).name, info.n_items, has_adapter, policy)
         method = decision.method
         notes.append(f"auto chose {method}: {decision.reason}")
     if uses_adapter(method) and not has_adapter:
@@ -180,12 +183,13 @@ def prepare_request(
     adapter_method = adapter_method_of(check_method(method))
     user = p.bases.resolve_user(user_id, with_adapter=uses_adapter(method) or method == AUTO, method=adapter_method)
     the_task = task_for(user.info, task)
-    planned = p.router.planned(the_task.name, user.info.n_items) if method == AUTO else method
+    policy = p.router.policy(task_for(user.info, None).name) if method == AUTO and user.info.n_items > 0 else None
+    planned = p.router.planned(the_task.name, user.info.n_items, policy) if method == AUTO else method
     if uses_adapter(planned) and adapter_method_of(planned) != adapter_method:  # auto's band: another method's
         user = p.bases.resolve_user(user_id, with_adapter=True, method=adapter_method_of(planned))
     loaded, task_adapter = p.bases.base_for(the_task, method)
     adapter, notes = _usable_adapter(user, loaded, method, the_task)
-    chosen, chosen_notes = choose_method(p.router, user.info, method, adapter is not None)
+    chosen, chosen_notes = choose_method(p.router, user.info, method, adapter is not None, policy)
     notes += chosen_notes
     if uses_adapter(method) and adapter is None and p.settings.auto_train and user.info.n_items:
         notes.append(queue_quietly(p, user_id, adapter_method))

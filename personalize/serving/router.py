@@ -147,17 +147,18 @@ class Router:
             tasks = sorted(set(s.scalars(select(RouterCalibration.task))))
         return [self.policy(t) for t in tasks]
 
-    def planned(self, task: str | None, n_items: int) -> str:
+    def planned(self, task: str | None, n_items: int, policy: Policy | None = None) -> str:
         """The method the policy's band for ``n_items`` names, before any adapter check (what ``choose`` returns
-        for a user who has that method's adapter): serving asks it first to know which adapter to look up."""
-        return "none" if n_items <= 0 else self.policy(task).method_for(n_items).method
+        for a user who has that method's adapter): serving asks it first to know which adapter to look up, and
+        passes the same ``policy`` on to ``choose`` (one read of the calibration per request)."""
+        return "none" if n_items <= 0 else (policy or self.policy(task)).method_for(n_items).method
 
-    def choose(self, task: str | None, n_items: int, has_adapter: bool) -> Decision:
+    def choose(self, task: str | None, n_items: int, has_adapter: bool, policy: Policy | None = None) -> Decision:
         """The method for a user with ``n_items`` items; ``has_adapter``: whether the user has a current adapter
-        of the planned method's adapter method (``planned``)."""
+        of the planned method's adapter method (``planned``); ``policy``: the task's, if read already."""
         if n_items <= 0:
             return Decision("none", "the user has no items")
-        policy = self.policy(task)
+        policy = policy or self.policy(task)
         band = policy.method_for(n_items)
         origin = f"calibrated from run {policy.source_run_id}" if policy.source_run_id else "default policy"
         reason = f"{n_items} item(s) fall in the band from {band.min_items} ({origin}, task {policy.task})"

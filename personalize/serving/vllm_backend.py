@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from personalize.adapters.methods import unsupported_peft_type_reason
-from personalize.errors import EngineUnavailableError
+from personalize.errors import AdapterRefusedError, EngineUnavailableError
 from personalize.results import ServingFacts
 from personalize.serving.backend import AdapterRef, DecodeRow, Generated, ServingBackend, register_backend
 from personalize.serving.hf_backend import HFBackend
@@ -125,10 +125,6 @@ def error_message(response: httpx.Response) -> str:
         if body.get("detail"):
             return str(body["detail"])
     return str(body)[:300]
-
-
-class AdapterRefusedError(Exception):
-    """The server would not load an adapter (its rank, its modules): served locally instead, with the reason."""
 
 
 class VllmClient:
