@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 # benchmarks/kernels.py would shadow the hub's ``kernels`` package that transformers imports (an ImportError while
-# loading the model): once this module is imported, search the scripts' own folder last
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    sys.path.append(sys.path.pop(0))
+# loading the model): once this module is imported, search the scripts' own folder last, however many times a script
+# put it on the path
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE] + [str(_HERE)]
 
 
 def median(values: Sequence[float]) -> float:

@@ -348,15 +348,7 @@ def batch_size_bench(p: Personalizer, sizes: list[int], n_short: int, n_long: in
 # -- ingest and query ------------------------------------------------------------------------------------------
 
 
-def unshadow_kernels() -> None:
-    """Drop this folder from ``sys.path`` once ``_common`` is imported: ``benchmarks/kernels.py`` would otherwise
-    stand in for the ``kernels`` package that transformers imports when it loads a model."""
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != here]
-
-
 def main(argv: list[str] | None = None) -> None:
-    unshadow_kernels()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="sizes 10 and 100, 10 queries, 1 embedding round")
     parser.add_argument("--sizes", type=int, nargs="+", help=f"items per user (default {list(FULL_SIZES)})")

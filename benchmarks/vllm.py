@@ -35,9 +35,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import contention_note, footer, loadavg, median, table  # noqa: E402
 
-# benchmarks/kernels.py would shadow the `kernels` package transformers probes for when it loads the GGUF
-sys.path[:] = [p for p in sys.path if not p or Path(p).resolve() != HERE]
-
 from personalize import Personalizer, Settings  # noqa: E402
 from personalize.data.ingest import lamp_item  # noqa: E402
 from personalize.eval.datasets.movielens import build_movielens_rating  # noqa: E402
