@@ -100,6 +100,21 @@ def test_lora_names_carry_the_version_and_the_store_maps_to_the_servers_mount(tm
     assert LoraName.of(other_store, store, "/mnt/adapters").path == str(other_store.path)  # outside the store
 
 
+def test_a_users_lora_and_distill_adapters_get_their_own_server_names_and_are_forgotten_together(tmp_path):
+    """Both are peft type LORA: keyed by user alone, each request for one would unload the other on the server."""
+    lora = AdapterRef("u-ann-1234", tmp_path / "u-ann-1234" / "v0001", 1)
+    distill = AdapterRef("u-ann-1234", tmp_path / "u-ann-1234" / "distill" / "v0001", 1, method="distill")
+    other = AdapterRef("u-annie-99", tmp_path / "u-annie-99" / "v0001", 1)
+    assert LoraName.of(lora).name.startswith("u-ann-1234-v1-")
+    assert LoraName.of(distill).name.startswith("u-ann-1234_distill-v1-")
+    backend = backend_for(unreachable_settings(tmp_path, "m"), HFBackend())
+    assert isinstance(backend, VllmBackend)
+    backend._loaded = {a.name: LoraName.of(a) for a in (lora, distill, other)}
+    assert len(backend._loaded) == 3
+    backend.evict("u-ann-1234")  # the closed port makes the server's unload a no-op
+    assert list(backend._loaded) == [other.name]
+
+
 def test_settings_choose_the_vllm_backend_and_its_local_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv("PERSONALIZE_DECODER", "vllm")
     monkeypatch.setenv("PERSONALIZE_VLLM__URL", "http://10.0.0.5:8100/v1/")

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from personalize.adapters.cache import owned_by
 from personalize.adapters.methods import unsupported_peft_type_reason
 from personalize.errors import AdapterRefusedError, EngineUnavailableError
 from personalize.results import ServingFacts
@@ -66,7 +67,7 @@ class LoraName:
         if local_root is not None and server_root is not None and adapter.path.is_relative_to(local_root):
             path = server_root.rstrip("/") + "/" + adapter.path.relative_to(local_root).as_posix()
         digest = hashlib.sha256(str(adapter.path).encode("utf-8")).hexdigest()[:8]
-        return cls(adapter.user_key, f"{adapter.user_key}-v{adapter.version}-{digest}", path)
+        return cls(adapter.user_key, f"{adapter.name}-v{adapter.version}-{digest}", path)
 
 
 def completion_request(model: str, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int]):  # noqa: ANN201
@@ -245,7 +246,9 @@ class VllmBackend:
         self._model = settings.model  # the base the server was started with (``export_model``)
         self._base: str | None = None
         self._engine: str | None = None
-        self._loaded: dict[str, LoraName] = {}  # user key -> the adapter loaded for the user on the server
+        # AdapterRef.name (the user key for LoRA, {key}_{method} otherwise) -> what the server holds for it, so a
+        # user's LoRA and distill adapters (both peft type LORA) do not replace each other
+        self._loaded: dict[str, LoraName] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -257,8 +260,8 @@ class VllmBackend:
     def evict(self, user_key: str) -> None:
         self.fallback.evict(user_key)
         with self._lock:
-            lora = self._loaded.pop(user_key, None)
-        if lora is not None:
+            gone = [self._loaded.pop(name) for name in list(self._loaded) if owned_by(name, user_key)]
+        for lora in gone:
             self.client.unload_adapter(lora.name)
 
     def score_labels(
@@ -325,12 +328,12 @@ class VllmBackend:
                 continue
             lora = LoraName.of(adapter, self._local_root, self.settings.adapters_dir)
             with self._lock:
-                current = self._loaded.get(adapter.user_key)
+                current = self._loaded.get(adapter.name)
             hit = current is not None and current.name == lora.name
             if not hit:
                 self.client.load_adapter(lora)
                 with self._lock:
-                    self._loaded[adapter.user_key] = lora
+                    self._loaded[adapter.name] = lora
                 if current is not None:
                     self.client.unload_adapter(current.name)
             hits.append(hit)
@@ -355,7 +358,7 @@ class VllmBackend:
             adapter = adapters[name]
             if out is None and adapter is not None:  # the server restarted and lost the adapter: load it again
                 with self._lock:
-                    self._loaded.pop(adapter.user_key, None)
+                    self._loaded.pop(adapter.name, None)
                 self._ensure_loaded([adapter], ServingFacts())
                 out = self.client.complete(body)
             if out is None:
