@@ -1,5 +1,5 @@
 """HTTP load benchmark: `personalize serve` on loopback under 1, 8 and 32 concurrent clients, beside the same
-requests in process (the floor), interleaved level by level.
+requests in process (the floor), interleaved round by round within each level.
 
     python benchmarks/http_load.py                      # 8 users with adapters, 48 requests per level and path
     python benchmarks/http_load.py --requests 16 --levels 1,8 --home /tmp/http-home   # quicker; keep the home
@@ -9,7 +9,8 @@ depend on how well an adapter was trained). Every request is ``POST /v1/generate
 method ``peft`` (each row its own adapter, so concurrent requests make mixed-adapter batches through the
 coalescer), 8 new tokens. The in-process floor sends the same requests to a ``Personalizer`` from the same number of
 threads (its own copy of the home, so no two processes share one embedded Chroma folder). Bounded in count
-(``--requests``) and time (``--max-seconds`` per level and path). Prints req/s, p50 and p95 latency and the error
+(``--requests``) and time (``--max-seconds`` per level and path). The two paths alternate in ``--rounds`` rounds
+per level (this machine's speed drifts from minute to minute). Prints req/s, p50 and p95 latency and the error
 count (which must be 0); nothing asserts a time.
 """
 
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -73,34 +75,47 @@ def _start_server(home: Path, port: int, log: Path) -> subprocess.Popen:
         time.sleep(0.5)
 
 
-def _drive(send, users: list[str], clients: int, requests: int, max_seconds: float) -> dict[str, float]:  # noqa: ANN001
-    """``requests`` calls of ``send(user)`` from ``clients`` threads; latencies, req/s and errors."""
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + max_seconds
+@dataclass
+class PathRecord:
+    """What one path (in-process or http) measured at one level, summed over its interleaved rounds."""
+
+    latencies: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    errors: int = 0
+
+    def row(self, clients: int, name: str) -> list[str]:
+        rps = len(self.latencies) / self.wall_s if self.wall_s else float("nan")
+        p50, p95 = 1000 * pct(self.latencies, 50), 1000 * pct(self.latencies, 95)
+        return [
+            str(clients),
+            name,
+            str(len(self.latencies)),
+            f"{rps:.2f}",
+            f"{p50:.0f}",
+            f"{p95:.0f}",
+            str(self.errors),
+        ]
+
+
+def _drive(send, users: list[str], clients: int, requests: int, budget_s: float, record: PathRecord) -> None:  # noqa: ANN001
+    """``requests`` calls of ``send(user)`` from ``clients`` threads, added to ``record``; no call starts once the
+    path has used ``budget_s`` in all."""
+    deadline = time.perf_counter() + budget_s - record.wall_s
 
     def one(n: int) -> None:
-        nonlocal errors
         if time.perf_counter() > deadline:
             return
         t0 = time.perf_counter()
         try:
             send(users[n % len(users)])
-            latencies.append(time.perf_counter() - t0)
+            record.latencies.append(time.perf_counter() - t0)
         except Exception:  # counted, never hidden: the table shows them
-            errors += 1
+            record.errors += 1
 
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
         list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - start
-    return {
-        "done": len(latencies),
-        "rps": len(latencies) / wall if wall else float("nan"),
-        "p50": 1000 * pct(latencies, 50),
-        "p95": 1000 * pct(latencies, 95),
-        "errors": errors,
-    }
+    record.wall_s += time.perf_counter() - start
 
 
 def main() -> None:
@@ -110,6 +125,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=48, help="Requests per level and path")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="Stop a level's path after this long")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="Split each level's requests into this many rounds, alternating the paths"
+    )
     args = parser.parse_args()
     load_start, started = loadavg(), time.perf_counter()
     home = args.home or Path(tempfile.mkdtemp(prefix="http-load-"))
@@ -136,24 +154,17 @@ def main() -> None:
             for send in (over_http, in_process):  # warm: model loaded, adapters in the caches
                 for user in users:
                     send(user)
+            paths = {"in-process": in_process, "http": over_http}
             for clients in [int(c) for c in args.levels.split(",")]:
-                for name, send in (("in-process", in_process), ("http", over_http)):
-                    r = _drive(send, users, clients, args.requests, args.max_seconds)
-                    rows.append(
-                        [
-                            clients,
-                            name,
-                            f"{r['done']:.0f}",
-                            f"{r['rps']:.2f}",
-                            f"{r['p50']:.0f}",
-                            f"{r['p95']:.0f}",
-                            f"{r['errors']:.0f}",
-                        ]
-                    )
-                    print(
-                        f"  {clients} clients, {name}: {r['rps']:.2f} req/s, p95 {r['p95']:.0f} ms, "
-                        f"{r['errors']} errors"
-                    )
+                records = {name: PathRecord() for name in paths}
+                per_round = max(clients, args.requests // args.rounds)
+                for round_no in range(max(1, args.requests // per_round)):  # interleaved: the machine drifts
+                    order = list(paths) if round_no % 2 == 0 else list(reversed(paths))
+                    for name in order:
+                        _drive(paths[name], users, clients, per_round, args.max_seconds, records[name])
+                for name, record in records.items():
+                    rows.append(record.row(clients, name))
+                    print(f"  {clients} clients, {name}: {' '.join(rows[-1][2:])} (requests req/s p50 p95 errors)")
     finally:
         server.terminate()
         server.wait(timeout=60)

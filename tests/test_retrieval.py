@@ -172,3 +172,39 @@ def test_the_exact_scan_gives_chromas_answer_on_a_fresh_collection(tmp_path):
     assert [h.id for h in exact] == [h.id for h in approximate]
     assert np.allclose([h.score for h in exact], [h.score for h in approximate], atol=1e-4)
     assert len(_exact_top_k(_all_embeddings(collection), query, 99)) == 40
+
+
+def test_a_cached_collection_handle_that_went_stale_is_looked_up_again(tmp_path):
+    """Reads keep the user's collection handle; when another client deletes and recreates the collection (a
+    forget elsewhere, then new items), the next read must find the new items, never an error or the old ones."""
+    import numpy as np
+
+    from personalize.retrieval.vectorstore import VectorStore
+
+    rng = np.random.default_rng(1)
+    old, new = rng.standard_normal((6, 16)).astype(np.float32), rng.standard_normal((3, 16)).astype(np.float32)
+    writer, reader = VectorStore(str(tmp_path / "chroma")), VectorStore(str(tmp_path / "chroma"))
+    writer.upsert("alice", [f"old{n}" for n in range(6)], old)
+    assert {h.id for h in reader.query("alice", old[0], 10)} == {f"old{n}" for n in range(6)}  # k > count: all
+    assert "alice" in reader._handles
+    assert writer.delete_user("alice")
+    assert reader.query("alice", old[0], 4) == []  # gone: the stale handle is dropped, the lookup finds nothing
+    assert "alice" not in reader._handles
+    writer.upsert("alice", [f"new{n}" for n in range(3)], new)
+    reader.query("bob", new[0], 2)  # another user's read changes nothing
+    reader._handles["alice"] = writer._collection("alice", create=False)
+    assert writer.delete_user("alice")
+    writer.upsert("alice", [f"new{n}" for n in range(3)], new)  # recreated: a new collection id
+    assert [h.id for h in reader.query("alice", new[1], 1)] == ["new1"]
+
+
+def test_an_unreachable_chroma_server_is_an_error_not_an_empty_answer():
+    import numpy as np
+
+    from personalize.errors import VectorStoreUnavailableError
+    from personalize.retrieval.chroma_server import free_port
+    from personalize.retrieval.vectorstore import VectorStore
+
+    store = VectorStore(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(VectorStoreUnavailableError, match="cannot be used"):
+        store.query("alice", np.ones(16, dtype=np.float32), 4)

@@ -78,6 +78,19 @@ def _exact_top_k(entries: tuple[list[str], np.ndarray], embedding: np.ndarray, k
     return [Hit(ids[i], float(scores[i])) for i in order]
 
 
+def _nearest(collection: Any, embedding: np.ndarray, k: int) -> list[Hit]:
+    """Chroma's top ``k`` (it answers fewer when the collection holds fewer); the exact top k when HNSW, being
+    approximate after updates and deletes, answers short. Counts the collection only when the answer is short."""
+    found = collection.query(query_embeddings=[embedding], n_results=k, include=["distances"])
+    hits = [
+        Hit(item_id, 1.0 - float(distance))
+        for item_id, distance in zip(found["ids"][0], found["distances"][0], strict=True)
+    ]
+    if len(hits) < k and len(hits) < int(collection.count()):
+        return _exact_top_k(_all_embeddings(collection), embedding, min(k, int(collection.count())))
+    return hits
+
+
 class VectorStore:
     """Chroma access by user id; embeddings are always computed by us and passed in.
 
@@ -90,6 +103,9 @@ class VectorStore:
         self._client = None
         self._lock_fd: int | None = None
         self._mutex = threading.RLock()
+        # collection handles by user id, for reads: looking one up costs a round trip per query (2 ms embedded).
+        # A stale handle (the collection deleted here or by another process) raises NotFoundError: dropped, retried.
+        self._handles: dict[str, Any] = {}
 
     @property
     def client(self):  # noqa: ANN201
@@ -152,6 +168,7 @@ class VectorStore:
                 os.close(self._lock_fd)
                 self._lock_fd = None
             self._client = None
+            self._handles.clear()
 
     # -- collections -------------------------------------------------------------------------------------------
 
@@ -212,21 +229,40 @@ class VectorStore:
             crash_point("chroma-batch")
 
     def query(self, user_id: str, embedding: np.ndarray, k: int) -> list[Hit]:
-        collection = self._collection(user_id, create=False)
-        if collection is None or k <= 0:
+        """The user's ``k`` nearest items; [] for a user without a collection. Reads through a cached handle; one
+        that has gone stale (or finds nothing, which a collection recreated elsewhere would) is looked up again."""
+        if k <= 0:
             return []
-        n = collection.count()
-        if n == 0:
-            return []
-        wanted = min(k, n)
-        found = collection.query(query_embeddings=[embedding], n_results=wanted, include=["distances"])
-        hits = [
-            Hit(item_id, 1.0 - float(distance))
-            for item_id, distance in zip(found["ids"][0], found["distances"][0], strict=True)
-        ]
-        if len(hits) < wanted:  # HNSW is approximate: after updates and deletes it can answer short
-            return _exact_top_k(_all_embeddings(collection), embedding, wanted)
-        return hits
+        for cached in (True, False):
+            collection = self._read_handle(user_id, cached)
+            if collection is None:
+                return []
+            try:
+                hits = _nearest(collection, embedding, k)
+            except Exception:
+                if not cached:
+                    raise
+                self._drop_handle(user_id)
+                continue
+            if hits or not cached:
+                return hits
+            self._drop_handle(user_id)
+        return []
+
+    def _read_handle(self, user_id: str, cached: bool):  # noqa: ANN202
+        """The user's collection for reading, from the handle cache when ``cached``; None when there is none (a
+        store that cannot be reached raises ``VectorStoreUnavailableError``, never reads as "no items")."""
+        if cached and (handle := self._handles.get(user_id)) is not None:
+            return handle
+        handle = self._find_collection(user_id)
+        if handle is not None:
+            with self._mutex:
+                self._handles[user_id] = handle
+        return handle
+
+    def _drop_handle(self, user_id: str) -> None:
+        with self._mutex:
+            self._handles.pop(user_id, None)
 
     def count(self, user_id: str) -> int:
         collection = self._collection(user_id, create=False)
@@ -270,6 +306,8 @@ class VectorStore:
         """Drop a collection by name (one left by a user SQL no longer knows), with its files."""
         self._acquire_writer()
         self.client.delete_collection(name)
+        with self._mutex:
+            self._handles = {u: h for u, h in self._handles.items() if collection_name(u) != name}
         if not self.is_server:
             self._purge_deleted_files()
 
@@ -278,6 +316,7 @@ class VectorStore:
         if self._collection(user_id, create=False) is None:
             return False
         self._acquire_writer()
+        self._drop_handle(user_id)
         self.client.delete_collection(collection_name(user_id))
         if not self.is_server:
             self._purge_deleted_files()
