@@ -11,8 +11,12 @@
 # `task-adapted` (issue 14): the same two checks on a task-adapted base (the task adapter merged into the weights):
 # a small task adapter (PERSONALIZE_TASK_ADAPTER__MAX_TOKENS=30000) on movielens-rating dev's first USERS (20)
 # users, then plain vs fast decoder (none/rag/peft, free generation) and plain vs fast trainer (peft).
+# `precision` (issue 17 target 6): the bf16 training path against fp32, both on peft's own (plain) step, each in its
+# own home: PERSONALIZE_LORA__PRECISION=fp32, then =bf16 (the frozen base under bf16 autocast; LoRA weights and
+# optimizer state fp32), method peft, movielens-rating and reuters-lead dev as above (`precision-movielens` or
+# `precision-reuters-lead` for one). On a CPU without fast bf16 the bf16 side runs, slowly, all the same.
 # Usage: benchmarks/fastpath_quality.sh [movielens|reuters-lead|all|training|training-movielens|training-reuters-lead|
-#        task-adapted]
+#        precision|precision-movielens|precision-reuters-lead|task-adapted]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -44,22 +48,35 @@ if [[ $what == reuters-lead || $what == all ]]; then
   PERSONALIZE_LORA__MAX_ITEMS=${READ_ITEMS:-8} run_pair --task reuters-lead --split dev --data "$DATA/reuters-c50" \
     --users 40 --per-user "${PER_USER:-1}" --methods none,rag,peft --max-new-tokens 32 --retriever bm25 --k 4
 fi
-train_pair() {  # the same evaluation with each trainer, each in its own home (so each trains its own adapters)
-  local ids=() tag=$1
-  shift
-  for trainer in plain fast; do
-    home="$PERSONALIZE_HOME-trainer-$trainer"
-    if [[ ! -d $home/models && -d $PERSONALIZE_HOME/models ]]; then  # reuse the dequantised model cache
-      mkdir -p "$home" && cp -r "$PERSONALIZE_HOME/models" "$home/models"
-    fi
-    if [[ ! -d $home/adapters/_tasks && -d $PERSONALIZE_HOME/adapters/_tasks ]]; then  # the same task adapter
-      mkdir -p "$home/adapters" && cp -r "$PERSONALIZE_HOME/adapters/_tasks" "$home/adapters/_tasks"
-    fi
-    ids+=("$(PERSONALIZE_HOME=$home PERSONALIZE_LORA__TRAINER=$trainer $P eval run "$@" | tail -n 1 | awk '{print $NF}')")
+side_home() {  # a home of its own for one side of a pair, reusing the model cache and any task adapter
+  local home=$1
+  if [[ ! -d $home/models && -d $PERSONALIZE_HOME/models ]]; then  # reuse the dequantised model cache
+    mkdir -p "$home" && cp -r "$PERSONALIZE_HOME/models" "$home/models"
+  fi
+  if [[ ! -d $home/adapters/_tasks && -d $PERSONALIZE_HOME/adapters/_tasks ]]; then  # the same task adapter
+    mkdir -p "$home/adapters" && cp -r "$PERSONALIZE_HOME/adapters/_tasks" "$home/adapters/_tasks"
+  fi
+}
+setting_pair() {  # the same evaluation with each value of one setting, each in its own home (its own adapters)
+  local ids=() tag=$1 var=$2 first=$3 second=$4
+  shift 4
+  for value in "$first" "$second"; do
+    side_home "$PERSONALIZE_HOME-$tag-$value"
+    ids+=("$(env PERSONALIZE_HOME="$PERSONALIZE_HOME-$tag-$value" "$var=$value" $P eval run "$@" | tail -n 1 | awk '{print $NF}')")
   done
-  echo "== $tag: trainer plain vs fast"
-  PERSONALIZE_HOME="$PERSONALIZE_HOME-trainer-plain" $P eval compare "${ids[0]}" "${ids[1]}" --tolerance 0.01 \
-    --candidate-home "$PERSONALIZE_HOME-trainer-fast" || true
+  echo "== $tag: $var=$first vs $second"
+  PERSONALIZE_HOME="$PERSONALIZE_HOME-$tag-$first" $P eval compare "${ids[0]}" "${ids[1]}" --tolerance 0.01 \
+    --candidate-home "$PERSONALIZE_HOME-$tag-$second" || true
+}
+train_pair() {  # the plain training step against the fast one
+  local tag=$1
+  shift
+  setting_pair "$tag-trainer" PERSONALIZE_LORA__TRAINER plain fast "$@"
+}
+precision_pair() {  # issue 17 target 6: the plain step with the frozen base in fp32, then under bf16 autocast
+  local tag=$1
+  shift
+  PERSONALIZE_LORA__TRAINER=plain setting_pair "$tag-precision" PERSONALIZE_LORA__PRECISION fp32 bf16 "$@"
 }
 
 if [[ $what == training || $what == training-movielens ]]; then
@@ -68,6 +85,15 @@ if [[ $what == training || $what == training-movielens ]]; then
 fi
 if [[ $what == training || $what == training-reuters-lead ]]; then
   PERSONALIZE_LORA__MAX_ITEMS=${READ_ITEMS:-8} train_pair reuters-lead --task reuters-lead --split dev \
+    --data "$DATA/reuters-c50" --users 40 --per-user "${PER_USER:-1}" --methods peft --max-new-tokens 32 \
+    --retriever bm25 --k 4
+fi
+if [[ $what == precision || $what == precision-movielens ]]; then
+  precision_pair movielens-rating --task movielens-rating --split dev --data "$DATA/movielens-small" --users 40 \
+    --methods peft --scoring generate --max-new-tokens 4 --retriever bm25 --k 4 --workers 1
+fi
+if [[ $what == precision || $what == precision-reuters-lead ]]; then
+  PERSONALIZE_LORA__MAX_ITEMS=${READ_ITEMS:-8} precision_pair reuters-lead --task reuters-lead --split dev \
     --data "$DATA/reuters-c50" --users 40 --per-user "${PER_USER:-1}" --methods peft --max-new-tokens 32 \
     --retriever bm25 --k 4
 fi

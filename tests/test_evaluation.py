@@ -53,8 +53,11 @@ def test_run_report_and_calibrate(client, dataset, tmp_path):
     assert sum(b.n_users for b in report.buckets) == 6
     assert report.correlation["peft"]["n_users"] == 6
     assert report.cost["training"]["adapters"] == 6 and report.cost["training"]["adapter_bytes_mean"] > 0
+    precisions = report.cost["training"]["compute_precision"]  # which precision each adapter's training ran in
+    assert set(precisions) <= {"fp32", "bf16"} and sum(precisions.values()) == 6
     text = format_report(report)
     assert "SYNTHETIC" in text and "bucket 1" in text and "gain mae" in text
+    assert f", trained in {next(iter(precisions))}" in text
     data = json.loads(export(report, tmp_path / "r.json").read_text())
     assert data["run_id"] == run_id
     assert "rag+peft" in export(report, tmp_path / "r.csv").read_text()

@@ -9,7 +9,7 @@ import csv
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -503,12 +503,25 @@ def _params_text(params: int | None) -> str:
     return "" if params is None else f", {params:,} trainable parameters"
 
 
+def _precision_text(counts: dict[str, int] | None) -> str:
+    """", trained in fp32" (or "bf16 x3, fp32 x1" when adapters differ); "" where none recorded it."""
+    if not counts:
+        return ""
+    if len(counts) == 1:
+        return f", trained in {next(iter(counts))}"
+    return ", trained in " + ", ".join(f"{p} x{n}" for p, n in counts.items())
+
+
 def _training_cost(rows: list[Any]) -> dict[str, Any]:
     """Adapters, training seconds per user, bytes and trainable parameters of (user, train_seconds, size_bytes,
-    method, config) rows; the parameters are None where no adapter recorded them (trained before they were)."""
-    params = [c["trainable_params"] for c in (r[4] or {} for r in rows) if isinstance(c.get("trainable_params"), int)]
+    method, config) rows; the parameters are None where no adapter recorded them (trained before they were), and
+    ``compute_precision`` counts the adapters by the precision their training ran in (fp32 or bf16)."""
+    configs = [r[4] or {} for r in rows]
+    params = [c["trainable_params"] for c in configs if isinstance(c.get("trainable_params"), int)]
+    precisions = Counter(str(c["compute_precision"]) for c in configs if c.get("compute_precision"))
     return {
         "adapters": len(rows),
+        "compute_precision": dict(sorted(precisions.items())),  # what the frozen base computed in while training
         "train_seconds_per_user_mean": statistics.mean(r[1] for r in rows),
         "train_seconds_per_user_max": max(r[1] for r in rows),
         "adapter_bytes_mean": statistics.mean(r[2] for r in rows),
@@ -752,6 +765,7 @@ def format_report(report: RunReport) -> str:
                     f"{cost['train_seconds_per_user_mean']:.1f} s/user mean "
                     f"(max {cost['train_seconds_per_user_max']:.1f}), {cost['adapter_bytes_mean'] / 1e6:.2f} MB each"
                     + _params_text(cost.get("trainable_params"))
+                    + _precision_text(cost.get("compute_precision"))
                 )
     if report.claims:
         out += ["", f"== the paper's claims, checked ({report.metrics[0]}) =="]
