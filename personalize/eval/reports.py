@@ -504,7 +504,8 @@ def _params_text(params: int | None) -> str:
 
 
 def _precision_text(counts: dict[str, int] | None) -> str:
-    """", trained in fp32" (or "bf16 x3, fp32 x1" when adapters differ); "" where none recorded it."""
+    """The text after a method's training cost: ", trained in fp32" (", trained in bf16 x3, fp32 x1" when its
+    adapters differ); "" where none recorded it."""
     if not counts:
         return ""
     if len(counts) == 1:
