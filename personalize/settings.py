@@ -90,6 +90,22 @@ class LoraSettings(AdapterTrainingSettings):
             "at rank 8 on SmolLM2-135M, ~0.7% of the model); use ['q', 'k', 'v', 'o'] for T5/FlanT5."
         ),
     )
+    use_rslora: bool = Field(
+        False,
+        description=(
+            "Rank-stabilised LoRA (Kalajdzievski 2023): scale the update by alpha / sqrt(rank) instead of alpha / "
+            "rank, so a higher rank still learns at the same pace. The fast trainer, the fast decoder and vLLM "
+            "serve it as plain LoRA."
+        ),
+    )
+    use_dora: bool = Field(
+        False,
+        description=(
+            "DoRA (Liu et al. 2024): learn each output's magnitude apart from the LoRA direction (one more vector "
+            "per target module). peft's own training step and decoder run it, saying so: the fast step and decoder "
+            "cover plain LoRA, and vLLM has no DoRA (those adapters decode locally)."
+        ),
+    )
 
 
 class IA3Settings(AdapterTrainingSettings):

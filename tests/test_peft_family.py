@@ -312,3 +312,53 @@ def test_an_eval_run_compares_adapter_methods_trained_by_a_worker(home, tiny_mod
             adapter = client.current_adapter(uid, "ia3")
             assert adapter is not None and adapter.config["learning_rate"] == 0.02  # the worker got the run's settings
         assert EvaluationRunner(client).config_of(run_id).adapter_settings["ia3"]["epochs"] == 1
+
+
+def test_rslora_trains_on_the_fast_step_and_serves_on_the_fast_decoder_as_peft_does(settings):
+    """rsLoRA is plain LoRA with alpha / sqrt(r): both fast paths cover it, and answer as peft's own model does."""
+    lora = settings.lora.model_copy(update={"rank": 4, "alpha": 8.0, "use_rslora": True})
+    with Personalizer(settings.model_copy(update={"lora": lora, "decoder": "fast-fp32"})) as client:
+        client.add_items("alice", _rated(10))
+        adapter = client.train("alice")
+        folder = Path(adapter.path)
+        assert json.loads((folder / "adapter_config.json").read_text())["use_rslora"] is True
+        assert json.loads((folder / "personalize.json").read_text())["trainer"] == "fast"
+        result = client.generate("alice", PROMPT, method="peft", max_new_tokens=4)
+        assert result.timings.extra["decoder"] == "fast-fp32" and "decoder_note" not in result.timings.extra
+        prompt_ids = client.prepare("alice", PROMPT, method="peft").built.input_ids
+        assert result.text == _reference_answer(client, adapter.path, list(prompt_ids), False)
+
+
+def test_dora_trains_and_serves_on_peft_s_own_paths_saying_why(settings):
+    """DoRA is peft type LORA, but neither fast path nor vLLM runs it: peft's step trains it and peft's model answers,
+    each with a note, and the vLLM backend keeps it local."""
+    from personalize.serving.backends import backend_for
+    from personalize.serving.modeling import LoadedModel
+
+    lora = settings.lora.model_copy(update={"use_dora": True})
+    with Personalizer(settings.model_copy(update={"lora": lora})) as client:  # asks for the fast step and decoder
+        client.add_items("alice", _rated(10))
+        adapter = client.train("alice")
+        folder = Path(adapter.path)
+        assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is True
+        metadata = json.loads((folder / "personalize.json").read_text())
+        assert metadata["trainer"] == "plain"
+        assert adapter.config is not None and "DoRA" in (adapter.config.get("trainer_note") or "")
+        result = client.generate("alice", PROMPT, method="peft", max_new_tokens=4)
+        extra = result.timings.extra
+        assert extra["decoder"] == "plain" and "DoRA adapters" in extra["decoder_note"]
+        prompt_ids = client.prepare("alice", PROMPT, method="peft").built.input_ids
+        assert result.text == _reference_answer(client, adapter.path, list(prompt_ids), False)
+        client.add_items("bob", _rated(9, prefix="bob"))
+        client.add_items("carol", _rated(9, prefix="carol"))
+        client.train("bob")
+        requests = [("alice", PROMPT), ("bob", PROMPT), ("carol", PROMPT), ("alice", "Another evening, a film?")]
+        batch = client.generate_batch(requests, method="peft", max_new_tokens=4)
+        alone = [client.generate(u, q, method="peft", max_new_tokens=4) for u, q in requests]
+        assert [r.text for r in batch] == [r.text for r in alone]  # each DoRA adapter's rows in a pass of their own
+        assert {r.timings.extra["adapter_batching"] for r in batch if r.method == "peft"} == {"grouped"}
+        ref = AdapterRef.of(user_key("alice"), adapter)
+        assert ref.dora and ref.peft_type == "LORA"
+        vllm = backend_for(client.settings.model_copy(update={"decoder": "vllm"}), HFBackend())
+        plain = LoadedModel(client.settings.model, None, None, False, 512, 0.0, "")
+        assert "DoRA adapters" in (vllm.local_reason(plain, [DecodeRow([1, 2], ref)]) or "")  # type: ignore[attr-defined]

@@ -198,6 +198,14 @@ class AdapterCache:
                 raise InvalidInputError(f"adapter {name!r} is not loaded; call ensure_loaded first")
             return peft_type_name(self._peft.peft_config[name].peft_type)
 
+    def mixes(self, name: str) -> bool:
+        """Whether loaded adapter ``name`` can share a forward pass with other adapters' rows (peft's per-row
+        ``adapter_names``): its method is registered with ``mixed_batches`` and it is no DoRA (peft refuses those)."""
+        with self._lock:
+            if unsupported_peft_type_reason(self.peft_type(name), "mixed_batches", "a batch") is not None:
+                return False
+            return not getattr(self._peft.peft_config[name], "use_dora", False)
+
     def _set_active(self, name: str) -> None:
         if self._peft.active_adapter != name:  # set_adapter walks every module (~70 ms): skip when active
             self._peft.set_adapter(name)
@@ -265,7 +273,7 @@ class AdapterCache:
 
         inputs, base = self._probe_base()
         with torch.inference_mode():
-            if unsupported_peft_type_reason(self.peft_type(name), "mixed_batches", "a batch") is None:
+            if self.mixes(name):
                 with_adapter = self._peft(**inputs, adapter_names=[name]).logits[0, -1].float()
             else:
                 previous = self._peft.active_adapter
@@ -342,7 +350,7 @@ def generate_batch(
         if not cache.names():  # with no adapter loaded, the model is the plain base
             return _greedy(loaded, cache.model, encoded_prompts, max_new_tokens)
         named = {n for n in adapter_names if n is not None}
-        if all(unsupported_peft_type_reason(cache.peft_type(n), "mixed_batches", "a batch") is None for n in named):
+        if all(cache.mixes(n) for n in named):
             # a PeftModel: each row names its adapter
             names = [BASE if n is None else n for n in adapter_names]
             return _greedy(loaded, cache.model, encoded_prompts, max_new_tokens, names)

@@ -148,6 +148,8 @@ def lora_peft_config(settings: LoraSettings, is_encoder_decoder: bool) -> Any:
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
         bias="none",
+        use_rslora=settings.use_rslora,
+        use_dora=settings.use_dora,
         task_type=TaskType.SEQ_2_SEQ_LM if is_encoder_decoder else TaskType.CAUSAL_LM,
     )
 

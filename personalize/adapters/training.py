@@ -337,6 +337,7 @@ def train_adapter(
         "train_seconds": train_seconds,
         "seed": settings.seed,
         "trainer": trainer.name,
+        "trainer_note": note,  # why the step asked for did not run it (None when it did)
         "precision": precision,
         "owner": owner,
         "config": config,

@@ -589,6 +589,8 @@ def _fast_step_unsupported(loaded: Any, settings: Any) -> str | None:
     modules = getattr(settings, "target_modules", None)
     if modules is None:
         return f"{type(settings).__name__} names no target modules"
+    if getattr(settings, "use_dora", False):
+        return "DoRA (the fast step covers plain LoRA)"
     return unsupported_reason(loaded.model, modules, loaded.is_encoder_decoder)
 
 

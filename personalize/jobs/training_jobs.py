@@ -216,6 +216,7 @@ def run_training_job(p: Personalizer, job_id: int, progress: bool = False) -> Jo
             "task_adapter": task_ref,
             "peft_type": method.peft_type,
             "trainer_used": result.trainer,
+            "trainer_note": result.trainer_note,
             "compute_precision": result.precision,  # what the frozen base computed in ("auto" resolved)
             **distill_record,
         },

@@ -35,6 +35,7 @@ class AdapterRef:
     peft_type: str = "LORA"
     task_adapter: str | None = None
     method: str = "lora"  # the adapter method: a user may hold adapters of several methods at once
+    dora: bool = False  # a DoRA LoRA (``LoraSettings.use_dora``): peft type LORA, but no engine of plain LoRA runs it
 
     @property
     def name(self) -> str:
@@ -54,6 +55,7 @@ class AdapterRef:
             str(config.get("peft_type", "LORA")),
             task_adapter if isinstance(task_adapter, str) else None,
             adapter.method,
+            config.get("use_dora") is True,
         )
 
 

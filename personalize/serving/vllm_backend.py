@@ -281,6 +281,8 @@ class VllmBackend:
             reason = row.adapter and unsupported_peft_type_reason(row.adapter.peft_type, "vllm_serving", "vLLM")
             if reason:
                 return f"vLLM not used: {reason}"
+            if row.adapter and row.adapter.dora:
+                return "vLLM not used: DoRA adapters (vLLM serves plain LoRA only)"
         return None
 
     def generate(
