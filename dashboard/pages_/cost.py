@@ -125,6 +125,7 @@ with ui.page("Cost", "What each method costs (training, storage, latency) agains
                     "training s / user (max)": round(cost["train_seconds_per_user_max"], 1),
                     "adapter MB (mean)": round(cost["adapter_bytes_mean"] / 1e6, 3),
                     "trainable parameters": cost.get("trainable_params"),
+                    "trained in": ", ".join(cost.get("compute_precision") or {}) or None,  # fp32 or bf16
                 }
                 for method, cost in per_method.items()
             ],
