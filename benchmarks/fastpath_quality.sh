@@ -14,7 +14,8 @@
 # `precision` (issue 17 target 6): the bf16 training path against fp32, both on peft's own (plain) step, each in its
 # own home: PERSONALIZE_LORA__PRECISION=fp32, then =bf16 (the frozen base under bf16 autocast; LoRA weights and
 # optimizer state fp32), method peft, movielens-rating and reuters-lead dev as above (`precision-movielens` or
-# `precision-reuters-lead` for one). On a CPU without fast bf16 the bf16 side runs, slowly, all the same.
+# `precision-reuters-lead` for one; USERS=N for the first N users instead of 40). On a CPU without fast bf16 the
+# bf16 side runs, slowly, all the same.
 # Usage: benchmarks/fastpath_quality.sh [movielens|reuters-lead|all|training|training-movielens|training-reuters-lead|
 #        precision|precision-movielens|precision-reuters-lead|task-adapted]
 set -euo pipefail
@@ -89,12 +90,12 @@ if [[ $what == training || $what == training-reuters-lead ]]; then
     --retriever bm25 --k 4
 fi
 if [[ $what == precision || $what == precision-movielens ]]; then
-  precision_pair movielens-rating --task movielens-rating --split dev --data "$DATA/movielens-small" --users 40 \
+  precision_pair movielens-rating --task movielens-rating --split dev --data "$DATA/movielens-small" --users "${USERS:-40}" \
     --methods peft --scoring generate --max-new-tokens 4 --retriever bm25 --k 4 --workers 1
 fi
 if [[ $what == precision || $what == precision-reuters-lead ]]; then
   PERSONALIZE_LORA__MAX_ITEMS=${READ_ITEMS:-8} precision_pair reuters-lead --task reuters-lead --split dev \
-    --data "$DATA/reuters-c50" --users 40 --per-user "${PER_USER:-1}" --methods peft --max-new-tokens 32 \
+    --data "$DATA/reuters-c50" --users "${USERS:-40}" --per-user "${PER_USER:-1}" --methods peft --max-new-tokens 32 \
     --retriever bm25 --k 4
 fi
 if [[ $what == task-adapted ]]; then
