@@ -16,8 +16,11 @@ What it does:
 5. The share of identical greedy answers, vllm vs fast-fp32 (the same fp32 weights) and vs fast (q8), on the
    users' first ``--queries`` dev queries with none, rag and peft (``--new-tokens`` tokens each).
 
-llama.cpp: measured by benchmarks/decode.py when llama-cpp-python is installed; here it is only reported as absent
-or present (this script does not time it). A test never asserts time; this prints a table and how it was measured.
+llama.cpp (llama-cpp-python, a benchmark-only extra compiled from source: ``pip install llama-cpp-python``), where
+installed, on the bundled Q4_1 GGUF itself, interleaved with the others on the base cases: the same prompt tokens,
+greedy, ``--threads`` threads; its "batch 8" is the 8 prompts one after another (the Python binding decodes one
+sequence). Its LoRA rows are n/a: llama.cpp takes adapters as GGUF files, and converting peft's is not done here.
+A test never asserts time; this prints a table and how it was measured.
 """
 
 from __future__ import annotations
@@ -151,16 +154,6 @@ def main(argv: list[str] | None = None) -> None:
             f"{start_s:.0f} s ({python}, {args.vllm_threads} OMP thread(s)); our decoders on {args.threads} torch "
             "thread(s). vLLM keeps one core busy-waiting for its scheduler while it runs."
         )
-        import importlib.util
-
-        out.append(
-            "llama.cpp: "
-            + (
-                "llama-cpp-python is installed: benchmarks/decode.py times it on the same machine"
-                if importlib.util.find_spec("llama_cpp")
-                else "not measured (llama-cpp-python is not installed; benchmarks/decode.py times it where it is)"
-            )
-        )
     finally:
         if not args.home:
             shutil.rmtree(home, ignore_errors=True)
@@ -168,6 +161,31 @@ def main(argv: list[str] | None = None) -> None:
     if note:
         out.insert(0, note)
     print("\n\n".join(out))
+
+
+def llama_cpp(threads: int):  # noqa: ANN201
+    """llama.cpp on the bundled GGUF, or None when llama-cpp-python is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from decode import bundled_gguf
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(bundled_gguf()), n_threads=threads, n_ctx=2048, verbose=False)
+
+
+def llama_cpp_tokens_per_s(llm, prompts: list[list[int]], n: int) -> float:  # noqa: ANN001
+    """Greedy, ``n`` tokens for each prompt in turn (no stop token ends a row), tokens/s over the whole call."""
+    t0 = time.perf_counter()
+    made = 0
+    for ids in prompts:
+        llm.reset()
+        for i, _ in enumerate(llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, reset=True), start=1):
+            made += 1
+            if i >= n:
+                break
+    return made / (time.perf_counter() - t0)
 
 
 def speed(p: Personalizer, by_user: dict[str, list], args: argparse.Namespace) -> list[str]:
@@ -186,6 +204,9 @@ def speed(p: Personalizer, by_user: dict[str, list], args: argparse.Namespace) -
             [(users[i % len(users)], q) for i, q in enumerate(prompts)], method="peft", max_new_tokens=n, task=TASK
         ),
     }
+    llm = llama_cpp(args.threads)
+    base_ids = [list(p.prepare(users[0], q, method="none", task=TASK).built.input_ids) for q in prompts]
+    llama_cases = {"batch 1, base": base_ids[:1], "batch 8, base": base_ids}  # the same tokens ours decode
     rates: dict[tuple[str, str], list[float]] = {}
     engines: dict[tuple[str, str], str] = {}
     for round_ in range(args.rounds + 1):  # round 0 warms every path up (adapter loads, first calls)
@@ -199,19 +220,27 @@ def speed(p: Personalizer, by_user: dict[str, list], args: argparse.Namespace) -
                     rates.setdefault((case, decoder), []).append(tokens_per_s(results, wall))
                     facts = results[0].timings.extra
                     engines[case, decoder] = str(facts.get("decoder", "?"))
+            if llm is not None and case in llama_cases:
+                rate = llama_cpp_tokens_per_s(llm, llama_cases[case], n)
+                if round_:
+                    rates.setdefault((case, "llama.cpp"), []).append(rate)
     rows = []
     for case in cases:
         row: list[object] = [case]
-        for decoder in DECODERS:
-            values = rates[case, decoder]
-            row.append(f"{median(values):.1f}")
+        for decoder in (*DECODERS, "llama.cpp"):
+            values = rates.get((case, decoder))
+            row.append(f"{median(values):.1f}" if values else ("not installed" if llm is None else "n/a"))
         row.append(f"{median(rates[case, 'vllm']) / median(rates[case, 'fast-fp32']):.2f}x")
+        llama = rates.get((case, "llama.cpp"))
+        row.append(f"{median(rates[case, 'fast']) / median(llama):.2f}x" if llama else "-")
         rows.append(row)
     ran = ", ".join(sorted({f"{d}: {e}" for (_, d), e in engines.items()}))
     return [
         f"tokens/s (median of {args.rounds} rounds; greedy, every row {n} new tokens: no stop token; MovieLens dev "
-        f"prompts; decoders that ran: {ran})",
-        table(["case", "vllm", "fast-fp32", "fast (q8)", "vllm / fast-fp32"], rows),
+        f"prompts; decoders that ran: {ran}; llama.cpp: Q4_1 GGUF, batch 8 = the 8 prompts in turn)",
+        table(
+            ["case", "vllm", "fast-fp32", "fast (q8)", "llama.cpp", "vllm / fast-fp32", "fast (q8) / llama.cpp"], rows
+        ),
     ]
 
 
