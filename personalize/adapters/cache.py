@@ -317,12 +317,14 @@ class AdapterCache:
             param.requires_grad_(self._requires_grad.get(param_name, param.requires_grad))
 
 
-def batching_of(peft_type: str) -> str:
+def batching_of(peft_type: str, dora: bool = False) -> str:
     """How rows with adapters of ``peft_type`` share forward passes: 'mixed' (every row its own adapter in one
-    pass), 'grouped' (one pass per adapter) or 'one-at-a-time' (virtual-token methods)."""
+    pass), 'grouped' (one pass per adapter: a method without mixed batches, or DoRA, as ``AdapterCache.mixes``
+    decides) or 'one-at-a-time' (virtual-token methods)."""
     if is_prompt_learning(peft_type):
         return "one-at-a-time"
-    return "mixed" if unsupported_peft_type_reason(peft_type, "mixed_batches", "a batch") is None else "grouped"
+    mixed = unsupported_peft_type_reason(peft_type, "mixed_batches", "a batch") is None and not dora
+    return "mixed" if mixed else "grouped"
 
 
 def generate_batch(

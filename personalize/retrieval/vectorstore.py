@@ -86,8 +86,8 @@ def _nearest(collection: Any, embedding: np.ndarray, k: int) -> list[Hit]:
         Hit(item_id, 1.0 - float(distance))
         for item_id, distance in zip(found["ids"][0], found["distances"][0], strict=True)
     ]
-    if len(hits) < k and len(hits) < int(collection.count()):
-        return _exact_top_k(_all_embeddings(collection), embedding, min(k, int(collection.count())))
+    if len(hits) < k and len(hits) < (n := int(collection.count())):
+        return _exact_top_k(_all_embeddings(collection), embedding, min(k, n))
     return hits
 
 

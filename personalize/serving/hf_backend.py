@@ -58,8 +58,8 @@ class HFBackend:
         if len(types) > 1:  # rows of several methods: each method's rows (and the base rows with LoRA's) apart
             return self._by_peft_type(loaded, rows, max_new_tokens, facts)
         peft_type = next(iter(types), "LORA")
-        batching = "grouped" if any(a is not None and a.dora for a in adapters) else batching_of(peft_type)
-        facts["adapter_batching"] = batching if len(rows) > 1 else "single"  # peft runs DoRA rows apart
+        dora = any(a is not None and a.dora for a in adapters)
+        facts["adapter_batching"] = batching_of(peft_type, dora) if len(rows) > 1 else "single"
         cache = self.cache_for(loaded, peft_type)
         with cache.lock:
             t0 = time.perf_counter()
