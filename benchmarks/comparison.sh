@@ -16,7 +16,7 @@
 # The PEFT family (issue 15): PEFT_METHODS=lora,ia3,prompt-tuning,p-tuning,prefix-tuning,distill adds peft:<m> and
 # rag+peft:<m> for each; ADAPTER_TOKENS=N sets one per-user token budget for every adapter method (distill's teacher
 # then answers only the DISTILL_ITEMS most recent items, default 16: what N=1000 trains on); WORKERS=N training
-# workers (default 1).
+# workers (default 1), each with an equal share of the cores for torch while the eval process waits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -27,6 +27,8 @@ what=${1:-all}
 methods() { if [[ -n ${METHODS:-} ]]; then echo "--methods $METHODS"; fi; }
 # DECISION=median: movielens answers the median of the label distribution (MAE's loss) instead of the argmax
 decision() { if [[ -n ${DECISION:-} ]]; then echo "--decision $DECISION"; fi; }
+# USERS=N: only the first N users of a reuters task (movielens always runs its first 100)
+users() { if [[ -n ${USERS:-} ]]; then echo "--users $USERS"; fi; }
 family() { if [[ -n ${PEFT_METHODS:-} ]]; then echo "--peft-methods $PEFT_METHODS"; fi; }
 if [[ -n ${ADAPTER_TOKENS:-} ]]; then
   for m in LORA IA3 PROMPT_TUNING P_TUNING PREFIX_TUNING DISTILL; do export "PERSONALIZE_${m}__MAX_TOKENS=$ADAPTER_TOKENS"; done
@@ -46,7 +48,7 @@ if [[ $what == reuters-authorship || $what == all ]]; then
   $P task-adapter list | grep -q '^reuters-authorship@' || $P task-adapter train --task reuters-authorship \
     --data "$DATA/reuters-c50" --split test --retriever bm25 --k 4
   # shellcheck disable=SC2046
-  $P eval run --task reuters-authorship --split test --data "$DATA/reuters-c50" --retriever bm25 --k 4 \
+  $P eval run --task reuters-authorship --split test --data "$DATA/reuters-c50" --retriever bm25 --k 4 $(users) \
     --train-via workers --workers "$WORKERS" $(methods) $(family)
 fi
 if [[ $what == reuters-lead || $what == all ]]; then
@@ -54,6 +56,6 @@ if [[ $what == reuters-lead || $what == all ]]; then
   $P task-adapter list | grep -q '^reuters-lead@' || $P task-adapter train --task reuters-lead \
     --data "$DATA/reuters-c50" --split test --retriever bm25 --k 4
   # shellcheck disable=SC2046
-  $P eval run --task reuters-lead --split test --data "$DATA/reuters-c50" --retriever bm25 --k 4 \
+  $P eval run --task reuters-lead --split test --data "$DATA/reuters-c50" --retriever bm25 --k 4 $(users) \
     --max-new-tokens 32 --train-via workers --workers "$WORKERS" $(methods) $(family)
 fi

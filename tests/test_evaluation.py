@@ -12,7 +12,7 @@ from personalize.eval.calibration import calibrate_from_run
 from personalize.eval.config import EvalConfig
 from personalize.eval.datasets import synthetic_dataset
 from personalize.eval.reports import build_report, compare_runs, export, format_comparison, format_report
-from personalize.eval.runner import EvaluationRunner
+from personalize.eval.runner import EvaluationRunner, local_worker_threads
 from personalize.serving.router import Router
 
 
@@ -207,3 +207,11 @@ def test_the_median_decision_answers_the_median_of_the_stored_label_distribution
         _config(task="reuters-lead", methods=["none"], decision="median")
     with pytest.raises(ValueError, match="numeric labels"):
         _config(methods=["none"], decision="median", scoring="generate")
+
+
+def test_local_training_workers_share_the_cores_instead_of_each_taking_the_answering_threads() -> None:
+    assert local_worker_threads(2, 2) == 1
+    assert local_worker_threads(1, 2) == 2
+    assert local_worker_threads(3, 16) == 5
+    assert local_worker_threads(4, 2) == 1  # never zero threads
+    assert local_worker_threads(0, 2) == 2

@@ -52,6 +52,13 @@ def _stored_run(s: Session, run_id: str) -> EvalRun:
     return cast(EvalRun, s.get(EvalRun, run_id))
 
 
+def local_worker_threads(workers: int, cpus: int) -> int:
+    """Torch threads for each of ``workers`` local training workers: an equal share of the cores. Why: the eval
+    process waits while they train, so ``PERSONALIZE_TORCH_THREADS`` (its own, for answering) would oversubscribe
+    the machine ``workers`` times over, or leave cores idle when set low for training's sake."""
+    return max(1, cpus // max(1, workers))
+
+
 def select_queries(dataset: Dataset, users: int | None, per_user: int | None = None) -> list[Query]:
     """The queries of the first ``users`` users in file order, at most ``per_user`` each (None: all)."""
     order: list[str] = []
@@ -187,7 +194,8 @@ class EvaluationRunner:
             for uid, method in _bar(todo, len(todo), "train", self.show):
                 self.p.train(uid, method=method)
             return
-        workers = [self._start_worker(i) for i in range(start_workers)]
+        threads = local_worker_threads(start_workers, os.cpu_count() or 1)
+        workers = [self._start_worker(i, threads) for i in range(start_workers)]
         try:
             jobs = {f"{uid} ({m})": self.p.enqueue_training(uid, method=m).job_id for uid, m in todo}
             self._wait_for_jobs(jobs)
@@ -195,8 +203,9 @@ class EvaluationRunner:
             for proc in workers:
                 stop_worker(proc)
 
-    def _start_worker(self, index: int) -> subprocess.Popen:
-        """A local `celery -A workers worker` with this run's settings (same home, database, broker, model)."""
+    def _start_worker(self, index: int, torch_threads: int) -> subprocess.Popen:
+        """A local `celery -A workers worker` with this run's settings (same home, database, broker, model) and
+        its share of the machine's cores (``torch_threads``)."""
         s = self.p.settings
         sections = {name: name.replace("-", "_").upper() for name in ADAPTER_METHODS}
         prefixes = tuple(f"PERSONALIZE_{section}__" for section in sections.values())
@@ -209,6 +218,7 @@ class EvaluationRunner:
                 "PERSONALIZE_BROKER_URL": s.resolved_broker_url,
                 "PERSONALIZE_ADAPTERS_DIR": str(s.resolved_adapters_dir),
                 "PERSONALIZE_BASE": s.base,
+                "PERSONALIZE_TORCH_THREADS": str(torch_threads),
                 # the whole LoRA config as JSON, so a None (no token cap) reaches the worker as None
                 "PERSONALIZE_LORA": json.dumps(s.lora.model_dump()),
             }
