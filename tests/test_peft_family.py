@@ -19,6 +19,7 @@ from personalize.data.naming import user_key
 from personalize.errors import AdapterHasNoEffectError, InvalidInputError, UnknownAdapterMethodError
 from personalize.methods import adapter_method_of, get_method, ordered, uses_adapter, without_adapter
 from personalize.serving.backend import AdapterRef, DecodeRow
+from personalize.serving.fast_backend import FastBackend
 from personalize.serving.hf_backend import HFBackend, generate_text
 from personalize.settings import IA3Settings, PrefixTuningSettings, PromptTuningSettings, PTuningSettings
 
@@ -95,8 +96,10 @@ def test_each_method_trains_saves_serves_and_is_its_own(family, method):
         assert result.method == f"peft:{method}" and result.retrieved == []
         extra = result.timings.extra
         assert extra["adapter_method"] == method and extra["adapter_version"] == 1
-        # the fast decoder (the suite's default) does not cover the method: the plain path answered, saying why
-        assert extra["decoder"] == "plain" and f"{peft_type} adapters (method '{method}'" in extra["decoder_note"]
+        if prompt_learning:  # the fast decoder (the suite's default) puts the virtual tokens into its cache
+            assert extra["decoder"].startswith("fast-") and "decoder_note" not in extra
+        else:  # the fast decoder does not cover the method: the plain path answered, saying why
+            assert extra["decoder"] == "plain" and f"{peft_type} adapters (method '{method}'" in extra["decoder_note"]
         prompt_ids = client.prepare("alice", PROMPT, method=f"peft:{method}").built.input_ids
         assert result.text == _reference_answer(client, adapter.path, list(prompt_ids), prompt_learning)
         assert client.generate("alice", PROMPT, method="peft", max_new_tokens=2).method == "none"  # no LoRA yet
@@ -362,3 +365,64 @@ def test_dora_trains_and_serves_on_peft_s_own_paths_saying_why(settings):
         vllm = backend_for(client.settings.model_copy(update={"decoder": "vllm"}), HFBackend())
         plain = LoadedModel(client.settings.model, None, None, False, 512, 0.0, "")
         assert "DoRA adapters" in (vllm.local_reason(plain, [DecodeRow([1, 2], ref)]) or "")  # type: ignore[attr-defined]
+
+
+def test_the_fast_decoder_serves_virtual_tokens_as_peft_s_forward_does_in_mixed_batches(family):
+    """Prompt tuning, P-tuning and prefix tuning on the fast decoder: the logits after a prompt equal peft's
+    forward on the same adapter (fp32 weights, so nothing but summation order differs), greedy answers equal
+    ``greedy_by_forward``'s, and one batch mixing the three methods, LoRA and the base (prompts of different
+    lengths: left padding) equals each row alone. A prefix in the wrong layout is refused, not served."""
+    import torch
+    from peft import PeftModel
+
+    from personalize.cpu.fastpath import get_fast_decoder
+    from personalize.cpu.virtual_tokens import read_virtual_tokens
+    from personalize.errors import DirectReadUnsupported
+
+    with Personalizer(family) as client:
+        users = {"alice": "prompt-tuning", "bob": "p-tuning", "carol": "prefix-tuning", "dave": "lora"}
+        adapters = {}
+        for user, method in users.items():
+            client.add_items(user, _rated(9, prefix=user))
+            adapters[user] = client.train(user, method=method)
+        decoder = get_fast_decoder(client.model.model, "fp32")
+        prompts = [client.prepare(u, PROMPT + " " * i, method="none").built.input_ids for i, u in enumerate(users)]
+        prompts = [list(p) + [5] * i for i, p in enumerate(prompts)]  # different lengths
+        loaded = client.model
+        for user in ("alice", "bob", "carol"):
+            tokens = read_virtual_tokens(Path(adapters[user].path), decoder.shape)
+            peft_model = PeftModel.from_pretrained(private_base_copy(loaded.model), adapters[user].path).eval()
+            ids = prompts[0]
+            with torch.inference_mode():
+                want = peft_model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids))).logits[0, -1]
+            got = decoder.last_logits(ids, virtual=tokens)
+            assert (got - want).abs().max() < 1e-4, user
+            assert (got - decoder.last_logits(ids)).abs().max() > 1e-3  # the adapter really moves the logits
+            alone = decoder.generate([ids], 6, loaded.eos_ids, loaded.pad_id, virtual=[tokens])[0]
+            text, _ = greedy_by_forward(loaded, peft_model, ids, 6)
+            assert loaded.tokenizer.decode(alone, skip_special_tokens=True).strip() == text
+        # one batch: three virtual-token methods, a LoRA and the base, through the serving backend
+        key_of = {u: user_key(u) for u in users}
+        rows = [DecodeRow(p, AdapterRef.of(key_of[u], adapters[u])) for p, u in zip(prompts, users, strict=True)]
+        rows.append(DecodeRow(prompts[1]))
+        backend = client.serving.backend
+        assert isinstance(backend, FastBackend)
+        facts: dict = {}
+        together = backend.generate(loaded, rows, 6, facts)
+        apart = [backend.generate(loaded, [row], 6, {})[0] for row in rows]
+        assert [g.text for g in together] == [g.text for g in apart]
+        assert facts["decoder"].startswith("fast-") and facts["adapter_batching"] == "mixed"
+        # forgetting a user drops their virtual tokens from the decoder's cache
+        backend.evict(key_of["carol"])
+        assert not any(key_of["carol"] in n for t in backend._virtual.values() for n in t.names())
+        # a prefix whose width does not fit the decoder's layout: refused with why
+        config_path = Path(adapters["carol"].path) / "adapter_config.json"
+        wrong = replace_shape(decoder.shape, kv_heads=decoder.shape.kv_heads * 2)
+        with pytest.raises(DirectReadUnsupported, match="prefix of width"):
+            read_virtual_tokens(config_path.parent, wrong)
+
+
+def replace_shape(shape, **changes):
+    import dataclasses
+
+    return dataclasses.replace(shape, **changes)

@@ -5,7 +5,8 @@ into the method's peft config, and the method's ``peft_type`` (``adapter_config.
 adapter can be traced back to its method). Each method also states what the rest of the library may do with it:
 
 - ``fast_training``: the functional training step of ``personalize.cpu.fasttrain`` trains it;
-- ``fast_decoding``: the CPU decoder of ``personalize.cpu.fastpath`` (torch steps and the C step) serves it;
+- ``fast_decoding``: the CPU decoder of ``personalize.cpu.fastpath`` (torch steps and the C step) serves it (LoRA
+  as per-row tables; prompt-learning methods as virtual tokens, ``personalize.cpu.virtual_tokens``);
 - ``mixed_batches``: one batched pass may give each row its own adapter of this method (peft's ``adapter_names``);
 - ``vllm_serving``: a vLLM server serves it as a LoRA module (``personalize.serving.vllm_backend``).
 
@@ -54,7 +55,8 @@ class AdapterMethod:
     fast_decoding: bool = False
     mixed_batches: bool = False
     vllm_serving: bool = False  # vLLM serves LoRA modules only (peft's files as they are)
-    prompt_learning: bool = False  # virtual tokens before the prompt: served one row at a time, by forward passes
+    prompt_learning: bool = False  # virtual tokens before the prompt: peft serves them one row at a time by forward
+    # passes; the fast decoder puts them into its cache once, mixed with other rows
     variant_of: str | None = None  # the method whose adapters this one's are (same peft type, other training data)
     distilled: bool = False  # trained on the model's own rag answers (``adapters.distill``), not on the labels
     description: str = ""
@@ -225,6 +227,7 @@ PROMPT_TUNING = register_adapter_method(
         "PROMPT_TUNING",
         PromptTuningSettings,
         prompt_tuning_peft_config,
+        fast_decoding=True,
         prompt_learning=True,
         description="Learned embeddings of virtual tokens before the prompt (Lester et al. 2021).",
     )
@@ -235,6 +238,7 @@ P_TUNING = register_adapter_method(
         "P_TUNING",
         PTuningSettings,
         p_tuning_peft_config,
+        fast_decoding=True,
         prompt_learning=True,
         description="Virtual tokens produced by a small MLP encoder (Liu et al. 2021).",
     )
@@ -245,6 +249,7 @@ PREFIX_TUNING = register_adapter_method(
         "PREFIX_TUNING",
         PrefixTuningSettings,
         prefix_tuning_peft_config,
+        fast_decoding=True,
         prompt_learning=True,
         description="Learned keys and values prepended at every layer (Li & Liang 2021).",
     )

@@ -43,7 +43,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal, cast
 
-from personalize.adapters.methods import unsupported_peft_type_reason
+from personalize.adapters.methods import is_prompt_learning, peft_type_name, unsupported_peft_type_reason
 from personalize.cpu.quantization import (
     GROUP,
     QDims,
@@ -54,6 +54,7 @@ from personalize.cpu.quantization import (
     kernel_unavailable_reason,
     quantize,
 )
+from personalize.cpu.virtual_tokens import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DecoderShape, VirtualTokens
 from personalize.errors import DirectReadUnsupported
 
 WeightFormat = Literal["q8", "fp32"]
@@ -84,9 +85,14 @@ def unsupported_reason(model: Any) -> str | None:
 
 
 def _not_allowed(peft_config: Any) -> str | None:
-    """Why the decoder may not serve an adapter with this peft config, by its peft type: only methods registered
-    with ``fast_decoding`` (``adapter_methods``; LoRA) pass, on the torch steps and the C step alike."""
-    return unsupported_peft_type_reason(getattr(peft_config, "peft_type", None), "fast_decoding", "the fast decoder")
+    """Why the decoder may not serve an adapter with this peft config as LoRA tables, by its peft type: only
+    methods registered with ``fast_decoding`` (``adapter_methods``) pass, on the torch steps and the C step alike,
+    and of those only the ones that are not virtual tokens (those are ``VirtualTokens``, never LoRA tables)."""
+    peft_type = getattr(peft_config, "peft_type", None)
+    reason = unsupported_peft_type_reason(peft_type, "fast_decoding", "the fast decoder")
+    if reason is None and is_prompt_learning(peft_type):
+        return f"{peft_type_name(peft_type)} adapters are virtual tokens, not LoRA tables"
+    return reason
 
 
 @dataclass
@@ -196,8 +202,6 @@ def lora_pairs(peft_model: Any, name: str) -> LoraPairs:
     return pairs
 
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's save_pretrained files
-ADAPTER_CONFIG = "adapter_config.json"
 # peft's state-dict keys (the adapter name stripped) of LoRA on a Llama-family decoder's projections
 _LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -350,10 +354,16 @@ class FastDecoder:
             self._lora[(name, source)] = pairs
         return pairs
 
-    def last_logits(self, prompt: Sequence[int], lora: LoraPairs | None = None) -> Any:
-        """The output layer's fp32 logits after ``prompt`` (one row, ``lora`` on it, the resident adapter where
-        there is one): the adapter probe's full check, on the weights this decoder serves with."""
-        return self.lm_head(self._probe_forward(prompt, lora))[0].float()
+    @property
+    def shape(self) -> DecoderShape:
+        return DecoderShape(self.config.hidden_size, len(self.layers), self.n_kv, self.head_dim)
+
+    def last_logits(
+        self, prompt: Sequence[int], lora: LoraPairs | None = None, virtual: VirtualTokens | None = None
+    ) -> Any:
+        """The output layer's fp32 logits after ``prompt`` (one row, ``lora`` or ``virtual`` on it, the resident
+        adapter where there is one): the adapter probe's full check, on the weights this decoder serves with."""
+        return self.lm_head(self._probe_forward(prompt, lora, virtual=virtual))[0].float()
 
     def probe_inputs(self, prompt: Sequence[int]) -> list[ProjectionInputs]:
         """Per layer, the inputs of its projections on ``prompt`` with no user adapter (the resident one on): what
@@ -375,10 +385,16 @@ class FastDecoder:
         return largest
 
     def _probe_forward(
-        self, prompt: Sequence[int], lora: LoraPairs | None, record: list[ProjectionInputs] | None = None
+        self,
+        prompt: Sequence[int],
+        lora: LoraPairs | None,
+        record: list[ProjectionInputs] | None = None,
+        virtual: VirtualTokens | None = None,
     ) -> Any:
         """The final normed hidden state after ``prompt`` (1, hidden), one row on fresh caches."""
         torch = self.torch
+        slots = virtual.count if virtual is not None else 0
+        prompt = [0] * slots + list(prompt)  # the virtual tokens' slots (their ids are never read)
         width = len(prompt)
         cos_table, sin_table = self._rope(width + 1)
         cache_k = [torch.empty(1, self.n_kv, width, self.head_dim) for _ in self.layers]
@@ -388,7 +404,10 @@ class FastDecoder:
         groups = _groups([lora or self.resident])
         with torch.inference_mode():
             ids = torch.tensor([list(prompt)], dtype=torch.long)
-            return self._forward(ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, record)
+            placed = [(0, 0, virtual)] if virtual is not None else []
+            return self._forward(
+                ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, record, placed
+            )
 
     # -- decoding ---------------------------------------------------------------------------------------------------
 
@@ -399,14 +418,19 @@ class FastDecoder:
         eos_ids: Sequence[int],
         pad_id: int,
         loras: Sequence[dict[tuple[int, str], _LoraPair] | None] | None = None,
+        virtual: Sequence[VirtualTokens | None] | None = None,
     ) -> list[list[int]]:
-        """Greedy new tokens per prompt (left-padded batch), each cut after its first eos."""
+        """Greedy new tokens per prompt (left-padded batch), each cut after its first eos. A row's ``virtual``
+        tokens (a prompt-learning adapter) take cache slots before its prompt, counted in its positions."""
         torch = self.torch
         batch = len(prompts)
         loras = list(loras) if loras is not None else [None] * batch
         if self.resident:  # rows without their own adapter still carry the resident one (theirs already joins it)
             loras = [pairs or self.resident for pairs in loras]
+        tokens = list(virtual) if virtual is not None else [None] * batch
+        prompts = [[pad_id] * (t.count if t else 0) + list(p) for p, t in zip(prompts, tokens, strict=True)]
         width = max(len(p) for p in prompts)
+        placed = [(row, width - len(p), t) for row, (p, t) in enumerate(zip(prompts, tokens, strict=True)) if t]
         total = width + max_new_tokens
         ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
         real = torch.tensor([[False] * (width - len(p)) + [True] * len(p) for p in prompts])
@@ -425,7 +449,7 @@ class FastDecoder:
             causal = torch.ones(width, width, dtype=torch.bool).tril()
             mask = (causal.unsqueeze(0) & real.unsqueeze(1)).unsqueeze(1)  # (B, 1, S, S)
             mask |= torch.eye(width, dtype=torch.bool)  # a padded row attends to itself: no all-masked rows (NaN)
-            h = self._forward(ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups)
+            h = self._forward(ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, None, placed)
             last = positions[:, -1]
             steps = 0
             for step in range(max_new_tokens):
@@ -523,13 +547,20 @@ class FastDecoder:
         cache_v: list[Any],
         groups: list[tuple[Any, dict[tuple[int, str], _LoraPair]]],
         record: list[ProjectionInputs] | None = None,
+        placed: Sequence[tuple[int, int, VirtualTokens]] = (),
     ) -> Any:
         """Run the decoder stack on ``ids`` (B, S) written at cache positions ``offset..offset+S``; returns the final
-        normed hidden state of the last position (B, hidden). ``record`` collects each layer's projection inputs."""
+        normed hidden state of the last position (B, hidden). ``record`` collects each layer's projection inputs;
+        ``placed`` (row, start, virtual tokens) puts a prompt-learning adapter into the row's slots at ``start``:
+        embeddings in place of the slots' inputs, or a prefix's keys and values in place of what the slots computed."""
         torch = self.torch
         fn = torch.nn.functional
         batch, seq = ids.shape
-        x = self.embed[ids]  # (B, S, H)
+        x = self.embed[ids]  # (B, S, H): a new tensor (advanced indexing), so the slots may be written
+        for row, start, tokens in placed:
+            if tokens.embeds is not None:
+                x[row, start : start + tokens.count] = tokens.embeds
+        prefixes = [(row, offset + start, tokens) for row, start, tokens in placed if tokens.is_prefix]
         cos = cos_table[positions].unsqueeze(1)  # (B, 1, S, D)
         sin = sin_table[positions].unsqueeze(1)
         end = offset + seq
@@ -555,6 +586,9 @@ class FastDecoder:
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             cache_k[index][:, :, offset:end] = k
             cache_v[index][:, :, offset:end] = v
+            for row, start, tokens in prefixes:  # a prefix's keys are stored as trained (peft never rotates them)
+                cache_k[index][row, :, start : start + tokens.count] = tokens.keys[index]
+                cache_v[index][row, :, start : start + tokens.count] = tokens.values[index]
             keys, values = cache_k[index][:, :, :end], cache_v[index][:, :, :end]
             if self.n_kv != self.n_heads and not self.gqa:  # torch < 2.5: repeat the shared key/value heads
                 keys = keys.repeat_interleave(self.n_heads // self.n_kv, dim=1)

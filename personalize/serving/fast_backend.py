@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from personalize.adapters.cache import PROBE_ATOL, TableCache, check_adapter_folder, probe_ids
-from personalize.adapters.methods import unsupported_peft_type_reason
+from personalize.adapters.methods import is_prompt_learning, unsupported_peft_type_reason
 from personalize.cpu.fastpath import (
     DirectReadUnsupported,
     FastDecoder,
@@ -27,6 +27,7 @@ from personalize.cpu.fastpath import (
     read_lora_pairs,
     unsupported_reason,
 )
+from personalize.cpu.virtual_tokens import VirtualTokens, read_virtual_tokens
 from personalize.errors import AdapterHasNoEffectError
 from personalize.results import ServingFacts
 from personalize.serving.backend import AdapterRef, DecodeRow, Generated, register_backend
@@ -49,6 +50,7 @@ class FastBackend:
         self.fp32_only = fp32_only
         self.name = "fast-fp32" if fp32_only else "fast"
         self._tables: dict[int, TableCache[LoraPairs]] = {}  # per decoder (id): its users' adapters as tables
+        self._virtual: dict[int, TableCache[VirtualTokens]] = {}  # per decoder: prompt-learning adapters, likewise
         self._probe_base: dict[int, Any] = {}  # per decoder: its logits on the probe with no user adapter
 
     def decoder(self, loaded: LoadedModel) -> tuple[FastDecoder | None, str | None]:
@@ -71,6 +73,8 @@ class FastBackend:
         self.plain.evict(user_key)
         for tables in self._tables.values():
             tables.evict_user(user_key)
+        for virtual in self._virtual.values():
+            virtual.evict_user(user_key)
 
     def tables_for(self, loaded: LoadedModel, decoder: FastDecoder) -> TableCache[LoraPairs]:
         """The LRU of ``decoder``'s users' adapters read as tables (as many as the plain backend's peft cache)."""
@@ -82,6 +86,37 @@ class FastBackend:
 
             self._tables[key] = TableCache(load, self.plain.adapter_cache_size)
         return self._tables[key]
+
+    def virtual_for(self, loaded: LoadedModel, decoder: FastDecoder) -> TableCache[VirtualTokens]:
+        """The LRU of ``decoder``'s users' prompt-learning adapters read as virtual tokens."""
+        key = id(decoder)
+        if key not in self._virtual:
+
+            def load(name: str, path: Any) -> VirtualTokens:
+                return self._read_virtual(loaded, decoder, name, path)
+
+            self._virtual[key] = TableCache(load, self.plain.adapter_cache_size)
+        return self._virtual[key]
+
+    def _read_virtual(self, loaded: LoadedModel, decoder: FastDecoder, name: str, path: Any) -> VirtualTokens:
+        """One prompt-learning adapter's virtual tokens, refused as the peft cache refuses (the probe: its logits
+        on the probe input must move beyond float noise)."""
+        check_adapter_folder(path, loaded.name)
+        tokens = read_virtual_tokens(path, decoder.shape)
+        if self.plain.probe:
+            ids = probe_ids(loaded)
+            base = self._probe_logits(decoder, ids)
+            change = float((decoder.last_logits(ids, virtual=tokens) - base).abs().max())
+            if not change > PROBE_ATOL:
+                raise AdapterHasNoEffectError(name, path, change)
+        return tokens
+
+    def _probe_logits(self, decoder: FastDecoder, ids: list[int]) -> Any:
+        """The decoder's inputs and logits on the probe with no user adapter (computed once per decoder)."""
+        key = id(decoder)
+        if key not in self._probe_base:
+            self._probe_base[key] = (decoder.probe_inputs(ids), decoder.last_logits(ids))
+        return self._probe_base[key][1]
 
     def _read_adapter(self, loaded: LoadedModel, decoder: FastDecoder, name: str, path: Any) -> LoraPairs:
         """One adapter folder as ``decoder``'s tables (joined with its resident LoRA), refused like the peft cache
@@ -100,10 +135,8 @@ class FastBackend:
         the base's, like the peft cache. What it adds to its projections on the probe decides in a millisecond when
         it is clearly non-zero (or exactly zero); in between, the logits of a whole forward pass decide."""
         ids = probe_ids(loaded)
-        key = id(decoder)
-        if key not in self._probe_base:
-            self._probe_base[key] = (decoder.probe_inputs(ids), decoder.last_logits(ids))
-        inputs, base = self._probe_base[key]
+        self._probe_logits(decoder, ids)
+        inputs, base = self._probe_base[id(decoder)]
         effect = decoder.lora_effect(inputs, own)
         if effect > CLEAR_EFFECT:
             return
@@ -117,9 +150,10 @@ class FastBackend:
         facts.setdefault("backend", self.name)
         decoder, why = self.decoder(loaded)
         loras: list[Any] = [None] * len(rows)
+        virtual: list[VirtualTokens | None] = [None] * len(rows)
         adapters = [row.adapter for row in rows]
         if any(adapters):
-            decoder, reason, loras = self._load_adapters(loaded, decoder, adapters, facts)
+            decoder, reason, loras, virtual = self._load_adapters(loaded, decoder, adapters, facts)
             why = reason or why
         if decoder is None:
             facts_note = f"fast path not used: {why}" if why else None
@@ -130,9 +164,11 @@ class FastBackend:
         facts["decoder"] = f"fast-{decoder.weights}"
         if why:
             facts["decoder_note"] = why
+        if any(adapters):  # every row its own adapter (LoRA tables or virtual tokens) in one pass
+            facts["adapter_batching"] = "mixed" if len(rows) > 1 else "single"
         tok = loaded.tokenizer
         prompts = [row.prompt_ids for row in rows]
-        out = decoder.generate(prompts, max_new_tokens, loaded.eos_ids, loaded.pad_id, loras)
+        out = decoder.generate(prompts, max_new_tokens, loaded.eos_ids, loaded.pad_id, loras, virtual)
         return [Generated(tok.decode(r, skip_special_tokens=True).strip(), len(r)) for r in out]
 
     def _load_adapters(
@@ -141,20 +177,32 @@ class FastBackend:
         decoder: FastDecoder | None,
         adapters: Sequence[AdapterRef | None],
         facts: ServingFacts,
-    ) -> tuple[FastDecoder | None, str | None, list[Any]]:
-        """Read each adapter into the decoder's tables (LRU), or where that reader does not cover it load it into
-        peft (LRU) and copy its matrices out, so decoding needs no lock; a row the decoder cannot run turns the whole
-        batch over to the plain backend (None and why)."""
+    ) -> tuple[FastDecoder | None, str | None, list[Any], list[VirtualTokens | None]]:
+        """Read each adapter into the decoder's tables (LRU): LoRA tables, or a prompt-learning adapter's virtual
+        tokens; where the LoRA reader does not cover one, load it into peft (LRU) and copy its matrices out, so
+        decoding needs no lock. A row the decoder cannot run turns the whole batch over to the plain backend (None
+        and why)."""
         t0 = time.perf_counter()
+        nothing: list[Any] = [None] * len(adapters)
         for adapter in adapters:  # the allow-list: only methods registered with fast_decoding reach the decoder
             reason = adapter and unsupported_peft_type_reason(adapter.peft_type, "fast_decoding", "the fast decoder")
             if reason:
-                return None, reason, [None] * len(adapters)  # the plain backend loads (and times) them
+                return None, reason, nothing, nothing  # the plain backend loads (and times) them
         loras: list[Any] = [None] * len(adapters)
+        virtual: list[VirtualTokens | None] = [None] * len(adapters)
         hits: list[bool] = []
         why = None
         for row, adapter in enumerate(adapters):
             if adapter is None:
+                continue
+            if is_prompt_learning(adapter.peft_type):
+                if decoder is None:
+                    return None, why, nothing, nothing
+                try:
+                    virtual[row], hit = self.virtual_for(loaded, decoder).get(adapter.name, adapter.path)
+                except DirectReadUnsupported as exc:  # peft's own forward passes serve it, saying why
+                    return None, f"{adapter.peft_type} adapter not read: {exc}", nothing, nothing
+                hits.append(hit)
                 continue
             if decoder is not None:
                 try:
@@ -175,7 +223,9 @@ class FastBackend:
                     loras[row] = decoder.lora_weights(cache.model, adapter.name, str(adapter.path))
         facts["adapter_cache_hit"] = all(hits)
         facts["adapter_load_s"] = time.perf_counter() - t0
-        return decoder, why, loras
+        if decoder is None:
+            return None, why, nothing, nothing
+        return decoder, why, loras, virtual
 
     def score_labels(
         self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], labels: Sequence[str], adapter: AdapterRef | None
