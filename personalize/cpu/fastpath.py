@@ -25,8 +25,10 @@ LoRA adapters stay in peft's format. The decoder reads an adapter folder's ``ada
 of the model for hundreds), or, for what that reader does not cover, ``lora_A``/``lora_B``/``scaling`` of an adapter
 loaded into a ``PeftModel`` (the ``AdapterCache``); either way the same tensors. It adds ``scale * (x @ A_t) @ B_t``
 to the layer's output, per row, so one batch can mix users. Which adapters it takes is an allow-list on their peft
-type: only methods registered with ``fast_decoding`` (``adapter_methods``: LoRA), so an adapter of another method
-(IA3, prompt or prefix tuning, which have no ``lora_A``) is never decoded as the base model. Anything else it does
+type: only methods registered with ``fast_decoding`` (``adapter_methods``), and as LoRA tables only LoRA's, so an
+adapter of another method (IA3, which has no ``lora_A``) is never decoded as the base model. Prompt tuning, P-tuning
+and prefix tuning come as ``VirtualTokens`` (``virtual_tokens``): cache slots before a row's prompt, filled by the
+prefill with their embeddings, or with a prefix's keys and values; decoding steps then need nothing new. Anything else it does
 not handle (another architecture, DoRA, LoRA on embeddings, biases) is reported by ``unsupported_reason`` /
 ``lora_unsupported_reason`` and the caller falls back to the plain path.
 """

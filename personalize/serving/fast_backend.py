@@ -1,10 +1,12 @@
-"""The CPU fast serving backend: the fast decoder (8-bit or fp32 weights, per-row LoRA), the plain one as fallback.
+"""The CPU fast serving backend: the fast decoder (8-bit or fp32 weights, per-row LoRA or virtual tokens), the plain
+one as fallback.
 
 A LoRA adapter is read from its folder straight into the decoder's per-row tables (``fastpath.read_lora_pairs``,
 an LRU of tables per decoder: no ``PeftModel``, no module walk), probed on the decoder itself, so a batch mixes
-users' adapters in one pass. What that reader does not cover loads through the plain backend's peft cache as
+users' adapters in one pass; a prompt-learning adapter's virtual tokens likewise (``virtual_tokens``). What that
+reader does not cover loads through the plain backend's peft cache as
 before, its matrices copied out. Whatever the fast decoder cannot run (an
-encoder-decoder model, a method other than LoRA, a LoRA config it does not support) runs on the plain backend,
+encoder-decoder model, IA3, a LoRA config it does not support) runs on the plain backend,
 and the answer's facts say why.
 """
 
