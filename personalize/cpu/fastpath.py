@@ -28,9 +28,9 @@ to the layer's output, per row, so one batch can mix users. Which adapters it ta
 type: only methods registered with ``fast_decoding`` (``adapter_methods``), and as LoRA tables only LoRA's, so an
 adapter of another method (IA3, which has no ``lora_A``) is never decoded as the base model. Prompt tuning, P-tuning
 and prefix tuning come as ``VirtualTokens`` (``virtual_tokens``): cache slots before a row's prompt, filled by the
-prefill with their embeddings, or with a prefix's keys and values; decoding steps then need nothing new. Anything else it does
-not handle (another architecture, DoRA, LoRA on embeddings, biases) is reported by ``unsupported_reason`` /
-``lora_unsupported_reason`` and the caller falls back to the plain path.
+prefill with their embeddings, or with a prefix's keys and values; decoding steps then need nothing new. Anything
+else it does not handle (another architecture, DoRA, LoRA on embeddings, biases) is reported by
+``unsupported_reason`` / ``lora_unsupported_reason`` and the caller falls back to the plain path.
 """
 
 from __future__ import annotations
