@@ -59,14 +59,13 @@ def test_lora_is_registered_first_with_every_capability():
     assert (lora.fast_training, lora.fast_decoding, lora.mixed_batches) == (True, True, True)
     assert all(lora.supports(c) for c in adapter_methods.CAPABILITIES)
     assert method_for_peft_type(PeftType.LORA) is lora and method_for_peft_type("LORA") is lora
-    # the rest of the family (issue 15) follows LoRA: IA3 on no fast path; the virtual-token methods on the fast
-    # decoder only (as virtual tokens in its cache), none in peft's mixed batches or on vLLM
+    # the rest of the family (issue 15) follows LoRA, on the fast decoder only (IA3's scales in its steps, the
+    # virtual tokens in its cache), none on the fast trainer, in peft's mixed batches or on vLLM
     assert list(ADAPTER_METHODS)[1:] == ["ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "distill"]
     for name, peft_type in [("ia3", "IA3"), ("prompt-tuning", "PROMPT_TUNING"), ("p-tuning", "P_TUNING")]:
         method = get_adapter_method(name)
         assert method.peft_type == peft_type and method_for_peft_type(peft_type) is method
-        want = {"fast_decoding"} if method.prompt_learning else set()
-        assert {c for c in adapter_methods.CAPABILITIES if method.supports(c)} == want
+        assert {c for c in adapter_methods.CAPABILITIES if method.supports(c)} == {"fast_decoding"}
     assert method_for_peft_type("PREFIX_TUNING") is get_adapter_method("prefix-tuning")
     assert [m.prompt_learning for m in ADAPTER_METHODS.values()] == [False, False, True, True, True, False]
     # the settings say which method they configure: Settings.lora and a task adapter's lora are LoRA
@@ -128,10 +127,10 @@ def test_registration_refuses_clashes_and_writes_peft_types_as_peft_does(registr
 
 
 def test_the_allow_list_names_the_peft_type_and_what_is_allowed(registry):
-    covered = ("LORA", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+    covered = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
     for peft_type in covered:
         assert unsupported_peft_type_reason(peft_type, "fast_decoding", "the fast decoder") is None
-    for peft_type in ("IA3", "SOMETHING_NEW"):
+    for peft_type in ("SOMETHING_NEW",):
         reason = unsupported_peft_type_reason(peft_type, "fast_decoding", "the fast decoder")
         assert reason.startswith(f"{peft_type} adapters") and f"covers {', '.join(covered)} only" in reason
     for peft_type in ("IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):

@@ -96,10 +96,9 @@ def test_each_method_trains_saves_serves_and_is_its_own(family, method):
         assert result.method == f"peft:{method}" and result.retrieved == []
         extra = result.timings.extra
         assert extra["adapter_method"] == method and extra["adapter_version"] == 1
-        if prompt_learning:  # the fast decoder (the suite's default) puts the virtual tokens into its cache
-            assert extra["decoder"].startswith("fast-") and "decoder_note" not in extra
-        else:  # the fast decoder does not cover the method: the plain path answered, saying why
-            assert extra["decoder"] == "plain" and f"{peft_type} adapters (method '{method}'" in extra["decoder_note"]
+        # the fast decoder (the suite's default) serves every method of the family: virtual tokens in its cache,
+        # IA3's scales in its steps
+        assert extra["decoder"].startswith("fast-") and "decoder_note" not in extra
         prompt_ids = client.prepare("alice", PROMPT, method=f"peft:{method}").built.input_ids
         assert result.text == _reference_answer(client, adapter.path, list(prompt_ids), prompt_learning)
         assert client.generate("alice", PROMPT, method="peft", max_new_tokens=2).method == "none"  # no LoRA yet
@@ -367,20 +366,21 @@ def test_dora_trains_and_serves_on_peft_s_own_paths_saying_why(settings):
         assert "DoRA adapters" in (vllm.local_reason(plain, [DecodeRow([1, 2], ref)]) or "")  # type: ignore[attr-defined]
 
 
-def test_the_fast_decoder_serves_virtual_tokens_as_peft_s_forward_does_in_mixed_batches(family):
-    """Prompt tuning, P-tuning and prefix tuning on the fast decoder: the logits after a prompt equal peft's
+def test_the_fast_decoder_serves_virtual_tokens_and_ia3_as_peft_does_in_mixed_batches(family):
+    """Prompt tuning, P-tuning, prefix tuning and IA3 on the fast decoder: the logits after a prompt equal peft's
     forward on the same adapter (fp32 weights, so nothing but summation order differs), greedy answers equal
-    ``greedy_by_forward``'s, and one batch mixing the three methods, LoRA and the base (prompts of different
-    lengths: left padding) equals each row alone. A prefix in the wrong layout is refused, not served."""
+    peft's (``greedy_by_forward`` / ``generate``), and one batch mixing the four methods, LoRA and the base
+    (prompts of different lengths: left padding) equals each row alone. A prefix in the wrong layout is refused."""
     import torch
     from peft import PeftModel
 
     from personalize.cpu.fastpath import get_fast_decoder
+    from personalize.cpu.ia3_scales import read_ia3_scales
     from personalize.cpu.virtual_tokens import read_virtual_tokens
     from personalize.errors import DirectReadUnsupported
 
     with Personalizer(family) as client:
-        users = {"alice": "prompt-tuning", "bob": "p-tuning", "carol": "prefix-tuning", "dave": "lora"}
+        users = {"alice": "prompt-tuning", "bob": "p-tuning", "carol": "prefix-tuning", "erin": "ia3", "dave": "lora"}
         adapters = {}
         for user, method in users.items():
             client.add_items(user, _rated(9, prefix=user))
@@ -389,19 +389,27 @@ def test_the_fast_decoder_serves_virtual_tokens_as_peft_s_forward_does_in_mixed_
         prompts = [client.prepare(u, PROMPT + " " * i, method="none").built.input_ids for i, u in enumerate(users)]
         prompts = [list(p) + [5] * i for i, p in enumerate(prompts)]  # different lengths
         loaded = client.model
-        for user in ("alice", "bob", "carol"):
-            tokens = read_virtual_tokens(Path(adapters[user].path), decoder.shape)
+        for user in ("alice", "bob", "carol", "erin"):
+            folder = Path(adapters[user].path)
             peft_model = PeftModel.from_pretrained(private_base_copy(loaded.model), adapters[user].path).eval()
             ids = prompts[0]
             with torch.inference_mode():
                 want = peft_model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids))).logits[0, -1]
-            got = decoder.last_logits(ids, virtual=tokens)
+            if user == "erin":
+                scales = read_ia3_scales(folder, len(decoder.layers))
+                assert scales.outputs and scales.inputs  # keys and values; the down projection's input
+                got = decoder.last_logits(ids, scales=scales)
+                alone = decoder.generate([ids], 6, loaded.eos_ids, loaded.pad_id, scales=[scales])[0]
+                text = generate_text(loaded, ids, 6, model=peft_model).text
+            else:
+                tokens = read_virtual_tokens(folder, decoder.shape)
+                got = decoder.last_logits(ids, virtual=tokens)
+                alone = decoder.generate([ids], 6, loaded.eos_ids, loaded.pad_id, virtual=[tokens])[0]
+                text, _ = greedy_by_forward(loaded, peft_model, ids, 6)
             assert (got - want).abs().max() < 1e-4, user
             assert (got - decoder.last_logits(ids)).abs().max() > 1e-3  # the adapter really moves the logits
-            alone = decoder.generate([ids], 6, loaded.eos_ids, loaded.pad_id, virtual=[tokens])[0]
-            text, _ = greedy_by_forward(loaded, peft_model, ids, 6)
             assert loaded.tokenizer.decode(alone, skip_special_tokens=True).strip() == text
-        # one batch: three virtual-token methods, a LoRA and the base, through the serving backend
+        # one batch: three virtual-token methods, IA3, a LoRA and the base, through the serving backend
         key_of = {u: user_key(u) for u in users}
         rows = [DecodeRow(p, AdapterRef.of(key_of[u], adapters[u])) for p, u in zip(prompts, users, strict=True)]
         rows.append(DecodeRow(prompts[1]))
@@ -414,7 +422,7 @@ def test_the_fast_decoder_serves_virtual_tokens_as_peft_s_forward_does_in_mixed_
         assert facts["decoder"].startswith("fast-") and facts["adapter_batching"] == "mixed"
         # forgetting a user drops their virtual tokens from the decoder's cache
         backend.evict(key_of["carol"])
-        assert not any(key_of["carol"] in n for t in backend._virtual.values() for n in t.names())
+        assert not any(key_of["carol"] in n for t in backend._others.values() for n in t.names())
         # a prefix whose width does not fit the decoder's layout: refused with why
         config_path = Path(adapters["carol"].path) / "adapter_config.json"
         wrong = replace_shape(decoder.shape, kv_heads=decoder.shape.kv_heads * 2)

@@ -157,16 +157,17 @@ def test_an_unreachable_server_raises_engine_unavailable_naming_its_url(tmp_path
 
 def test_methods_vllm_cannot_serve_fall_back_to_the_local_decoder_with_a_note(tmp_path, tiny_model_dir):
     """An IA3 adapter never reaches the server (its port is closed here): the local decoder answers, as the
-    fast-fp32 backend does, and the note says why."""
+    fallback backend does on its own, and the note says why."""
     settings = unreachable_settings(tmp_path / "home", tiny_model_dir)
     with Personalizer(settings) as p:
         p.add_items("u", [{**i, "output": "4"} for i in movie_items(6)])
         p.train("u", method="ia3")
         served = p.generate("u", "Pick a film for tonight", method="peft:ia3", max_new_tokens=6)
-        p.settings.decoder = "fast-fp32"
+        p.settings.decoder = settings.vllm.fallback
         local = p.generate("u", "Pick a film for tonight", method="peft:ia3", max_new_tokens=6)
     facts = served.timings.extra
-    assert facts["backend"] == "vllm" and facts["decoder"] == "plain" and "engine" not in facts
+    assert facts["backend"] == "vllm" and facts["decoder"] == local.timings.extra["decoder"] and "engine" not in facts
+    assert facts["decoder"].startswith("fast-")  # the fallback's fast decoder runs IA3's scales
     assert (
         facts["decoder_note"].startswith("vLLM not used: IA3 adapters") and "covers LORA only" in facts["decoder_note"]
     )

@@ -218,7 +218,12 @@ def prefix_tuning_peft_config(settings: PrefixTuningSettings, is_encoder_decoder
 
 IA3 = register_adapter_method(
     AdapterMethod(
-        "ia3", "IA3", IA3Settings, ia3_peft_config, description="Learned rescaling of keys, values and MLP inputs."
+        "ia3",
+        "IA3",
+        IA3Settings,
+        ia3_peft_config,
+        fast_decoding=True,
+        description="Learned rescaling of keys, values and MLP inputs.",
     )
 )
 PROMPT_TUNING = register_adapter_method(

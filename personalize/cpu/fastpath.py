@@ -26,7 +26,8 @@ of the model for hundreds), or, for what that reader does not cover, ``lora_A``/
 loaded into a ``PeftModel`` (the ``AdapterCache``); either way the same tensors. It adds ``scale * (x @ A_t) @ B_t``
 to the layer's output, per row, so one batch can mix users. Which adapters it takes is an allow-list on their peft
 type: only methods registered with ``fast_decoding`` (``adapter_methods``), and as LoRA tables only LoRA's, so an
-adapter of another method (IA3, which has no ``lora_A``) is never decoded as the base model. Prompt tuning, P-tuning
+adapter of another method (which has no ``lora_A``) is never decoded as the base model. IA3 comes as ``IA3Scales``
+(``ia3_scales``: per-row vectors on projection outputs and inputs, in the torch steps). Prompt tuning, P-tuning
 and prefix tuning come as ``VirtualTokens`` (``virtual_tokens``): cache slots before a row's prompt, filled by the
 prefill with their embeddings, or with a prefix's keys and values; decoding steps then need nothing new. Anything
 else it does not handle (another architecture, DoRA, LoRA on embeddings, biases) is reported by
@@ -46,6 +47,7 @@ from types import SimpleNamespace
 from typing import Any, Literal, cast
 
 from personalize.adapters.methods import is_prompt_learning, peft_type_name, unsupported_peft_type_reason
+from personalize.cpu.ia3_scales import IA3Scales
 from personalize.cpu.quantization import (
     GROUP,
     QDims,
@@ -94,6 +96,8 @@ def _not_allowed(peft_config: Any) -> str | None:
     reason = unsupported_peft_type_reason(peft_type, "fast_decoding", "the fast decoder")
     if reason is None and is_prompt_learning(peft_type):
         return f"{peft_type_name(peft_type)} adapters are virtual tokens, not LoRA tables"
+    if reason is None and peft_type_name(peft_type) != "LORA":
+        return f"{peft_type_name(peft_type)} adapters are not LoRA tables"
     return reason
 
 
@@ -361,11 +365,16 @@ class FastDecoder:
         return DecoderShape(self.config.hidden_size, len(self.layers), self.n_kv, self.head_dim)
 
     def last_logits(
-        self, prompt: Sequence[int], lora: LoraPairs | None = None, virtual: VirtualTokens | None = None
+        self,
+        prompt: Sequence[int],
+        lora: LoraPairs | None = None,
+        virtual: VirtualTokens | None = None,
+        scales: IA3Scales | None = None,
     ) -> Any:
-        """The output layer's fp32 logits after ``prompt`` (one row, ``lora`` or ``virtual`` on it, the resident
-        adapter where there is one): the adapter probe's full check, on the weights this decoder serves with."""
-        return self.lm_head(self._probe_forward(prompt, lora, virtual=virtual))[0].float()
+        """The output layer's fp32 logits after ``prompt`` (one row, ``lora``, ``virtual`` or ``scales`` on it, the
+        resident adapter where there is one): the adapter probe's full check, on the weights this decoder serves
+        with."""
+        return self.lm_head(self._probe_forward(prompt, lora, virtual=virtual, scales=scales))[0].float()
 
     def probe_inputs(self, prompt: Sequence[int]) -> list[ProjectionInputs]:
         """Per layer, the inputs of its projections on ``prompt`` with no user adapter (the resident one on): what
@@ -392,6 +401,7 @@ class FastDecoder:
         lora: LoraPairs | None,
         record: list[ProjectionInputs] | None = None,
         virtual: VirtualTokens | None = None,
+        scales: IA3Scales | None = None,
     ) -> Any:
         """The final normed hidden state after ``prompt`` (1, hidden), one row on fresh caches."""
         torch = self.torch
@@ -407,8 +417,9 @@ class FastDecoder:
         with torch.inference_mode():
             ids = torch.tensor([list(prompt)], dtype=torch.long)
             placed = [(0, 0, virtual)] if virtual is not None else []
+            scaled = _scale_groups([scales])
             return self._forward(
-                ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, record, placed
+                ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, record, placed, scaled
             )
 
     # -- decoding ---------------------------------------------------------------------------------------------------
@@ -421,9 +432,11 @@ class FastDecoder:
         pad_id: int,
         loras: Sequence[dict[tuple[int, str], _LoraPair] | None] | None = None,
         virtual: Sequence[VirtualTokens | None] | None = None,
+        scales: Sequence[IA3Scales | None] | None = None,
     ) -> list[list[int]]:
         """Greedy new tokens per prompt (left-padded batch), each cut after its first eos. A row's ``virtual``
-        tokens (a prompt-learning adapter) take cache slots before its prompt, counted in its positions."""
+        tokens (a prompt-learning adapter) take cache slots before its prompt, counted in its positions; a row's
+        IA3 ``scales`` rescale its projections (every step then runs in torch: the C step has no scales)."""
         torch = self.torch
         batch = len(prompts)
         loras = list(loras) if loras is not None else [None] * batch
@@ -441,17 +454,20 @@ class FastDecoder:
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
         cos_table, sin_table = self._rope(int(positions.max()) + max_new_tokens + 1)
         groups = _groups(loras)
+        scaled = _scale_groups(scales or [])
         cache_k = [torch.empty(batch, self.n_kv, total, self.head_dim) for _ in self.layers]
         cache_v = [torch.empty(batch, self.n_kv, total, self.head_dim) for _ in self.layers]
         eos = torch.tensor(sorted(set(eos_ids)) or [-1])
         out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
         done = torch.zeros(batch, dtype=torch.bool)
-        step_in_c = self._c_step(cache_k, cache_v, loras) if self.weights == "q8" else None
+        step_in_c = self._c_step(cache_k, cache_v, loras) if self.weights == "q8" and not scaled else None
         with torch.inference_mode():
             causal = torch.ones(width, width, dtype=torch.bool).tril()
             mask = (causal.unsqueeze(0) & real.unsqueeze(1)).unsqueeze(1)  # (B, 1, S, S)
             mask |= torch.eye(width, dtype=torch.bool)  # a padded row attends to itself: no all-masked rows (NaN)
-            h = self._forward(ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, None, placed)
+            h = self._forward(
+                ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, None, placed, scaled
+            )
             last = positions[:, -1]
             steps = 0
             for step in range(max_new_tokens):
@@ -478,6 +494,7 @@ class FastDecoder:
                     cache_k,
                     cache_v,
                     groups,
+                    scaled=scaled,
                 )
         results = []
         eos_set = set(eos_ids)
@@ -550,11 +567,13 @@ class FastDecoder:
         groups: list[tuple[Any, dict[tuple[int, str], _LoraPair]]],
         record: list[ProjectionInputs] | None = None,
         placed: Sequence[tuple[int, int, VirtualTokens]] = (),
+        scaled: Sequence[tuple[Any, IA3Scales]] = (),
     ) -> Any:
         """Run the decoder stack on ``ids`` (B, S) written at cache positions ``offset..offset+S``; returns the final
         normed hidden state of the last position (B, hidden). ``record`` collects each layer's projection inputs;
         ``placed`` (row, start, virtual tokens) puts a prompt-learning adapter into the row's slots at ``start``:
-        embeddings in place of the slots' inputs, or a prefix's keys and values in place of what the slots computed."""
+        embeddings in place of the slots' inputs, or a prefix's keys and values in place of what the slots computed;
+        ``scaled`` (rows, IA3 scales) rescales those rows' projection outputs (after any LoRA) and inputs."""
         torch = self.torch
         fn = torch.nn.functional
         batch, seq = ids.shape
@@ -581,6 +600,17 @@ class FastDecoder:
                         ("v_proj", self.q_out + self.kv_out, self.kv_out),
                     ),
                 )
+            if scaled:
+                qkv = _scale_outputs(
+                    qkv,
+                    scaled,
+                    index,
+                    (
+                        ("q_proj", 0, self.q_out),
+                        ("k_proj", self.q_out, self.kv_out),
+                        ("v_proj", self.q_out + self.kv_out, self.kv_out),
+                    ),
+                )
             q = qkv[..., : self.q_out].view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
             k = qkv[..., self.q_out : self.q_out + self.kv_out].view(batch, seq, self.n_kv, self.head_dim)
             v = qkv[..., self.q_out + self.kv_out :].view(batch, seq, self.n_kv, self.head_dim)
@@ -598,20 +628,32 @@ class FastDecoder:
             gqa = {"enable_gqa": True} if self.gqa else {}
             attn = fn.scaled_dot_product_attention(q, keys, values, attn_mask=mask, **gqa)
             attn = attn.transpose(1, 2).reshape(batch, seq, self.q_out)
+            if scaled:
+                attn = _scale_input(attn, scaled, index, "o_proj")
             o = layer.o(attn)
             if groups:
                 _add_lora(o, attn, groups, index, (("o_proj", 0, o.shape[-1]),))
+            if scaled:
+                o = _scale_outputs(o, scaled, index, (("o_proj", 0, o.shape[-1]),))
             x = x + o
             y = _rms(x, layer.ln2, self.eps)
             gu = layer.gate_up(y)
             if groups:
                 _add_lora(gu, y, groups, index, (("gate_proj", 0, self.inter), ("up_proj", self.inter, self.inter)))
+            if scaled:
+                gu = _scale_outputs(
+                    gu, scaled, index, (("gate_proj", 0, self.inter), ("up_proj", self.inter, self.inter))
+                )
             act = fn.silu(gu[..., : self.inter]) * gu[..., self.inter :]
+            if scaled:
+                act = _scale_input(act, scaled, index, "down_proj")
             d = layer.down(act)
             if record is not None:
                 record.append(ProjectionInputs(y_attn, attn, y, act))
             if groups:
                 _add_lora(d, act, groups, index, (("down_proj", 0, d.shape[-1]),))
+            if scaled:
+                d = _scale_outputs(d, scaled, index, (("down_proj", 0, d.shape[-1]),))
             x = x + d
         return _rms(x[:, -1], self.norm, self.eps)  # only the last position feeds the output layer
 
@@ -639,6 +681,47 @@ def _add_lora(out: Any, x: Any, groups: list, layer: int, slices: tuple[tuple[st
                 out[..., start : start + size] += delta
             else:
                 out[rows, ..., start : start + size] += delta
+
+
+def _scale_groups(scales: Sequence[IA3Scales | None]) -> list[tuple[Any, IA3Scales]]:
+    """Rows grouped by IA3 adapter: [(row indices, its scales)], rows without one left out."""
+    import torch
+
+    by_id: dict[int, tuple[list[int], IA3Scales]] = {}
+    for row, found in enumerate(scales):
+        if found:
+            by_id.setdefault(id(found), ([], found))[0].append(row)
+    return [(torch.tensor(rows), found) for rows, found in by_id.values()]
+
+
+def _scale_outputs(
+    out: Any, scaled: Sequence[tuple[Any, IA3Scales]], layer: int, slices: tuple[tuple[str, int, int], ...]
+) -> Any:
+    """``out`` (B, S, width) with each group's rows' output slices multiplied by their IA3 vectors (a new tensor
+    where any applies)."""
+    factors = None
+    for rows, scales in scaled:
+        for proj, start, size in slices:
+            vector = scales.outputs.get((layer, proj))
+            if vector is None:
+                continue
+            if factors is None:
+                factors = out.new_ones(out.shape[0], 1, out.shape[-1])
+            factors[rows, 0, start : start + size] = vector
+    return out if factors is None else out * factors
+
+
+def _scale_input(x: Any, scaled: Sequence[tuple[Any, IA3Scales]], layer: int, proj: str) -> Any:
+    """``x`` (B, S, in) with each group's rows multiplied by their IA3 input vector of ``proj`` (a new tensor)."""
+    factors = None
+    for rows, scales in scaled:
+        vector = scales.inputs.get((layer, proj))
+        if vector is None:
+            continue
+        if factors is None:
+            factors = x.new_ones(x.shape[0], 1, x.shape[-1])
+        factors[rows, 0] = vector
+    return x if factors is None else x * factors
 
 
 def _rms(x: Any, weight: Any, eps: float) -> Any:

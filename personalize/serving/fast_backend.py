@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from personalize.adapters.cache import PROBE_ATOL, TableCache, check_adapter_folder, probe_ids
-from personalize.adapters.methods import is_prompt_learning, unsupported_peft_type_reason
+from personalize.adapters.methods import is_prompt_learning, peft_type_name, unsupported_peft_type_reason
 from personalize.cpu.fastpath import (
     DirectReadUnsupported,
     FastDecoder,
@@ -29,6 +29,7 @@ from personalize.cpu.fastpath import (
     read_lora_pairs,
     unsupported_reason,
 )
+from personalize.cpu.ia3_scales import IA3Scales, read_ia3_scales
 from personalize.cpu.virtual_tokens import VirtualTokens, read_virtual_tokens
 from personalize.errors import AdapterHasNoEffectError
 from personalize.results import ServingFacts
@@ -52,7 +53,8 @@ class FastBackend:
         self.fp32_only = fp32_only
         self.name = "fast-fp32" if fp32_only else "fast"
         self._tables: dict[int, TableCache[LoraPairs]] = {}  # per decoder (id): its users' adapters as tables
-        self._virtual: dict[int, TableCache[VirtualTokens]] = {}  # per decoder: prompt-learning adapters, likewise
+        # per decoder: its users' other adapters, likewise (prompt learning: virtual tokens; IA3: scales)
+        self._others: dict[int, TableCache[VirtualTokens | IA3Scales]] = {}
         self._probe_base: dict[int, Any] = {}  # per decoder: its logits on the probe with no user adapter
 
     def decoder(self, loaded: LoadedModel) -> tuple[FastDecoder | None, str | None]:
@@ -75,8 +77,8 @@ class FastBackend:
         self.plain.evict(user_key)
         for tables in self._tables.values():
             tables.evict_user(user_key)
-        for virtual in self._virtual.values():
-            virtual.evict_user(user_key)
+        for others in self._others.values():
+            others.evict_user(user_key)
 
     def tables_for(self, loaded: LoadedModel, decoder: FastDecoder) -> TableCache[LoraPairs]:
         """The LRU of ``decoder``'s users' adapters read as tables (as many as the plain backend's peft cache)."""
@@ -89,29 +91,38 @@ class FastBackend:
             self._tables[key] = TableCache(load, self.plain.adapter_cache_size)
         return self._tables[key]
 
-    def virtual_for(self, loaded: LoadedModel, decoder: FastDecoder) -> TableCache[VirtualTokens]:
-        """The LRU of ``decoder``'s users' prompt-learning adapters read as virtual tokens."""
+    def others_for(self, loaded: LoadedModel, decoder: FastDecoder) -> TableCache[VirtualTokens | IA3Scales]:
+        """The LRU of ``decoder``'s users' adapters of the other fast-decoded methods: prompt-learning ones read as
+        virtual tokens, IA3 as scales."""
         key = id(decoder)
-        if key not in self._virtual:
+        if key not in self._others:
 
-            def load(name: str, path: Any) -> VirtualTokens:
-                return self._read_virtual(loaded, decoder, name, path)
+            def load(name: str, path: Any) -> VirtualTokens | IA3Scales:
+                return self._read_other(loaded, decoder, name, path)
 
-            self._virtual[key] = TableCache(load, self.plain.adapter_cache_size)
-        return self._virtual[key]
+            self._others[key] = TableCache(load, self.plain.adapter_cache_size)
+        return self._others[key]
 
-    def _read_virtual(self, loaded: LoadedModel, decoder: FastDecoder, name: str, path: Any) -> VirtualTokens:
-        """One prompt-learning adapter's virtual tokens, refused as the peft cache refuses (the probe: its logits
-        on the probe input must move beyond float noise)."""
+    def _read_other(self, loaded: LoadedModel, decoder: FastDecoder, name: str, path: Any) -> VirtualTokens | IA3Scales:
+        """One IA3 or prompt-learning adapter as the decoder takes it, refused as the peft cache refuses (the
+        probe: its logits on the probe input must move beyond float noise)."""
         check_adapter_folder(path, loaded.name)
-        tokens = read_virtual_tokens(path, decoder.shape)
+        found: VirtualTokens | IA3Scales
+        if is_prompt_learning(_peft_type_of(path)):
+            found = read_virtual_tokens(path, decoder.shape)
+        else:
+            found = read_ia3_scales(path, len(decoder.layers))
         if self.plain.probe:
             ids = probe_ids(loaded)
             base = self._probe_logits(decoder, ids)
-            change = float((decoder.last_logits(ids, virtual=tokens) - base).abs().max())
+            if isinstance(found, VirtualTokens):
+                logits = decoder.last_logits(ids, virtual=found)
+            else:
+                logits = decoder.last_logits(ids, scales=found)
+            change = float((logits - base).abs().max())
             if not change > PROBE_ATOL:
                 raise AdapterHasNoEffectError(name, path, change)
-        return tokens
+        return found
 
     def _probe_logits(self, decoder: FastDecoder, ids: list[int]) -> Any:
         """The decoder's inputs and logits on the probe with no user adapter (computed once per decoder)."""
@@ -152,10 +163,10 @@ class FastBackend:
         facts.setdefault("backend", self.name)
         decoder, why = self.decoder(loaded)
         loras: list[Any] = [None] * len(rows)
-        virtual: list[VirtualTokens | None] = [None] * len(rows)
+        others: list[VirtualTokens | IA3Scales | None] = [None] * len(rows)
         adapters = [row.adapter for row in rows]
         if any(adapters):
-            decoder, reason, loras, virtual = self._load_adapters(loaded, decoder, adapters, facts)
+            decoder, reason, loras, others = self._load_adapters(loaded, decoder, adapters, facts)
             why = reason or why
         if decoder is None:
             facts_note = f"fast path not used: {why}" if why else None
@@ -170,7 +181,9 @@ class FastBackend:
             facts["adapter_batching"] = "mixed" if len(rows) > 1 else "single"
         tok = loaded.tokenizer
         prompts = [row.prompt_ids for row in rows]
-        out = decoder.generate(prompts, max_new_tokens, loaded.eos_ids, loaded.pad_id, loras, virtual)
+        virtual = [o if isinstance(o, VirtualTokens) else None for o in others]
+        scales = [o if isinstance(o, IA3Scales) else None for o in others]
+        out = decoder.generate(prompts, max_new_tokens, loaded.eos_ids, loaded.pad_id, loras, virtual, scales)
         return [Generated(tok.decode(r, skip_special_tokens=True).strip(), len(r)) for r in out]
 
     def _load_adapters(
@@ -179,11 +192,11 @@ class FastBackend:
         decoder: FastDecoder | None,
         adapters: Sequence[AdapterRef | None],
         facts: ServingFacts,
-    ) -> tuple[FastDecoder | None, str | None, list[Any], list[VirtualTokens | None]]:
-        """Read each adapter into the decoder's tables (LRU): LoRA tables, or a prompt-learning adapter's virtual
-        tokens; where the LoRA reader does not cover one, load it into peft (LRU) and copy its matrices out, so
-        decoding needs no lock. A row the decoder cannot run turns the whole batch over to the plain backend (None
-        and why)."""
+    ) -> tuple[FastDecoder | None, str | None, list[Any], list[VirtualTokens | IA3Scales | None]]:
+        """Read each adapter into the decoder's tables (LRU): LoRA tables, a prompt-learning adapter's virtual
+        tokens, or IA3's scales; where the LoRA reader does not cover one, load it into peft (LRU) and copy its
+        matrices out, so decoding needs no lock. A row the decoder cannot run turns the whole batch over to the plain
+        backend (None and why)."""
         t0 = time.perf_counter()
         nothing: list[Any] = [None] * len(adapters)
         for adapter in adapters:  # the allow-list: only methods registered with fast_decoding reach the decoder
@@ -191,18 +204,18 @@ class FastBackend:
             if reason:
                 return None, reason, nothing, nothing  # the plain backend loads (and times) them
         loras: list[Any] = [None] * len(adapters)
-        virtual: list[VirtualTokens | None] = [None] * len(adapters)
+        others: list[VirtualTokens | IA3Scales | None] = [None] * len(adapters)
         hits: list[bool] = []
         why = None
         for row, adapter in enumerate(adapters):
             if adapter is None:
                 continue
-            if is_prompt_learning(adapter.peft_type):
+            if peft_type_name(adapter.peft_type) != "LORA":
                 if decoder is None:
                     return None, why, nothing, nothing
                 try:
-                    virtual[row], hit = self.virtual_for(loaded, decoder).get(adapter.name, adapter.path)
-                except DirectReadUnsupported as exc:  # peft's own forward passes serve it, saying why
+                    others[row], hit = self.others_for(loaded, decoder).get(adapter.name, adapter.path)
+                except DirectReadUnsupported as exc:  # peft's own path serves it, saying why
                     return None, f"{adapter.peft_type} adapter not read: {exc}", nothing, nothing
                 hits.append(hit)
                 continue
@@ -227,13 +240,24 @@ class FastBackend:
         facts["adapter_load_s"] = time.perf_counter() - t0
         if decoder is None:
             return None, why, nothing, nothing
-        return decoder, why, loras, virtual
+        return decoder, why, loras, others
 
     def score_labels(
         self, loaded: LoadedModel, prompts: Sequence[Sequence[int]], labels: Sequence[str], adapter: AdapterRef | None
     ) -> list[list[float]]:
         """Label scoring is one forward pass per prompt: the plain backend's."""
         return self.plain.score_labels(loaded, prompts, labels, adapter)
+
+
+def _peft_type_of(folder: Any) -> str:
+    """The peft type an adapter folder's ``adapter_config.json`` records ("unknown" where it cannot be read)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return peft_type_name(json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type"))
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
 
 
 def _fast(settings: Settings, plain: HFBackend) -> FastBackend:

@@ -73,7 +73,7 @@ class Policy:
 
 
 def adapter_cost_key(method: AdapterMethod) -> tuple[int, int, int, int]:
-    """Cheapest first within a tier: served by the fast decoder (IA3 is not), then in peft's mixed batches too
+    """Cheapest first within a tier: served by the fast decoder, then in peft's mixed batches too
     (where the fast decoder does not apply, a prompt-learning method runs one row at a time on the plain path),
     then trained without a teacher (distillation first generates rag answers), then registration order (LoRA, the
     default, first among equals)."""
