@@ -281,8 +281,8 @@ def test_the_cost_order_ranks_adapter_methods_within_each_tier():
         "rag",
         "peft",  # LoRA: the fast decoder and mixed batches
         "peft:distill",  # the same serving, but a teacher to train
-        "peft:ia3",  # the plain path, mixed batches
-        "peft:prefix-tuning",  # one row at a time
+        "peft:ia3",  # the fast decoder too, but no peft mixed batch where it falls back
+        "peft:prefix-tuning",  # likewise (one row at a time on the fallback), registered after ia3
         "rag+peft",
         "rag+peft:ia3",
     ]
