@@ -6,7 +6,8 @@ adapter can be traced back to its method). Each method also states what the rest
 
 - ``fast_training``: the functional training step of ``personalize.cpu.fasttrain`` trains it;
 - ``fast_decoding``: the CPU decoder of ``personalize.cpu.fastpath`` (torch steps and the C step) serves it (LoRA
-  as per-row tables; prompt-learning methods as virtual tokens, ``personalize.cpu.virtual_tokens``);
+  as per-row tables; IA3 as scales, ``personalize.cpu.ia3_scales``; prompt-learning methods as virtual tokens,
+  ``personalize.cpu.virtual_tokens``);
 - ``mixed_batches``: one batched pass may give each row its own adapter of this method (peft's ``adapter_names``);
 - ``vllm_serving``: a vLLM server serves it as a LoRA module (``personalize.serving.vllm_backend``).
 

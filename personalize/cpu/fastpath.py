@@ -36,7 +36,6 @@ else it does not handle (another architecture, DoRA, LoRA on embeddings, biases)
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import threading
@@ -47,6 +46,7 @@ from types import SimpleNamespace
 from typing import Any, Literal, cast
 
 from personalize.adapters.methods import is_prompt_learning, peft_type_name, unsupported_peft_type_reason
+from personalize.cpu.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config, read_adapter_tensors
 from personalize.cpu.ia3_scales import IA3Scales
 from personalize.cpu.quantization import (
     GROUP,
@@ -58,7 +58,7 @@ from personalize.cpu.quantization import (
     kernel_unavailable_reason,
     quantize,
 )
-from personalize.cpu.virtual_tokens import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DecoderShape, VirtualTokens
+from personalize.cpu.virtual_tokens import DecoderShape, VirtualTokens
 from personalize.errors import DirectReadUnsupported
 
 WeightFormat = Literal["q8", "fp32"]
@@ -235,19 +235,12 @@ def read_lora_pairs(folder: Path, n_layers: int) -> LoraPairs:
     """The LoRA tables of the adapter saved in ``folder`` (peft's files), read without a ``PeftModel``: the same
     tensors ``lora_pairs`` copies out of peft (transposed, peft's scaling folded into B). Raises
     ``DirectReadUnsupported`` (with why) for a folder it does not cover; an adapter that targets nothing gives {}."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    weights = folder / ADAPTER_WEIGHTS
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DirectReadUnsupported(f"no readable {ADAPTER_CONFIG} ({type(exc).__name__})") from exc
-    reason = _direct_config_reason(config) or (None if weights.is_file() else f"no {ADAPTER_WEIGHTS}")
+    config = read_adapter_config(folder)
+    reason = _direct_config_reason(config)
     if reason:
         raise DirectReadUnsupported(reason)
     found: dict[tuple[int, str], dict[str, Any]] = {}
-    for key, tensor in load_file(str(weights)).items():
+    for key, tensor in read_adapter_tensors(folder).items():
         match = _LORA_KEY.match(key)
         if match is None or match[2] not in _PROJECTIONS or int(match[1]) >= n_layers:
             raise DirectReadUnsupported(f"a tensor the fast decoder does not place: {key}")
@@ -417,10 +410,49 @@ class FastDecoder:
         with torch.inference_mode():
             ids = torch.tensor([list(prompt)], dtype=torch.long)
             placed = [(0, 0, virtual)] if virtual is not None else []
-            scaled = _scale_groups([scales])
+            ia3 = self._ia3_factors([scales])
             return self._forward(
-                ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, record, placed, scaled
+                ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, record, placed, ia3
             )
+
+    def _ia3_factors(self, scales: Sequence[IA3Scales | None]) -> list[dict[str, Any]]:
+        """Per layer, the (B, 1, width) multipliers of the points IA3 scales (fused outputs "qkv", "o", "gate_up",
+        "down"; inputs "o_in", "down_in"), ones where a row has no scale there: built once per call, so a step
+        only multiplies. [] when no row has IA3."""
+        torch = self.torch
+        if not any(scales):
+            return []
+        hidden, batch = self.config.hidden_size, len(scales)
+        q, kv = self.q_out, self.kv_out
+        outputs = {
+            "qkv": (("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)),
+            "o": (("o_proj", 0, hidden),),
+            "gate_up": (("gate_proj", 0, self.inter), ("up_proj", self.inter, self.inter)),
+            "down": (("down_proj", 0, hidden),),
+        }
+        widths = {"qkv": q + 2 * kv, "o": hidden, "gate_up": 2 * self.inter, "down": hidden}
+        inputs = {"o_in": ("o_proj", q), "down_in": ("down_proj", self.inter)}
+        per_layer: list[dict[str, Any]] = []
+        for layer in range(len(self.layers)):
+            found: dict[str, Any] = {}
+            for row, row_scales in enumerate(scales):
+                if not row_scales:
+                    continue
+                for point, slices in outputs.items():
+                    for proj, start, size in slices:
+                        vector = row_scales.outputs.get((layer, proj))
+                        if vector is not None:
+                            if point not in found:
+                                found[point] = torch.ones(batch, 1, widths[point])
+                            found[point][row, 0, start : start + size] = vector
+                for point, (proj, width) in inputs.items():
+                    vector = row_scales.inputs.get((layer, proj))
+                    if vector is not None:
+                        if point not in found:
+                            found[point] = torch.ones(batch, 1, width)
+                        found[point][row, 0] = vector
+            per_layer.append(found)
+        return per_layer
 
     # -- decoding ---------------------------------------------------------------------------------------------------
 
@@ -454,19 +486,19 @@ class FastDecoder:
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
         cos_table, sin_table = self._rope(int(positions.max()) + max_new_tokens + 1)
         groups = _groups(loras)
-        scaled = _scale_groups(scales or [])
+        ia3 = self._ia3_factors(scales or [])
         cache_k = [torch.empty(batch, self.n_kv, total, self.head_dim) for _ in self.layers]
         cache_v = [torch.empty(batch, self.n_kv, total, self.head_dim) for _ in self.layers]
         eos = torch.tensor(sorted(set(eos_ids)) or [-1])
         out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long)
         done = torch.zeros(batch, dtype=torch.bool)
-        step_in_c = self._c_step(cache_k, cache_v, loras) if self.weights == "q8" and not scaled else None
+        step_in_c = self._c_step(cache_k, cache_v, loras) if self.weights == "q8" and not ia3 else None
         with torch.inference_mode():
             causal = torch.ones(width, width, dtype=torch.bool).tril()
             mask = (causal.unsqueeze(0) & real.unsqueeze(1)).unsqueeze(1)  # (B, 1, S, S)
             mask |= torch.eye(width, dtype=torch.bool)  # a padded row attends to itself: no all-masked rows (NaN)
             h = self._forward(
-                ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, None, placed, scaled
+                ids, positions, mask, 0, cos_table, sin_table, cache_k, cache_v, groups, None, placed, ia3
             )
             last = positions[:, -1]
             steps = 0
@@ -494,7 +526,7 @@ class FastDecoder:
                     cache_k,
                     cache_v,
                     groups,
-                    scaled=scaled,
+                    ia3=ia3,
                 )
         results = []
         eos_set = set(eos_ids)
@@ -567,13 +599,13 @@ class FastDecoder:
         groups: list[tuple[Any, dict[tuple[int, str], _LoraPair]]],
         record: list[ProjectionInputs] | None = None,
         placed: Sequence[tuple[int, int, VirtualTokens]] = (),
-        scaled: Sequence[tuple[Any, IA3Scales]] = (),
+        ia3: Sequence[dict[str, Any]] = (),
     ) -> Any:
         """Run the decoder stack on ``ids`` (B, S) written at cache positions ``offset..offset+S``; returns the final
         normed hidden state of the last position (B, hidden). ``record`` collects each layer's projection inputs;
         ``placed`` (row, start, virtual tokens) puts a prompt-learning adapter into the row's slots at ``start``:
         embeddings in place of the slots' inputs, or a prefix's keys and values in place of what the slots computed;
-        ``scaled`` (rows, IA3 scales) rescales those rows' projection outputs (after any LoRA) and inputs."""
+        ``ia3`` (``_ia3_factors``, per layer) rescales rows' projection outputs (after any LoRA) and inputs."""
         torch = self.torch
         fn = torch.nn.functional
         batch, seq = ids.shape
@@ -600,17 +632,9 @@ class FastDecoder:
                         ("v_proj", self.q_out + self.kv_out, self.kv_out),
                     ),
                 )
-            if scaled:
-                qkv = _scale_outputs(
-                    qkv,
-                    scaled,
-                    index,
-                    (
-                        ("q_proj", 0, self.q_out),
-                        ("k_proj", self.q_out, self.kv_out),
-                        ("v_proj", self.q_out + self.kv_out, self.kv_out),
-                    ),
-                )
+            scale = ia3[index] if ia3 else {}
+            if "qkv" in scale:
+                qkv = qkv * scale["qkv"]
             q = qkv[..., : self.q_out].view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
             k = qkv[..., self.q_out : self.q_out + self.kv_out].view(batch, seq, self.n_kv, self.head_dim)
             v = qkv[..., self.q_out + self.kv_out :].view(batch, seq, self.n_kv, self.head_dim)
@@ -628,32 +652,30 @@ class FastDecoder:
             gqa = {"enable_gqa": True} if self.gqa else {}
             attn = fn.scaled_dot_product_attention(q, keys, values, attn_mask=mask, **gqa)
             attn = attn.transpose(1, 2).reshape(batch, seq, self.q_out)
-            if scaled:
-                attn = _scale_input(attn, scaled, index, "o_proj")
+            if "o_in" in scale:
+                attn = attn * scale["o_in"]
             o = layer.o(attn)
             if groups:
                 _add_lora(o, attn, groups, index, (("o_proj", 0, o.shape[-1]),))
-            if scaled:
-                o = _scale_outputs(o, scaled, index, (("o_proj", 0, o.shape[-1]),))
+            if "o" in scale:
+                o = o * scale["o"]
             x = x + o
             y = _rms(x, layer.ln2, self.eps)
             gu = layer.gate_up(y)
             if groups:
                 _add_lora(gu, y, groups, index, (("gate_proj", 0, self.inter), ("up_proj", self.inter, self.inter)))
-            if scaled:
-                gu = _scale_outputs(
-                    gu, scaled, index, (("gate_proj", 0, self.inter), ("up_proj", self.inter, self.inter))
-                )
+            if "gate_up" in scale:
+                gu = gu * scale["gate_up"]
             act = fn.silu(gu[..., : self.inter]) * gu[..., self.inter :]
-            if scaled:
-                act = _scale_input(act, scaled, index, "down_proj")
+            if "down_in" in scale:
+                act = act * scale["down_in"]
             d = layer.down(act)
             if record is not None:
                 record.append(ProjectionInputs(y_attn, attn, y, act))
             if groups:
                 _add_lora(d, act, groups, index, (("down_proj", 0, d.shape[-1]),))
-            if scaled:
-                d = _scale_outputs(d, scaled, index, (("down_proj", 0, d.shape[-1]),))
+            if "down" in scale:
+                d = d * scale["down"]
             x = x + d
         return _rms(x[:, -1], self.norm, self.eps)  # only the last position feeds the output layer
 
@@ -681,47 +703,6 @@ def _add_lora(out: Any, x: Any, groups: list, layer: int, slices: tuple[tuple[st
                 out[..., start : start + size] += delta
             else:
                 out[rows, ..., start : start + size] += delta
-
-
-def _scale_groups(scales: Sequence[IA3Scales | None]) -> list[tuple[Any, IA3Scales]]:
-    """Rows grouped by IA3 adapter: [(row indices, its scales)], rows without one left out."""
-    import torch
-
-    by_id: dict[int, tuple[list[int], IA3Scales]] = {}
-    for row, found in enumerate(scales):
-        if found:
-            by_id.setdefault(id(found), ([], found))[0].append(row)
-    return [(torch.tensor(rows), found) for rows, found in by_id.values()]
-
-
-def _scale_outputs(
-    out: Any, scaled: Sequence[tuple[Any, IA3Scales]], layer: int, slices: tuple[tuple[str, int, int], ...]
-) -> Any:
-    """``out`` (B, S, width) with each group's rows' output slices multiplied by their IA3 vectors (a new tensor
-    where any applies)."""
-    factors = None
-    for rows, scales in scaled:
-        for proj, start, size in slices:
-            vector = scales.outputs.get((layer, proj))
-            if vector is None:
-                continue
-            if factors is None:
-                factors = out.new_ones(out.shape[0], 1, out.shape[-1])
-            factors[rows, 0, start : start + size] = vector
-    return out if factors is None else out * factors
-
-
-def _scale_input(x: Any, scaled: Sequence[tuple[Any, IA3Scales]], layer: int, proj: str) -> Any:
-    """``x`` (B, S, in) with each group's rows multiplied by their IA3 input vector of ``proj`` (a new tensor)."""
-    factors = None
-    for rows, scales in scaled:
-        vector = scales.inputs.get((layer, proj))
-        if vector is None:
-            continue
-        if factors is None:
-            factors = x.new_ones(x.shape[0], 1, x.shape[-1])
-        factors[rows, 0] = vector
-    return x if factors is None else x * factors
 
 
 def _rms(x: Any, weight: Any, eps: float) -> Any:

@@ -14,16 +14,14 @@ take input scales; a folder with others, or with tensors this reader does not pl
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personalize.cpu.adapter_files import read_adapter_config, read_adapter_tensors
 from personalize.errors import DirectReadUnsupported
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INPUT_SCALED = ("o_proj", "down_proj")  # projections with an input of their own (not fused with another)
 _IA3_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.ia3_l$")
@@ -40,27 +38,19 @@ class IA3Scales:
         return bool(self.outputs or self.inputs)
 
 
-def read_ia3_scales(folder: Path, n_layers: int) -> IA3Scales:
-    """The scaling vectors of the IA3 adapter saved in ``folder`` (fp32, flattened)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DirectReadUnsupported(f"no readable {ADAPTER_CONFIG} ({type(exc).__name__})") from exc
-    if not isinstance(config, dict) or str(config.get("peft_type", "")).upper() != "IA3":
+def read_ia3_scales(folder: Path, n_layers: int, config: dict[str, Any] | None = None) -> IA3Scales:
+    """The scaling vectors of the IA3 adapter saved in ``folder`` (``config``: its adapter_config.json, where the
+    caller read it already), fp32, flattened."""
+    config = read_adapter_config(folder) if config is None else config
+    if str(config.get("peft_type", "")).upper() != "IA3":
         raise DirectReadUnsupported("not an IA3 adapter")
     if config.get("modules_to_save"):
         raise DirectReadUnsupported("adapters that save whole modules")
     feedforward = config.get("feedforward_modules") or []
     feedforward = {feedforward} if isinstance(feedforward, str) else set(feedforward)
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise DirectReadUnsupported(f"no {ADAPTER_WEIGHTS}")
     outputs: dict[tuple[int, str], Any] = {}
     inputs: dict[tuple[int, str], Any] = {}
-    for key, tensor in load_file(str(weights)).items():
+    for key, tensor in read_adapter_tensors(folder).items():
         match = _IA3_KEY.match(key)
         if match is None or match[2] not in PROJECTIONS or int(match[1]) >= n_layers:
             raise DirectReadUnsupported(f"a tensor the fast decoder does not place: {key}")

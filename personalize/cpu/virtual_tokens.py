@@ -16,15 +16,13 @@ Adapters stay in peft's format; a folder this reader does not cover raises ``Dir
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personalize.cpu.adapter_files import read_adapter_config, read_adapter_tensors
 from personalize.errors import DirectReadUnsupported
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 EMBEDDING_TYPES = ("PROMPT_TUNING", "P_TUNING")
 PREFIX_TYPES = ("PREFIX_TUNING",)
 
@@ -54,31 +52,16 @@ class DecoderShape:
     head_dim: int
 
 
-def _config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DirectReadUnsupported(f"no readable {ADAPTER_CONFIG} ({type(exc).__name__})") from exc
-    if not isinstance(config, dict):
-        raise DirectReadUnsupported(f"{ADAPTER_CONFIG} is not an object")
-    return config
-
-
-def read_virtual_tokens(folder: Path, shape: DecoderShape) -> VirtualTokens:
-    """The virtual tokens of the prompt-learning adapter saved in ``folder``, as fp32 tensors in ``shape``'s layout."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config = _config(folder)
+def read_virtual_tokens(folder: Path, shape: DecoderShape, config: dict[str, Any] | None = None) -> VirtualTokens:
+    """The virtual tokens of the prompt-learning adapter saved in ``folder`` (``config``: its adapter_config.json,
+    where the caller read it already), as fp32 tensors in ``shape``'s layout."""
+    config = read_adapter_config(folder) if config is None else config
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in EMBEDDING_TYPES + PREFIX_TYPES:
         raise DirectReadUnsupported(f"{peft_type or 'unknown'} adapters are not virtual tokens")
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise DirectReadUnsupported("virtual tokens for an encoder-decoder model")
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise DirectReadUnsupported(f"no {ADAPTER_WEIGHTS}")
-    tensors = load_file(str(weights))
+    tensors = read_adapter_tensors(folder)
     if set(tensors) != {"prompt_embeddings"}:
         raise DirectReadUnsupported(f"tensors the fast decoder does not place: {sorted(tensors)}")
     table = tensors["prompt_embeddings"].float()

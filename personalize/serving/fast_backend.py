@@ -1,13 +1,12 @@
-"""The CPU fast serving backend: the fast decoder (8-bit or fp32 weights, per-row LoRA or virtual tokens), the plain
-one as fallback.
+"""The CPU fast serving backend: the fast decoder (8-bit or fp32 weights, per-row LoRA, IA3 or virtual tokens), the
+plain one as fallback.
 
 A LoRA adapter is read from its folder straight into the decoder's per-row tables (``fastpath.read_lora_pairs``,
 an LRU of tables per decoder: no ``PeftModel``, no module walk), probed on the decoder itself, so a batch mixes
-users' adapters in one pass; a prompt-learning adapter's virtual tokens likewise (``virtual_tokens``). What that
-reader does not cover loads through the plain backend's peft cache as
-before, its matrices copied out. Whatever the fast decoder cannot run (an
-encoder-decoder model, IA3, a LoRA config it does not support) runs on the plain backend,
-and the answer's facts say why.
+users' adapters in one pass; IA3's scales (``ia3_scales``) and a prompt-learning adapter's virtual tokens
+(``virtual_tokens``) likewise. A LoRA the table reader does not cover loads through the plain backend's peft cache,
+its matrices copied out. Whatever the fast decoder cannot run (an encoder-decoder model, a LoRA config or a
+folder it does not support) runs on the plain backend, and the answer's facts say why.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from personalize.adapters.cache import PROBE_ATOL, TableCache, check_adapter_folder, probe_ids
 from personalize.adapters.methods import is_prompt_learning, peft_type_name, unsupported_peft_type_reason
+from personalize.cpu.adapter_files import read_adapter_config
 from personalize.cpu.fastpath import (
     DirectReadUnsupported,
     FastDecoder,
@@ -107,11 +107,12 @@ class FastBackend:
         """One IA3 or prompt-learning adapter as the decoder takes it, refused as the peft cache refuses (the
         probe: its logits on the probe input must move beyond float noise)."""
         check_adapter_folder(path, loaded.name)
+        config = read_adapter_config(path)
         found: VirtualTokens | IA3Scales
-        if is_prompt_learning(_peft_type_of(path)):
-            found = read_virtual_tokens(path, decoder.shape)
+        if is_prompt_learning(config.get("peft_type")):
+            found = read_virtual_tokens(path, decoder.shape, config)
         else:
-            found = read_ia3_scales(path, len(decoder.layers))
+            found = read_ia3_scales(path, len(decoder.layers), config)
         if self.plain.probe:
             ids = probe_ids(loaded)
             base = self._probe_logits(decoder, ids)
@@ -247,17 +248,6 @@ class FastBackend:
     ) -> list[list[float]]:
         """Label scoring is one forward pass per prompt: the plain backend's."""
         return self.plain.score_labels(loaded, prompts, labels, adapter)
-
-
-def _peft_type_of(folder: Any) -> str:
-    """The peft type an adapter folder's ``adapter_config.json`` records ("unknown" where it cannot be read)."""
-    import json
-    from pathlib import Path
-
-    try:
-        return peft_type_name(json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type"))
-    except (OSError, ValueError, AttributeError):
-        return "unknown"
 
 
 def _fast(settings: Settings, plain: HFBackend) -> FastBackend:
