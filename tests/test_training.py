@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -297,3 +298,42 @@ def test_the_precision_probe_and_a_bf16_training_run(loaded, tmp_path, monkeypat
     assert abs(bf16.final_loss - fp32.final_loss) <= 0.05 * fp32.final_loss
     weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
     assert all(w.dtype == torch.float32 for w in weights.values())  # the adapter itself stays fp32
+
+
+def test_the_probe_times_the_models_widths_unless_bf16_crawls():
+    """The probe measures at a projection's shape (a 128 square under-read AVX512-BF16 as 1.2x where the model's
+    matmuls run 2x); only a screen that shows bf16 crawling ends it early, and it leaves torch's threads as found."""
+    from personalize.cpu.precision import PROBE_SHAPE, SCREEN_SHAPE, MatmulRates, bf16_crawls, probe
+
+    threads = torch.get_num_threads()
+    probe.cache_clear()
+    rates = probe()
+    assert torch.get_num_threads() == threads
+    assert rates.shape in (PROBE_SHAPE, SCREEN_SHAPE)
+    if rates.shape == SCREEN_SHAPE:
+        assert bf16_crawls(rates)
+    assert bf16_crawls(MatmulRates(60.0, 1.0, SCREEN_SHAPE))  # AVX2: ~1 vs ~60 GFLOP/s
+    assert not bf16_crawls(MatmulRates(72.0, 32.0, SCREEN_SHAPE))  # AVX512-BF16 at 64^3: slower, not crawling
+    if "avx512_bf16" in Path("/proc/cpuinfo").read_text():
+        assert rates.shape == PROBE_SHAPE
+
+
+@pytest.mark.parametrize("method", ["ia3", "prompt-tuning", "p-tuning", "prefix-tuning"])
+def test_every_plain_step_method_trains_under_bf16_autocast_near_fp32(loaded, tmp_path, method):
+    """Where bf16 pays, ``auto`` trains the plain-step methods under bf16 autocast: each must train to a loss near
+    fp32's and keep its own weights fp32, as LoRA's plain step does."""
+    from personalize.adapters.methods import get_adapter_method
+
+    spec = get_adapter_method(method)
+    settings = spec.settings_class(epochs=2, **FAST)
+    if hasattr(settings, "num_virtual_tokens"):
+        settings = settings.model_copy(update={"num_virtual_tokens": 4})
+    pairs = [(f"question {i} about films", f"answer {i % 3}") for i in range(8)]
+    fp32 = train_adapter(loaded, pairs, settings.model_copy(update={"precision": "fp32"}), tmp_path / "fp32")
+    bf16 = train_adapter(loaded, pairs, settings.model_copy(update={"precision": "bf16"}), tmp_path / "bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    assert json.loads((tmp_path / "bf16" / ADAPTER_METADATA).read_text())["precision"] == "bf16"
+    assert torch.isfinite(torch.tensor(bf16.final_loss))
+    assert abs(bf16.final_loss - fp32.final_loss) <= 0.05 * fp32.final_loss
+    weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
