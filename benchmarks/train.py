@@ -4,6 +4,7 @@
     python benchmarks/train.py --quick                # 20 and 100 items, at most 2 steps each
     python benchmarks/train.py --max-steps 0          # no step cap: whole epochs (500 items take ~15+ min on 2 cores)
     python benchmarks/train.py --trainers fast        # only the fast step (default: fast and plain, interleaved)
+    python benchmarks/train.py --trainers fast,plain,plain:bf16  # and peft's step under bf16 autocast
     python benchmarks/train.py --home /tmp/train-home # keep the dequantised model cache for the next run
 
 The first load of the bundled model dequantises its GGUF and caches safetensors under the home folder (1-2
@@ -99,7 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-steps", type=int, help="LoraSettings.max_steps: cap per user, 0 for none (default 3; --quick 2)"
     )
-    parser.add_argument("--trainers", default="fast,plain", help="LoraSettings.trainer values (default fast,plain)")
+    parser.add_argument(
+        "--trainers",
+        default="fast,plain",
+        help="LoraSettings.trainer values, each optionally :PRECISION (fp32, bf16, auto; default fp32), e.g. "
+        "fast,plain,plain:bf16 (default fast,plain)",
+    )
     parser.add_argument("--repeat", type=int, default=2, help="times to run every size and trainer (default 2)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n fp32 matmul (default 2048)")
     parser.add_argument(
@@ -220,6 +226,17 @@ def floor(n_params: int, tokens: int, gflops: float) -> float:
     return 4 * n_params * tokens / (gflops * 1e9)
 
 
+def trainer_settings(spec: str, **fields: int | None) -> LoraSettings:
+    """``fast``, ``plain`` or ``plain:bf16``: the step and the precision (fp32 unless named) a row trains with."""
+    trainer, _, precision = spec.partition(":")
+    return LoraSettings(trainer=trainer, precision=precision or "fp32", **fields)  # type: ignore[arg-type]
+
+
+def row_label(result: TrainResult) -> str:
+    """The step that ran, with its precision where it is not fp32 (a fallback shows as the step it fell to)."""
+    return result.trainer if result.precision == "fp32" else f"{result.trainer}:{result.precision}"
+
+
 def _train_once(loaded, items: int, lora: LoraSettings, out: Path, desc: str, probe=None):  # noqa: ANN001, ANN202
     pairs = training_pairs(movie_items(items, seed=items))
     full_steps = lora.epochs * math.ceil(len(pairs) / lora.batch_size)
@@ -256,23 +273,27 @@ def run(settings: Settings, plan: Plan) -> list[str]:
     firsts.append([f"first fp32 matmul measurement, {plan.matmul_n}x{plan.matmul_n}, incl. warm-up", f"{c.wall:.2f} s"])
     adapters = Path(tempfile.mkdtemp(prefix="adapters-", dir=settings.resolved_home))
     for trainer in plan.trainers:  # the first training of each kind in a process: kernels built or loaded, checks
-        lora = LoraSettings(epochs=1, max_steps=1, trainer=trainer)
-        result, wall, *_ = _train_once(loaded, 8, lora, adapters / f"warm-{trainer}", f"warm-up {trainer}")
-        firsts.append([f"first training in the process, trainer {result.trainer} (1 step, 8 pairs)", f"{wall:.2f} s"])
+        lora = trainer_settings(trainer, epochs=1, max_steps=1)
+        result, wall, *_ = _train_once(
+            loaded, 8, lora, adapters / f"warm-{trainer.replace(':', '-')}", f"warm-up {trainer}"
+        )
+        firsts.append(
+            [f"first training in the process, trainer {row_label(result)} (1 step, 8 pairs)", f"{wall:.2f} s"]
+        )
 
     runs: list[Run] = []
     for rep in range(plan.repeat):
         for n in plan.sizes:
             for trainer in plan.trainers:
-                lora = LoraSettings(epochs=plan.epochs, max_steps=plan.max_steps, trainer=trainer)
+                lora = trainer_settings(trainer, epochs=plan.epochs, max_steps=plan.max_steps)
                 per_epoch = math.ceil(len(training_pairs(movie_items(n, seed=n))) / lora.batch_size)
                 before = rate
                 probe = (lambda: matmul_gflops(plan.matmul_n, reps=3)) if plan.probe_steps else None
-                out_dir = adapters / f"user-{n}-{trainer}-{rep}"
+                out_dir = adapters / f"user-{n}-{trainer.replace(':', '-')}-{rep}"
                 result, wall, clock, t0 = _train_once(loaded, n, lora, out_dir, f"train {n} items, {trainer}", probe)
                 rate = matmul_gflops(plan.matmul_n)  # after this run = before the next one
                 full = plan.epochs * per_epoch
-                runs.append(Run(n, result.trainer, rep, full, result, wall, clock, t0, before, rate))
+                runs.append(Run(n, row_label(result), rep, full, result, wall, clock, t0, before, rate))
     shutil.rmtree(adapters, ignore_errors=True)
     out.append(_runs_table(spec, n_params, plan, runs))
     out.append(_summary(n_params, plan, runs))
@@ -335,7 +356,8 @@ def _runs_table(spec: str, n_params: int, plan: Plan, runs: list[Run]) -> str:
     headers.append("s/user, 1 epoch" if plan.epochs == 1 else f"s/user, {plan.epochs} epochs")
     lora = LoraSettings()
     return (
-        f"train_adapter on {spec} ({n_params / 1e6:.1f}M parameters, fp32), default LoRA (rank {lora.rank}, "
+        f"train_adapter on {spec} ({n_params / 1e6:.1f}M parameters, fp32 weights; a :bf16 row computes the "
+        f"frozen base under bf16 autocast), default LoRA (rank {lora.rank}, "
         f"targets {','.join(lora.target_modules)}, dropout {lora.dropout}, batch {lora.batch_size}, max_length "
         f"{lora.max_length}) with epochs={plan.epochs}, max_steps={plan.max_steps}; one user per row, synthetic "
         "movielens-rating items\n" + table(headers, rows)
@@ -345,7 +367,8 @@ def _runs_table(spec: str, n_params: int, plan: Plan, runs: list[Run]) -> str:
 def _summary(n_params: int, plan: Plan, runs: list[Run]) -> str:
     rows = []
     for n in plan.sizes:
-        by_trainer = {t: [r for r in runs if r.items == n and r.trainer == t] for t in dict.fromkeys(plan.trainers)}
+        labels = dict.fromkeys(r.trainer for r in runs)
+        by_trainer = {t: [r for r in runs if r.items == n and r.trainer == t] for t in labels}
         steps = {
             t: median([median(r.step_times[1:]) for r in rs if len(r.step_times) > 1])
             for t, rs in by_trainer.items()
