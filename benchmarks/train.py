@@ -366,8 +366,8 @@ def _runs_table(spec: str, n_params: int, plan: Plan, runs: list[Run]) -> str:
 
 def _summary(n_params: int, plan: Plan, runs: list[Run]) -> str:
     rows = []
+    labels = dict.fromkeys(r.trainer for r in runs)
     for n in plan.sizes:
-        labels = dict.fromkeys(r.trainer for r in runs)
         by_trainer = {t: [r for r in runs if r.items == n and r.trainer == t] for t in labels}
         steps = {
             t: median([median(r.step_times[1:]) for r in rs if len(r.step_times) > 1])

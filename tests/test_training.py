@@ -288,16 +288,23 @@ def test_the_precision_probe_and_a_bf16_training_run(loaded, tmp_path, monkeypat
     monkeypatch.setenv("PERSONALIZE_BF16", "1")
     assert training_precision("auto")[0] == "bf16"
     monkeypatch.setenv("PERSONALIZE_BF16", "0")
-    pairs = [(f"question {i} about films", f"answer {i % 3}") for i in range(8)]
     settings = LoraSettings(epochs=2, trainer="fast", **FAST)
+    _, bf16 = _trained_in_fp32_and_bf16(loaded, settings, tmp_path)
+    assert bf16.trainer == "plain" and "bf16 asked for" in (bf16.trainer_note or "")
+
+
+def _trained_in_fp32_and_bf16(loaded, settings, tmp_path):  # noqa: ANN001, ANN202
+    """One adapter per precision on the same pairs (``settings`` as given, then with bf16 asked for), checked for
+    what bf16 promises: a loss within 5% of fp32's, the precision in the metadata, the adapter's own weights fp32."""
+    pairs = [(f"question {i} about films", f"answer {i % 3}") for i in range(8)]
     fp32 = train_adapter(loaded, pairs, settings, tmp_path / "fp32")
     bf16 = train_adapter(loaded, pairs, settings.model_copy(update={"precision": "bf16"}), tmp_path / "bf16")
     assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
-    assert bf16.trainer == "plain" and "bf16 asked for" in (bf16.trainer_note or "")
     assert json.loads((tmp_path / "bf16" / ADAPTER_METADATA).read_text())["precision"] == "bf16"
     assert abs(bf16.final_loss - fp32.final_loss) <= 0.05 * fp32.final_loss
     weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
-    assert all(w.dtype == torch.float32 for w in weights.values())  # the adapter itself stays fp32
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())  # the adapter itself stays fp32
+    return fp32, bf16
 
 
 def test_the_probe_times_the_models_widths_unless_bf16_crawls():
@@ -328,12 +335,5 @@ def test_every_plain_step_method_trains_under_bf16_autocast_near_fp32(loaded, tm
     settings = spec.settings_class(epochs=2, **FAST)
     if hasattr(settings, "num_virtual_tokens"):
         settings = settings.model_copy(update={"num_virtual_tokens": 4})
-    pairs = [(f"question {i} about films", f"answer {i % 3}") for i in range(8)]
-    fp32 = train_adapter(loaded, pairs, settings.model_copy(update={"precision": "fp32"}), tmp_path / "fp32")
-    bf16 = train_adapter(loaded, pairs, settings.model_copy(update={"precision": "bf16"}), tmp_path / "bf16")
-    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
-    assert json.loads((tmp_path / "bf16" / ADAPTER_METADATA).read_text())["precision"] == "bf16"
-    assert torch.isfinite(torch.tensor(bf16.final_loss))
-    assert abs(bf16.final_loss - fp32.final_loss) <= 0.05 * fp32.final_loss
-    weights = load_file(str(tmp_path / "bf16" / "adapter_model.safetensors"))
-    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+    fp32, bf16 = _trained_in_fp32_and_bf16(loaded, settings.model_copy(update={"precision": "fp32"}), tmp_path)
+    assert torch.isfinite(torch.tensor(bf16.final_loss)) and (fp32.trainer, bf16.trainer) == ("plain", "plain")
