@@ -68,10 +68,10 @@ class AdapterTrainingSettings(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description=(
-            "What the frozen base computes in while training: bf16 (autocast; the LoRA weights and optimizer state "
-            "stay fp32) or fp32. auto: bf16 where a matmul probe finds it at least 1.5x fp32 on this CPU (AVX-512 "
-            "BF16, AMX) and the plain step runs, else fp32 (the fast step's kernels are fp32; AVX2-only CPUs run "
-            "bf16 at ~1 GFLOP/s). PERSONALIZE_BF16=0|1 overrides the probe. bf16 asked for runs the plain step."
+            "What the frozen base computes in while training: bf16 (the plain step under autocast, the fast step's "
+            "projections on bf16 copies of the base weights; the trained weights and optimizer state stay fp32) or "
+            "fp32. auto: bf16 where a matmul probe finds it at least 1.5x fp32 on this CPU (AVX-512 BF16, AMX), "
+            "else fp32 (AVX2-only CPUs run bf16 at ~1 GFLOP/s). PERSONALIZE_BF16=0|1 overrides the probe."
         ),
     )
 

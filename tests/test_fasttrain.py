@@ -164,25 +164,86 @@ def test_kernels_match_their_torch_definitions(kernels):
     torch.testing.assert_close(dh, ref_dh, rtol=1e-5, atol=1e-4)  # sums over 1003 rows, in another order
 
 
-def test_lora_projection_matches_torch_with_and_without_dropout(kernels):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_projection_matches_torch_with_and_without_dropout(kernels, precision):
+    """In bf16 the frozen product (forward and the input gradient's share) is torch's bf16 product, returned in
+    fp32; LoRA's own products stay fp32."""
     torch.manual_seed(0)
     for rank, mask_on in [(8, True), (3, False), (5, True)]:
         x = torch.randn(9, 40, requires_grad=True)
         weight = torch.randn(24, 40)
+        low = weight.to(torch.bfloat16) if precision == "bf16" else None
         a = torch.randn(rank, 40, requires_grad=True)
         b = torch.randn(24, rank, requires_grad=True)
         mask = (torch.rand(9, 40) > 0.3).to(torch.uint8) if mask_on else None
         scale = 1 / 0.7 if mask_on else 1.0
         lora = fasttrain._Lora(torch.nn.Identity(), a, b, 0.5)
-        out = lora.project(x, weight, mask, scale)
+        out = lora.project(x, fasttrain.FrozenWeight(weight, low), mask, scale)
+        assert out.dtype == torch.float32
         xm = x if mask is None else x * (mask.float() * scale)
-        ref = x @ weight.t() + 0.5 * (xm @ a.t()) @ b.t()
+        base = x @ weight.t() if low is None else (x.to(torch.bfloat16) @ low.t()).float()
+        ref = base + 0.5 * (xm @ a.t()) @ b.t()
         g = torch.randn_like(ref)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         got = torch.autograd.grad(out, (x, a, b), g)
         want = torch.autograd.grad(ref, (x, a, b), g)
         for p, q in zip(got, want, strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+            assert p.dtype == torch.float32
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4 if low is not None else 1e-5)
+    if precision == "bf16":  # and bf16 really ran: the product differs from fp32's by bf16's rounding
+        assert not torch.allclose(out, x @ weight.t() + 0.5 * (xm @ a.t()) @ b.t(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ALL])
+def test_fast_step_in_bf16_stays_near_fp32(loaded, kernels, targets):
+    """The bf16 step (frozen projections on bf16 copies) against the fp32 step on the same model, batch and
+    dropout draws: the loss within 1% and every LoRA gradient pointing the same way (cosine > 0.99)."""
+    settings = LoraSettings(target_modules=targets, dropout=0.2, seed=3)
+    (_, fast), (_, params) = twin_models(loaded, settings)
+    batch = batch_of(loaded)
+    results = []
+    for copies in (None, {}):
+        torch.manual_seed(11)
+        loss = FastLoraForward(fast, bf16_copies=copies).loss(batch)
+        loss.backward()
+        results.append((float(loss.detach()), [p.grad.clone() for p in params]))
+        for p in params:
+            p.grad = None
+    (fp32_loss, fp32_grads), (bf16_loss, bf16_grads) = results
+    assert bf16_loss != fp32_loss and abs(bf16_loss - fp32_loss) <= 0.01 * fp32_loss
+    for g32, g16 in zip(fp32_grads, bf16_grads, strict=True):
+        assert g16.dtype == torch.float32
+        assert float(torch.nn.functional.cosine_similarity(g32.flatten(), g16.flatten(), dim=0)) > 0.99
+
+
+def test_bf16_copies_are_made_once_per_model_and_renewed_when_a_weight_changes(loaded):
+    """Every user's bf16 step shares the loaded model's copies (one per frozen projection); a weight changed in
+    place (a merge) gets a fresh copy, never a stale one."""
+    copies: dict = {}
+    settings = LoraSettings(target_modules=["q_proj"])
+    first = FastLoraForward(
+        get_peft_model(shared_skeleton(loaded.model), _lora_config(loaded, settings)), "default", copies
+    )
+    second = FastLoraForward(
+        get_peft_model(shared_skeleton(loaded.model), _lora_config(loaded, settings)), "default", copies
+    )
+    assert first.precision == second.precision == "bf16"
+    n_layers = len(first.layers)
+    assert len(copies) == n_layers * len(fasttrain.PROJECTIONS)
+    q_first, q_second = first.layers[0].weights["q_proj"], second.layers[0].weights["q_proj"]
+    assert q_first.bf16 is q_second.bf16 and q_first.bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(q_first.bf16.float(), q_first.fp32, rtol=1e-2, atol=1e-3)
+    weight = loaded.model.model.layers[0].self_attn.q_proj.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.add_(1.0)
+        renewed = fasttrain.bf16_copy(weight.detach(), copies)
+        assert renewed is not q_first.bf16
+        torch.testing.assert_close(renewed.float(), weight.detach(), rtol=1e-2, atol=1e-2)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
 
 
 def test_train_adapter_fast_and_plain_make_the_same_adapter(loaded, tmp_path):
@@ -197,6 +258,23 @@ def test_train_adapter_fast_and_plain_make_the_same_adapter(loaded, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
     assert (fast.path / "adapter_config.json").read_text() == (plain.path / "adapter_config.json").read_text()
+
+
+def test_train_adapter_runs_bf16_on_the_fast_step(loaded, tmp_path):
+    """bf16 asked for stays on the fast step (no fallback), trains near fp32, records its precision, keeps the
+    adapter fp32, and leaves its bf16 copies on the loaded model for the next user."""
+    settings = {"max_length": 64, "batch_size": 2, "epochs": 2, "target_modules": ALL, "learning_rate": 5e-3}
+    loaded.bf16_weights.clear()
+    fp32 = train_adapter(loaded, PAIRS * 2, LoraSettings(precision="fp32", **settings), tmp_path / "fp32")
+    assert not loaded.bf16_weights
+    bf16 = train_adapter(loaded, PAIRS * 2, LoraSettings(precision="bf16", **settings), tmp_path / "bf16")
+    assert (bf16.trainer, bf16.trainer_note, bf16.precision) == ("fast", None, "bf16")
+    meta = json.loads((bf16.path / ADAPTER_METADATA).read_text())
+    assert (meta["trainer"], meta["precision"]) == ("fast", "bf16")
+    assert bf16.losses != fp32.losses and bf16.losses == pytest.approx(fp32.losses, rel=0.02)
+    weights = load_file(bf16.path / "adapter_model.safetensors")
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert len(loaded.bf16_weights) == len(fasttrain.PROJECTIONS) * loaded.model.config.num_hidden_layers
 
 
 def test_fast_trainer_falls_back_to_peft_and_says_why(loaded, tmp_path):

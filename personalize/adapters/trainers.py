@@ -23,11 +23,14 @@ LossFn = Callable[[dict[str, Any]], Any]  # a collated batch -> the scalar loss 
 
 @dataclass(frozen=True)
 class Trainer:
-    """One training step: why it cannot run a model (None: it can), and how to set it up for a peft config."""
+    """One training step: why it cannot run a model (None: it can), and how to set it up for a peft config and
+    the precision the frozen base computes in ("fp32" or "bf16")."""
 
     name: str
     unsupported_reason: Callable[[LoadedModel, AdapterTrainingSettings], str | None]
-    prepare: Callable[[LoadedModel, Any], tuple[Any, LossFn | None]]  # the peft model, and its loss (None: peft's)
+    # (loaded, peft config, precision) -> the peft model, and its loss (None: peft's own forward)
+    prepare: Callable[[LoadedModel, Any, str], tuple[Any, LossFn | None]]
+    autocast: bool = True  # bf16 by running the step under torch's autocast; False: ``prepare`` takes it itself
 
 
 TRAINERS: dict[str, Trainer] = {}

@@ -280,13 +280,13 @@ def train_adapter(
     losses: list[float] = []
     step_tokens: list[int] = []
     trainer, note = _trainer(loaded, settings)
-    precision, trainer, note = _precision(settings, trainer, note)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    precision = _precision(settings)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16" and trainer.autocast)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # seeds LoRA init and dropout without touching the caller's RNG
         torch.manual_seed(settings.seed)
         shuffle = torch.Generator().manual_seed(settings.seed)
-        model, step_loss = trainer.prepare(loaded, _lora_config(loaded, settings))
+        model, step_loss = trainer.prepare(loaded, _lora_config(loaded, settings), precision)
         model.train()
         keep_logits = "logits_to_keep" in inspect.signature(model.get_base_model().forward).parameters
         params = [p for p in model.parameters() if p.requires_grad]
@@ -388,8 +388,9 @@ def token_capped_steps(examples: Sequence[_Example], settings: AdapterTrainingSe
     return max(1, int(settings.max_tokens // (mean * settings.batch_size)))
 
 
-def _plain_step(loaded: LoadedModel, peft_config: Any) -> tuple[Any, None]:
-    """peft's own forward on a private copy of the base (the caller's model never gains LoRA layers)."""
+def _plain_step(loaded: LoadedModel, peft_config: Any, precision: str) -> tuple[Any, None]:
+    """peft's own forward on a private copy of the base (the caller's model never gains LoRA layers); bf16 comes
+    from the autocast the step runs under."""
     from peft import get_peft_model
 
     return get_peft_model(private_base_copy(loaded.model), peft_config), None
@@ -414,20 +415,12 @@ def _trainer(loaded: LoadedModel, settings: AdapterTrainingSettings) -> tuple[Tr
     return chosen, None
 
 
-def _precision(
-    settings: AdapterTrainingSettings, trainer: Trainer, note: str | None
-) -> tuple[str, Trainer, str | None]:
-    """The precision the step computes in (``LoraSettings.precision``, probed under ``auto``), and the step that
-    runs it: bf16 runs on the plain step (the fast step's C kernels are fp32), so bf16 asked for moves to plain
-    and ``auto`` keeps the fast step in fp32."""
+def _precision(settings: AdapterTrainingSettings) -> str:
+    """What the frozen base computes in (``LoraSettings.precision``, probed under ``auto``): every registered step
+    runs both, the plain step under autocast and the fast step on bf16 copies of the weights."""
     from personalize.cpu.precision import training_precision
 
-    precision, _ = training_precision(settings.precision)
-    if precision == "bf16" and trainer is not PLAIN_TRAINER:
-        if settings.precision == "auto":
-            return "fp32", trainer, note
-        return "bf16", PLAIN_TRAINER, f"bf16 asked for: the plain step runs it (the {trainer.name} step is fp32)"
-    return precision, trainer, note
+    return training_precision(settings.precision)[0]
 
 
 def _fsync(path: Path) -> None:

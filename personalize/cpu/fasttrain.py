@@ -16,6 +16,11 @@ kernel replays torch's mt19937; ``dropout_matches_torch`` checks it once per pro
 them, so a seeded run gives the plain path's adapter up to fp32 summation order. Without a C compiler every function
 has a torch path. Anything else it does not handle is reported by ``unsupported_reason`` and training falls back to
 peft's own forward.
+
+In bf16 (``LoraSettings.precision``, where ``cpu.precision`` finds bf16 paying), the frozen base's projections, forward
+and backward, multiply in bf16 on a bf16 copy of their weights made once per loaded model (``bf16_copy``), as peft's
+step under autocast does; LoRA's products, norms, attention, the output layer, the weights and the optimizer state
+stay fp32.
 """
 
 from __future__ import annotations
@@ -65,6 +70,41 @@ def shared_skeleton(model: Any) -> Any:
     return strip_tuner_layers(copy.deepcopy(model, memo))
 
 
+@dataclass(frozen=True)
+class FrozenWeight:
+    """A frozen base weight W (out, in) and, when the base computes in bf16, its bf16 copy: the products below run
+    in that copy's precision and return fp32."""
+
+    fp32: Any
+    bf16: Any | None = None
+
+    def forward(self, x: Any) -> Any:
+        """``x @ W.T`` (differentiable in x)."""
+        if self.bf16 is None:
+            return x @ self.fp32.t()
+        return (x.to(self.bf16.dtype) @ self.bf16.t()).float()
+
+    def backward(self, dy: Any) -> Any:
+        """``dy @ W``: the gradient of ``forward``'s input."""
+        if self.bf16 is None:
+            return dy @ self.fp32
+        return (dy.to(self.bf16.dtype) @ self.bf16).float()
+
+
+def bf16_copy(weight: Any, copies: dict[int, Any]) -> Any:
+    """``weight`` in bf16, kept in ``copies`` (a ``LoadedModel.bf16_weights``) by storage and version: every user's
+    step shares one copy of the base (~270 MB for the 135M model), and a weight changed in place gets a new one."""
+    import torch
+
+    key = weight.data_ptr()
+    version = weight._version
+    cached = copies.get(key)
+    if cached is None or cached[0] != version or cached[1].shape != weight.shape:
+        cached = (version, weight.detach().to(torch.bfloat16).contiguous())
+        copies[key] = cached
+    return cached[1]
+
+
 @dataclass
 class _Lora:
     """One projection's LoRA update as peft holds it: dropout module, A (r, in), B (out, r) and scaling."""
@@ -74,7 +114,7 @@ class _Lora:
     b: Any
     scaling: float
 
-    def project(self, x: Any, weight: Any, mask: Any | None, scale: float) -> Any:
+    def project(self, x: Any, weight: FrozenWeight, mask: Any | None, scale: float) -> Any:
         """``x @ W.T + scaling * (dropout(x) @ A.T) @ B.T`` for the frozen W, the dropout given as its byte mask and
         scale (``dropout_mask``): one autograd function in C where the kernels built (the update written into the
         product, and in the backward pass LoRA's share of the input gradient added into the product's), else
@@ -83,7 +123,7 @@ class _Lora:
 
         if _lib() is None:
             xm = x if mask is None else x * (mask.float() * scale)  # torch's dropout: x * (noise / (1 - p))
-            return torch.addmm(x @ weight.t(), xm @ self.a.t(), (self.b * self.scaling).t())
+            return torch.addmm(weight.forward(x), xm @ self.a.t(), (self.b * self.scaling).t())
         return _Functions.get().lora.apply(x, weight, self.a, self.b, float(self.scaling), mask, scale)
 
 
@@ -91,7 +131,7 @@ class _Lora:
 class _Layer:
     ln1: Any
     ln2: Any
-    weights: dict[str, Any]  # projection name -> frozen base weight (out, in)
+    weights: dict[str, FrozenWeight]  # projection name -> frozen base weight (out, in)
     loras: dict[str, _Lora]
 
 
@@ -106,15 +146,18 @@ def _lora_of(module: Any, adapter: str) -> _Lora | None:
     )
 
 
-def _weight_of(module: Any) -> Any:
+def _weight_of(module: Any, bf16_copies: dict[int, Any] | None) -> FrozenWeight:
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    return base.weight.detach()
+    weight = base.weight.detach()
+    return FrozenWeight(weight, None if bf16_copies is None else bf16_copy(weight, bf16_copies))
 
 
 class FastLoraForward:
     """The training loss of a peft-wrapped Llama-family model, computed functionally (see the module doc)."""
 
-    def __init__(self, peft_model: Any, adapter: str = "default") -> None:
+    def __init__(self, peft_model: Any, adapter: str = "default", bf16_copies: dict[int, Any] | None = None) -> None:
+        """``bf16_copies`` (a ``LoadedModel.bf16_weights``): the frozen projections compute in bf16 from copies
+        kept there; None: in fp32."""
         import torch
 
         config = peft_model.peft_config.get(adapter)
@@ -142,10 +185,11 @@ class FastLoraForward:
                 _Layer(
                     layer.input_layernorm.weight.detach(),
                     layer.post_attention_layernorm.weight.detach(),
-                    {name: _weight_of(m) for name, m in modules.items()},
+                    {name: _weight_of(m, bf16_copies) for name, m in modules.items()},
                     loras,
                 )
             )
+        self.precision = "fp32" if bf16_copies is None else "bf16"
         self.torch = torch
 
     def _project(self, layer: _Layer, name: str, x: Any, rows: _Rows | None = None) -> Any:
@@ -157,7 +201,7 @@ class FastLoraForward:
             x = rows.pick(x)
             mask = rows.pick(mask) if mask is not None else None
         weight = layer.weights[name]
-        return x @ weight.t() if lora is None else lora.project(x, weight, mask, scale)
+        return weight.forward(x) if lora is None else lora.project(x, weight, mask, scale)
 
     def loss(self, batch: dict[str, Any]) -> Any:
         """Mean cross-entropy over the output tokens of a left-padded batch from ``training._collate`` (the loss
@@ -476,22 +520,24 @@ def _lora_fn(torch: Any) -> Any:
         """y = x @ W.T + s * (xm @ A.T) @ B.T, xm = x with its dropout mask applied; W frozen."""
 
         @staticmethod
-        def forward(ctx: Any, x: Any, weight: Any, a: Any, b: Any, scaling: float, mask: Any, scale: float) -> Any:
+        def forward(
+            ctx: Any, x: Any, weight: FrozenWeight, a: Any, b: Any, scaling: float, mask: Any, scale: float
+        ) -> Any:
             lib = _loaded_lib()
             x = x.contiguous()
             rows, rank = x.shape[0], a.shape[0]
-            y = x @ weight.t()
+            y = weight.forward(x)
             h = torch.empty(rows, rank)
             lib.lora_rows_dot(rows, a.shape[1], rank, _ptr(x), _maybe_ptr(mask), scale, _ptr(a.detach()), _ptr(h))
             bs_t = (b.detach() * scaling).t().contiguous()  # (r, out)
             lib.lora_rank_update(rows, b.shape[0], rank, _ptr(h), _ptr(bs_t), None, 1.0, 1, _ptr(y))
-            ctx.save_for_backward(x, weight, a, b, h, bs_t, mask)
-            ctx.scaling, ctx.scale = scaling, scale
+            ctx.save_for_backward(x, a, b, h, bs_t, mask)
+            ctx.weight, ctx.scaling, ctx.scale = weight, scaling, scale
             return y
 
         @staticmethod
         def backward(ctx: Any, dy: Any) -> Any:
-            x, weight, a, b, h, bs_t, mask = ctx.saved_tensors
+            x, a, b, h, bs_t, mask = ctx.saved_tensors
             lib = _loaded_lib()
             rows, rank, n_in, n_out = x.shape[0], a.shape[0], a.shape[1], b.shape[0]
             dy = dy.contiguous()
@@ -503,7 +549,7 @@ def _lora_fn(torch: Any) -> Any:
             lib.lora_outer_sum(rows, n_in, rank, _ptr(dh), _ptr(x), _maybe_ptr(mask), ctx.scale, _ptr(da))
             dx = None
             if ctx.needs_input_grad[0]:
-                dx = dy @ weight  # the base product's share, then LoRA's added in place: no separate sum
+                dx = ctx.weight.backward(dy)  # the base product's share, then LoRA's added in place: no extra sum
                 lib.lora_rank_update(
                     rows, n_in, rank, _ptr(dh), _ptr(a.detach()), _maybe_ptr(mask), ctx.scale, 1, _ptr(dx)
                 )
@@ -575,12 +621,14 @@ def _attention_fn(torch: Any) -> Any:
     return AttentionFn
 
 
-def _fast_step(loaded: Any, peft_config: Any) -> tuple[Any, Any]:
-    """The peft model over a weight-sharing skeleton of the base, and the fused step's loss."""
+def _fast_step(loaded: Any, peft_config: Any, precision: str = "fp32") -> tuple[Any, Any]:
+    """The peft model over a weight-sharing skeleton of the base, and the fused step's loss (the frozen base in
+    ``precision``)."""
     from peft import get_peft_model
 
     model = get_peft_model(shared_skeleton(loaded.model), peft_config)
-    return model, FastLoraForward(model).loss
+    copies = loaded.bf16_weights if precision == "bf16" else None
+    return model, FastLoraForward(model, bf16_copies=copies).loss
 
 
 def _fast_step_unsupported(loaded: Any, settings: Any) -> str | None:
@@ -594,4 +642,4 @@ def _fast_step_unsupported(loaded: Any, settings: Any) -> str | None:
     return unsupported_reason(loaded.model, modules, loaded.is_encoder_decoder)
 
 
-register_trainer(Trainer("fast", _fast_step_unsupported, _fast_step))
+register_trainer(Trainer("fast", _fast_step_unsupported, _fast_step, autocast=False))

@@ -6,8 +6,9 @@ dtype (a few ms, cached for the process) and ``bf16_pays()`` says whether bf16 i
 times faster. The shape matters: on an AVX512-BF16 EPYC a 128x128 square gave bf16 only 1.2x fp32 (too small for
 its kernels to run full), while 256 rows x 576 x 576, a layer's projection of a short batch, gave 2.1x, and a real
 prefill ran 1.5x faster. A tiny screen goes first, so a CPU where bf16 crawls spends under a millisecond on it.
-Training then runs the frozen base's forward and backward under bf16 autocast where it pays (the LoRA weights and
-the optimizer state stay fp32), and fp32 elsewhere; results record which precision ran.
+Training then computes the frozen base's forward and backward in bf16 where it pays (the fast LoRA step on bf16
+copies of the projections, the plain step under autocast; the trained weights and the optimizer state stay fp32),
+and fp32 elsewhere; results record which precision ran.
 """
 
 from __future__ import annotations

