@@ -11,11 +11,12 @@
 # `task-adapted` (issue 14): the same two checks on a task-adapted base (the task adapter merged into the weights):
 # a small task adapter (PERSONALIZE_TASK_ADAPTER__MAX_TOKENS=30000) on movielens-rating dev's first USERS (20)
 # users, then plain vs fast decoder (none/rag/peft, free generation) and plain vs fast trainer (peft).
-# `precision` (issue 17 target 6): the bf16 training path against fp32, both on peft's own (plain) step, each in its
-# own home: PERSONALIZE_LORA__PRECISION=fp32, then =bf16 (the frozen base under bf16 autocast; LoRA weights and
-# optimizer state fp32), method peft, movielens-rating and reuters-lead dev as above (`precision-movielens` or
-# `precision-reuters-lead` for one; USERS=N for the first N users instead of 40). On a CPU without fast bf16 the
-# bf16 side runs, slowly, all the same.
+# `precision` (issue 17 target 6): the bf16 training path against fp32, both on one training step (TRAINER=fast, the
+# default, or plain), each in its own home: PERSONALIZE_LORA__PRECISION=fp32, then =bf16 (the fast step's frozen
+# projections on bf16 weight copies, or the plain step under bf16 autocast; LoRA weights and optimizer state fp32),
+# method peft, movielens-rating and reuters-lead dev as above (`precision-movielens` or `precision-reuters-lead` for
+# one; USERS=N for the first N users instead of 40). On a CPU without fast bf16 the bf16 side runs, slowly, all the
+# same.
 # Usage: benchmarks/fastpath_quality.sh [movielens|reuters-lead|all|training|training-movielens|training-reuters-lead|
 #        precision|precision-movielens|precision-reuters-lead|task-adapted]
 set -euo pipefail
@@ -74,10 +75,10 @@ train_pair() {  # the plain training step against the fast one
   shift
   setting_pair "$tag-trainer" PERSONALIZE_LORA__TRAINER plain fast "$@"
 }
-precision_pair() {  # issue 17 target 6: the plain step with the frozen base in fp32, then under bf16 autocast
-  local tag=$1
+precision_pair() {  # issue 17 target 6: one training step (TRAINER) with the frozen base in fp32, then in bf16
+  local tag=$1 trainer=${TRAINER:-fast}
   shift
-  PERSONALIZE_LORA__TRAINER=plain setting_pair "$tag-precision" PERSONALIZE_LORA__PRECISION fp32 bf16 "$@"
+  PERSONALIZE_LORA__TRAINER=$trainer setting_pair "$tag-$trainer-precision" PERSONALIZE_LORA__PRECISION fp32 bf16 "$@"
 }
 
 if [[ $what == training || $what == training-movielens ]]; then

@@ -4,7 +4,7 @@
     python benchmarks/train.py --quick                # 20 and 100 items, at most 2 steps each
     python benchmarks/train.py --max-steps 0          # no step cap: whole epochs (500 items take ~15+ min on 2 cores)
     python benchmarks/train.py --trainers fast        # only the fast step (default: fast and plain, interleaved)
-    python benchmarks/train.py --trainers fast,plain,plain:bf16  # and peft's step under bf16 autocast
+    python benchmarks/train.py --trainers fast,fast:bf16,plain,plain:bf16  # and each step with a bf16 base
     python benchmarks/train.py --home /tmp/train-home # keep the dequantised model cache for the next run
 
 The first load of the bundled model dequantises its GGUF and caches safetensors under the home folder (1-2
@@ -357,7 +357,7 @@ def _runs_table(spec: str, n_params: int, plan: Plan, runs: list[Run]) -> str:
     lora = LoraSettings()
     return (
         f"train_adapter on {spec} ({n_params / 1e6:.1f}M parameters, fp32 weights; a :bf16 row computes the "
-        f"frozen base under bf16 autocast), default LoRA (rank {lora.rank}, "
+        f"frozen base in bf16: fast on bf16 weight copies, plain under autocast), default LoRA (rank {lora.rank}, "
         f"targets {','.join(lora.target_modules)}, dropout {lora.dropout}, batch {lora.batch_size}, max_length "
         f"{lora.max_length}) with epochs={plan.epochs}, max_steps={plan.max_steps}; one user per row, synthetic "
         "movielens-rating items\n" + table(headers, rows)
