@@ -245,7 +245,8 @@ def test_quantize_reproduces_gguf_style_weights_exactly():
 
 @pytest.mark.parametrize("isa", [None, *KERNEL_ISAS])
 def test_q8_kernel_matches_its_dequantised_weights_for_any_row_count(isa, monkeypatch):
-    """As built here (None), then at every instruction-set level this CPU runs."""
+    """As built here (None), then at every instruction-set level this CPU runs; a row's products are the same bits
+    alone as in any batch (what makes batched texts identical to one-at-a-time ones)."""
     from personalize.cpu import quantization
 
     if isa is not None:
@@ -253,14 +254,21 @@ def test_q8_kernel_matches_its_dequantised_weights_for_any_row_count(isa, monkey
     if kernel_unavailable_reason():
         pytest.skip(kernel_unavailable_reason())
     torch.manual_seed(1)
-    q = quantize(torch.randn(96, 160))
-    for rows in (1, 2, 3, 4, 5, 9, 17, 40):  # the C kernel in blocks of 4 rows, and the dequantised GEMM above 16
-        x = torch.randn(rows, 160)
-        torch.testing.assert_close(q(x), x @ q.dequantize().t(), rtol=1e-5, atol=1e-4)
-        base = torch.randn(rows, 96)
-        out = base.clone()
-        q(x, out=out, accumulate=True)
-        torch.testing.assert_close(out, base + x @ q.dequantize().t(), rtol=1e-5, atol=1e-4)
+    unsigned = quantize(torch.rand(96, 160) + 0.5)  # all positive: a per-group minimum fits better
+    codes = torch.randint(-127, 128, (96, 5, 32)).float()
+    codes[..., 0] = 127  # Q8_0-like: the group's largest magnitude is 127 codes, so signed codes fit exactly
+    signed = quantize((codes * 0.01).reshape(96, 160))
+    assert (unsigned.signed, signed.signed) == (False, True)
+    for q in (unsigned, signed):
+        for rows in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 17, 40):  # C in blocks of 4 (AVX2) or 8 (AVX-512); GEMM > 16
+            x = torch.randn(rows, 160)
+            torch.testing.assert_close(q(x), x @ q.dequantize().t(), rtol=1e-5, atol=1e-4)
+            if rows <= 16:
+                assert torch.equal(q(x), torch.cat([q(x[i : i + 1]) for i in range(rows)]))
+            base = torch.randn(rows, 96)
+            out = base.clone()
+            q(x, out=out, accumulate=True)
+            torch.testing.assert_close(out, base + x @ q.dequantize().t(), rtol=1e-5, atol=1e-4)
 
 
 def test_fast_weights_falls_back_to_fp32_and_says_why(loaded, monkeypatch):

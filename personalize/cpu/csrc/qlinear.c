@@ -13,12 +13,23 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #define GROUP 32
+#ifdef __AVX512F__
+#define ROW_BLOCK 8 /* a group's codes are widened once per 8 input rows: 32 zmm registers hold 8 rows' sums */
+#else
 #define ROW_BLOCK 4
+#endif
+
+#ifdef __AVX512F__
+static inline __attribute__((always_inline)) __m512 codes16(const uint8_t *p, int is_signed) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)p);
+    return _mm512_cvtepi32_ps(is_signed ? _mm512_cvtepi8_epi32(raw) : _mm512_cvtepu8_epi32(raw));
+}
+#endif
 
 #ifdef __AVX2__
 static inline float hsum(__m256 v) {
@@ -36,8 +47,27 @@ static inline __attribute__((always_inline)) __m256 codes8(const uint8_t *p, int
 #endif
 
 /* The dot products of one output row with ROWS input rows (dot excludes the offset term). ROWS and SIGNED are
- * constants in each expansion, so the accumulators stay in registers. */
-#ifdef __AVX2__
+ * constants in each expansion, so the accumulators stay in registers. A row's sums never depend on the other rows
+ * or on ROWS, so a row decodes to the same bits alone or in a batch. */
+#if defined(__AVX512F__)
+/* 16 wide: a group's 32 codes are widened and scaled once (two vectors), then fused into each row's two sums. */
+#define ROW_DOTS(NAME, ROWS, SIGNED)                                                                     \
+    static void NAME(const float *x, int64_t K, const uint8_t *code, const float *scale, float *dot) {   \
+        __m512 even[ROWS], odd[ROWS];                                                                    \
+        for (int r = 0; r < ROWS; r++) even[r] = odd[r] = _mm512_setzero_ps();                          \
+        for (int64_t g = 0; g < K / GROUP; g++) {                                                        \
+            const uint8_t *c = code + g * GROUP;                                                         \
+            __m512 s = _mm512_set1_ps(scale[g]);                                                         \
+            __m512 w0 = _mm512_mul_ps(codes16(c, SIGNED), s), w1 = _mm512_mul_ps(codes16(c + 16, SIGNED), s); \
+            for (int r = 0; r < ROWS; r++) {                                                             \
+                const float *xr = x + r * K + g * GROUP;                                                 \
+                even[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), even[r]);                             \
+                odd[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), odd[r]);                          \
+            }                                                                                            \
+        }                                                                                                \
+        for (int r = 0; r < ROWS; r++) dot[r] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));   \
+    }
+#elif defined(__AVX2__)
 #define ROW_DOTS(NAME, ROWS, SIGNED)                                                                     \
     static void NAME(const float *x, int64_t K, const uint8_t *code, const float *scale, float *dot) {   \
         __m256 total[ROWS];                                                                              \
@@ -84,9 +114,25 @@ ROW_DOTS(dots_s1, 1, 1)
 ROW_DOTS(dots_s2, 2, 1)
 ROW_DOTS(dots_s3, 3, 1)
 ROW_DOTS(dots_s4, 4, 1)
+#if ROW_BLOCK == 8
+ROW_DOTS(dots_u5, 5, 0)
+ROW_DOTS(dots_u6, 6, 0)
+ROW_DOTS(dots_u7, 7, 0)
+ROW_DOTS(dots_u8, 8, 0)
+ROW_DOTS(dots_s5, 5, 1)
+ROW_DOTS(dots_s6, 6, 1)
+ROW_DOTS(dots_s7, 7, 1)
+ROW_DOTS(dots_s8, 8, 1)
+#endif
 
 typedef void (*dots_fn)(const float *, int64_t, const uint8_t *, const float *, float *);
+#if ROW_BLOCK == 8
+static const dots_fn DOTS[2][ROW_BLOCK] = {
+    {dots_u1, dots_u2, dots_u3, dots_u4, dots_u5, dots_u6, dots_u7, dots_u8},
+    {dots_s1, dots_s2, dots_s3, dots_s4, dots_s5, dots_s6, dots_s7, dots_s8}};
+#else
 static const dots_fn DOTS[2][ROW_BLOCK] = {{dots_u1, dots_u2, dots_u3, dots_u4}, {dots_s1, dots_s2, dots_s3, dots_s4}};
+#endif
 
 /* out[m, n] (+)= (x[m] . W[n]) for m < M, n < N: x is (M, K) and out is (M, N), both contiguous fp32. */
 void qlinear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scales, const float *offsets,
