@@ -27,6 +27,7 @@ from personalize.adapters.methods import method_for_settings, unsupported_peft_t
 from personalize.adapters.peft_utils import private_base_copy, strip_tuner_layers
 from personalize.adapters.store import temp_prefix
 from personalize.adapters.trainers import Trainer, get_trainer, register_trainer
+from personalize.cpu.precision import training_precision
 from personalize.data.items import ProfileItem
 from personalize.errors import AdapterExistsError, InvalidInputError, TrainingCancelled
 from personalize.serving.modeling import LoadedModel
@@ -280,7 +281,7 @@ def train_adapter(
     losses: list[float] = []
     step_tokens: list[int] = []
     trainer, note = _trainer(loaded, settings)
-    precision = _precision(settings)
+    precision = training_precision(settings.precision)[0]  # probed under auto; every step runs both
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16" and trainer.autocast)
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):  # seeds LoRA init and dropout without touching the caller's RNG
@@ -413,14 +414,6 @@ def _trainer(loaded: LoadedModel, settings: AdapterTrainingSettings) -> tuple[Tr
     if reason:
         return PLAIN_TRAINER, f"{chosen.name} training step not applicable: {reason}"
     return chosen, None
-
-
-def _precision(settings: AdapterTrainingSettings) -> str:
-    """What the frozen base computes in (``LoraSettings.precision``, probed under ``auto``): every registered step
-    runs both, the plain step under autocast and the fast step on bf16 copies of the weights."""
-    from personalize.cpu.precision import training_precision
-
-    return training_precision(settings.precision)[0]
 
 
 def _fsync(path: Path) -> None:

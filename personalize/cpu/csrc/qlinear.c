@@ -110,29 +110,23 @@ ROW_DOTS(dots_u1, 1, 0)
 ROW_DOTS(dots_u2, 2, 0)
 ROW_DOTS(dots_u3, 3, 0)
 ROW_DOTS(dots_u4, 4, 0)
-ROW_DOTS(dots_s1, 1, 1)
-ROW_DOTS(dots_s2, 2, 1)
-ROW_DOTS(dots_s3, 3, 1)
-ROW_DOTS(dots_s4, 4, 1)
-#if ROW_BLOCK == 8
 ROW_DOTS(dots_u5, 5, 0)
 ROW_DOTS(dots_u6, 6, 0)
 ROW_DOTS(dots_u7, 7, 0)
 ROW_DOTS(dots_u8, 8, 0)
+ROW_DOTS(dots_s1, 1, 1)
+ROW_DOTS(dots_s2, 2, 1)
+ROW_DOTS(dots_s3, 3, 1)
+ROW_DOTS(dots_s4, 4, 1)
 ROW_DOTS(dots_s5, 5, 1)
 ROW_DOTS(dots_s6, 6, 1)
 ROW_DOTS(dots_s7, 7, 1)
 ROW_DOTS(dots_s8, 8, 1)
-#endif
 
 typedef void (*dots_fn)(const float *, int64_t, const uint8_t *, const float *, float *);
-#if ROW_BLOCK == 8
-static const dots_fn DOTS[2][ROW_BLOCK] = {
-    {dots_u1, dots_u2, dots_u3, dots_u4, dots_u5, dots_u6, dots_u7, dots_u8},
-    {dots_s1, dots_s2, dots_s3, dots_s4, dots_s5, dots_s6, dots_s7, dots_s8}};
-#else
-static const dots_fn DOTS[2][ROW_BLOCK] = {{dots_u1, dots_u2, dots_u3, dots_u4}, {dots_s1, dots_s2, dots_s3, dots_s4}};
-#endif
+/* Up to 8 rows per call; qlinear asks for at most ROW_BLOCK. */
+static const dots_fn DOTS[2][8] = {{dots_u1, dots_u2, dots_u3, dots_u4, dots_u5, dots_u6, dots_u7, dots_u8},
+                                   {dots_s1, dots_s2, dots_s3, dots_s4, dots_s5, dots_s6, dots_s7, dots_s8}};
 
 /* out[m, n] (+)= (x[m] . W[n]) for m < M, n < N: x is (M, K) and out is (M, N), both contiguous fp32. */
 void qlinear(const float *x, int64_t M, int64_t K, const uint8_t *codes, const float *scales, const float *offsets,
